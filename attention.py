@@ -1,0 +1,105 @@
+"""ALiBi and the attention backends of ReplitLM.
+
+Every backend computes, per head h, causal attention with the ALiBi bias
+
+    softmax(scale * q.k_j + slope_h * (j - i)) . v      over the keys j that query position i may see,
+
+with the causal diagonal aligned bottom-right so that q_len < kv_len (decoding against a KV cache) works.
+The model prepares the masking once per forward pass as an `AttentionMask` and every layer hands it to the
+backend that `config.attn_impl` names: "torch" (PyTorch: scaled_dot_product_attention, or the explicit
+softmax when attention weights are asked for) or "triton" (the FlashAttention kernel in triton_flash_attn.py,
+which builds no (q_len x kv_len) tensor at all).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def alibi_slopes(n_heads: int, alibi_bias_max: int = 8) -> torch.Tensor:
+    """Per-head ALiBi slopes, as MPT's `gen_slopes` (also for head counts that are not a power of two). (n_heads,)"""
+    n_pow2 = 2 ** math.ceil(math.log2(n_heads))
+    exponents = torch.arange(1, n_pow2 + 1, dtype=torch.float32) * (alibi_bias_max / n_pow2)
+    slopes = 1.0 / torch.pow(2, exponents)
+    if n_pow2 != n_heads:
+        # MPT interleaves the slopes of the next power of two: odd ones first, then even ones.
+        slopes = torch.cat([slopes[1::2], slopes[::2]])[:n_heads]
+    return slopes
+
+
+@dataclass
+class AttentionMask:
+    """What every layer of one forward pass needs to mask and bias its attention, built once per pass.
+
+    kv_start, kv_end: (batch,) int64, the keys [kv_start, kv_end) are real tokens, or None where all are.
+    additive: (batch or 1, heads, q_len, kv_len) float, ALiBi bias plus a large negative number where a key is
+        hidden; built for the torch backend only (the triton kernel derives all of it from the slopes and ranges).
+    """
+
+    q_len: int
+    kv_len: int
+    slopes: torch.Tensor
+    kv_start: torch.Tensor | None = None
+    kv_end: torch.Tensor | None = None
+    additive: torch.Tensor | None = None
+
+
+def key_ranges(attention_mask: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The range [start, end) of real keys per row of a (batch, kv_len) padding mask, or None where unpadded.
+
+    Raises where the real tokens of a row are not one contiguous run (padding inside a sequence), since neither
+    left nor right padding produces that and the triton kernel only takes ranges.
+    """
+    mask = attention_mask.bool()
+    kv_len = mask.shape[1]
+    positions = torch.arange(kv_len, device=mask.device)
+    start = torch.where(mask, positions, kv_len).amin(dim=1)
+    end = torch.where(mask, positions + 1, 0).amax(dim=1)
+    if bool(((end - start).clamp(min=0) != mask.sum(dim=1)).any()):
+        raise ValueError("attention_mask has padding between real tokens; only left or right padding is supported")
+    start = None if bool((start == 0).all()) else start
+    end = None if bool((end == kv_len).all()) else end
+    return start, end
+
+
+def additive_bias(mask: AttentionMask, attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """ALiBi bias plus masking as one additive tensor, for the torch backend. (batch or 1, heads, q_len, kv_len)"""
+    device = mask.slopes.device
+    key_pos = torch.arange(mask.kv_len, device=device)
+    query_pos = torch.arange(mask.kv_len - mask.q_len, mask.kv_len, device=device)
+    # MPT's bias depends on the key alone, slope * (j - (kv_len - 1)); per query row it differs from
+    # slope * (j - i) by a constant, which softmax ignores. Keeping MPT's form keeps its exact float values.
+    bias = mask.slopes.view(-1, 1, 1) * (key_pos - (mask.kv_len - 1)).view(1, 1, -1)  # (heads, 1, kv_len)
+    hidden = key_pos.view(1, -1) > query_pos.view(-1, 1)  # (q_len, kv_len), causal
+    hidden = hidden.view(1, 1, mask.q_len, mask.kv_len)
+    if attention_mask is not None:
+        hidden = hidden | ~attention_mask.bool()[:, None, None, :]  # (batch, 1, q_len, kv_len)
+    # The finite minimum rather than -inf: a query row with no visible key (a left-padding position) then gets
+    # a uniform softmax instead of NaNs, and its output is never used.
+    bias = bias.to(dtype).unsqueeze(0).masked_fill(hidden, torch.finfo(dtype).min)
+    return bias
+
+
+def torch_attention(q, k, v, mask: AttentionMask, softmax_scale: float, dropout_p: float, output_attentions: bool):
+    """q: (batch, heads, q_len, head_dim); k, v: (batch, heads, kv_len, head_dim). Returns (output, weights or None)."""
+    if not output_attentions:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.additive, dropout_p=dropout_p, scale=softmax_scale)
+        return out, None
+    scores = torch.matmul(q, k.transpose(-1, -2)) * softmax_scale + mask.additive
+    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    out = torch.matmul(F.dropout(weights, p=dropout_p), v)
+    return out, weights
+
+
+def triton_attention(q, k, v, mask: AttentionMask, softmax_scale: float, dropout_p: float, output_attentions: bool):
+    if output_attentions:
+        raise ValueError("output_attentions=True needs attn_impl='torch': the triton kernel never forms the weights")
+    from .triton_flash_attn import flash_attn_alibi
+
+    out = flash_attn_alibi(q, k, v, mask.slopes, mask.kv_start, mask.kv_end, softmax_scale, dropout_p)
+    return out, None
+
+
+ATTENTION_BACKENDS = {"torch": torch_attention, "triton": triton_attention}

@@ -1,0 +1,216 @@
+"""Configuration of replit-code-v1-3b (ReplitLM, the MPT architecture with ALiBi).
+
+Two schemas describe the same model. The release of May 2023 wrote flat fields (`attn_impl`, `mlp_ratio`,
+`low_precision_layernorm`, `param_init_fn`, ...); the checkpoint published today uses MPT's schema (nested
+`attn_config` and `init_config`, `expansion_ratio`, `norm_type`, model_type "mpt"). `ReplitLMConfig` takes
+either and keeps the flat release fields, so `config.json` files of both eras load and save the same way.
+"""
+
+from transformers import PretrainedConfig
+
+ATTN_IMPLS = ("torch", "triton")
+WEIGHT_QUANTIZATIONS = (None, "int8", "int4")
+PARAM_INIT_FNS = ("kaiming_normal_", "kaiming_uniform_", "normal_")
+NORM_TYPES = {"low_precision_layernorm": True, "layernorm": False}
+
+# MPT's nested attn_config key -> our flat field.
+_MPT_ATTN_FIELDS = {
+    "attn_impl": "attn_impl",
+    "attn_pdrop": "attn_pdrop",
+    "clip_qkv": "attn_clip_qkv",
+    "qk_ln": "attn_qk_ln",
+    "softmax_scale": "softmax_scale",
+    "prefix_lm": "prefix_lm",
+    "attn_uses_sequence_id": "attn_uses_sequence_id",
+    "alibi": "alibi",
+    "alibi_bias_max": "alibi_bias_max",
+}
+# MPT's nested init_config key -> our flat field.
+_MPT_INIT_FIELDS = {
+    "name": "param_init_fn",
+    "init_std": "init_std",
+    "emb_init_std": "emb_init_std",
+    "emb_init_uniform_lim": "emb_init_uniform_lim",
+    "init_gain": "init_gain",
+    "fan_mode": "fan_mode",
+    "init_nonlinearity": "init_nonlinearity",
+    "init_div_is_residual": "init_div_is_residual",
+}
+
+
+def _normalise_mpt_schema(kwargs: dict) -> dict:
+    """Fold the MPT-era fields of a published config.json into the release fields, in place."""
+    if kwargs.get("model_type") not in (None, "mpt", "replit_lm"):
+        raise ValueError(f"ReplitLMConfig cannot read a config of model_type {kwargs['model_type']!r}")
+    kwargs.pop("model_type", None)
+    attn_config = kwargs.pop("attn_config", None) or {}
+    if not isinstance(attn_config, dict):
+        attn_config = attn_config.to_dict()
+    attn_type = attn_config.pop("attn_type", "multihead_attention")
+    if attn_type != "multihead_attention":
+        raise ValueError(f"attn_config.attn_type={attn_type!r} is not supported: ReplitLM uses multihead_attention")
+    for key, value in attn_config.items():
+        if key in _MPT_ATTN_FIELDS:
+            kwargs[_MPT_ATTN_FIELDS[key]] = value
+    init_config = kwargs.pop("init_config", None) or {}
+    for key, value in init_config.items():
+        if key in _MPT_INIT_FIELDS:
+            kwargs[_MPT_INIT_FIELDS[key]] = value
+    if "expansion_ratio" in kwargs:
+        kwargs["mlp_ratio"] = kwargs.pop("expansion_ratio")
+    if "norm_type" in kwargs:
+        norm_type = kwargs.pop("norm_type")
+        if norm_type not in NORM_TYPES:
+            raise ValueError(f"norm_type={norm_type!r} is not supported; expected one of {sorted(NORM_TYPES)}")
+        kwargs["low_precision_layernorm"] = NORM_TYPES[norm_type]
+    # MPT writes learned_pos_emb=True even with ALiBi, where it has no effect; only alibi decides positions.
+    kwargs.pop("learned_pos_emb", None)
+    kwargs.pop("tokenizer_name", None)
+    return kwargs
+
+
+class ReplitLMConfig(PretrainedConfig):
+    model_type = "replit_lm"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    attribute_map = {
+        "hidden_size": "d_model",
+        "num_attention_heads": "n_heads",
+        "num_hidden_layers": "n_layers",
+        "max_position_embeddings": "max_seq_len",
+    }
+
+    def __init__(
+        self,
+        d_model: int = 2560,
+        n_heads: int = 32,
+        n_layers: int = 32,
+        mlp_ratio: int = 4,
+        max_seq_len: int = 2048,
+        vocab_size: int = 32768,
+        attn_pdrop: float = 0.0,
+        resid_pdrop: float = 0.0,
+        emb_pdrop: float = 0.0,
+        attn_impl: str = "torch",
+        attn_qk_ln: bool = False,
+        attn_clip_qkv: float | None = None,
+        softmax_scale: float | None = None,
+        prefix_lm: bool = False,
+        attn_uses_sequence_id: bool = False,
+        alibi: bool = True,
+        alibi_bias_max: int = 8,
+        init_device: str = "cpu",
+        logit_scale: float | str | None = None,
+        no_bias: bool = True,
+        verbose: int = 0,
+        embedding_fraction: float = 1.0,
+        low_precision_layernorm: bool = True,
+        layer_norm_epsilon: float = 1e-5,
+        param_init_fn: str = "kaiming_normal_",
+        init_std: float = 0.02,
+        emb_init_std: float | None = None,
+        emb_init_uniform_lim: float | list | None = None,
+        init_gain: float = 0.0,
+        fan_mode: str = "fan_in",
+        init_nonlinearity: str = "relu",
+        init_div_is_residual: bool = True,
+        weight_quantization: str | None = None,
+        use_cache: bool = True,
+        eos_token_id: int = 1,
+        pad_token_id: int = 2,
+        bos_token_id: int | None = None,
+        tie_word_embeddings: bool = True,
+        **kwargs,
+    ):
+        kwargs = _normalise_mpt_schema(kwargs)
+        self.d_model = d_model
+        self.n_heads = n_heads
+        self.n_layers = n_layers
+        self.mlp_ratio = mlp_ratio
+        self.max_seq_len = max_seq_len
+        self.vocab_size = vocab_size
+        self.attn_pdrop = attn_pdrop
+        self.resid_pdrop = resid_pdrop
+        self.emb_pdrop = emb_pdrop
+        self.attn_impl = attn_impl
+        self.attn_qk_ln = attn_qk_ln
+        self.attn_clip_qkv = attn_clip_qkv
+        self.softmax_scale = softmax_scale
+        self.prefix_lm = prefix_lm
+        self.attn_uses_sequence_id = attn_uses_sequence_id
+        self.alibi = alibi
+        self.alibi_bias_max = alibi_bias_max
+        self.init_device = init_device
+        self.logit_scale = logit_scale
+        self.no_bias = no_bias
+        self.verbose = verbose
+        self.embedding_fraction = embedding_fraction
+        self.low_precision_layernorm = low_precision_layernorm
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.param_init_fn = param_init_fn
+        self.init_std = init_std
+        self.emb_init_std = emb_init_std
+        self.emb_init_uniform_lim = emb_init_uniform_lim
+        self.init_gain = init_gain
+        self.fan_mode = fan_mode
+        self.init_nonlinearity = init_nonlinearity
+        self.init_div_is_residual = init_div_is_residual
+        self.weight_quantization = weight_quantization
+        self.use_cache = use_cache
+        # The flat fields above are read by our code; the MPT-era fields have been folded into them, and the
+        # two released configs' other keys (transformers_version, architectures, ...) go to the base class.
+        super().__init__(
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def validate(self):
+        """Reject values the model cannot run, naming the field; called on construction."""
+        for name in ("d_model", "n_heads", "n_layers", "mlp_ratio", "max_seq_len", "vocab_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.d_model % self.n_heads != 0:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl={self.attn_impl!r} is not supported; expected one of {ATTN_IMPLS}")
+        if self.weight_quantization not in WEIGHT_QUANTIZATIONS:
+            raise ValueError(
+                f"weight_quantization={self.weight_quantization!r} is not supported; expected one of "
+                f"{WEIGHT_QUANTIZATIONS}"
+            )
+        for name in ("attn_pdrop", "resid_pdrop", "emb_pdrop"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        if not 0.0 < self.embedding_fraction <= 1.0:
+            raise ValueError(f"embedding_fraction must be in (0, 1], got {self.embedding_fraction!r}")
+        if not self.alibi:
+            raise ValueError(
+                "alibi=False is not supported: replit-code-v1-3b has no position embedding and gets positions "
+                "from ALiBi only"
+            )
+        if self.alibi_bias_max <= 0:
+            raise ValueError(f"alibi_bias_max must be positive, got {self.alibi_bias_max!r}")
+        for name in ("prefix_lm", "attn_qk_ln", "attn_uses_sequence_id"):
+            if getattr(self, name):
+                raise ValueError(f"{name}=True is not implemented (replit-code-v1-3b was trained without it)")
+        if not self.no_bias:
+            raise ValueError("no_bias=False is not implemented: replit-code-v1-3b has no bias terms")
+        if self.attn_clip_qkv is not None and self.attn_clip_qkv <= 0:
+            raise ValueError(f"attn_clip_qkv must be positive or None, got {self.attn_clip_qkv!r}")
+        if self.softmax_scale is not None and self.softmax_scale <= 0:
+            raise ValueError(f"softmax_scale must be positive or None, got {self.softmax_scale!r}")
+        if isinstance(self.logit_scale, str) and self.logit_scale != "inv_sqrt_d_model":
+            raise ValueError(f"logit_scale must be a number, 'inv_sqrt_d_model' or None, got {self.logit_scale!r}")
+        if self.param_init_fn not in PARAM_INIT_FNS:
+            raise ValueError(f"param_init_fn={self.param_init_fn!r} is not supported; expected one of {PARAM_INIT_FNS}")
+        if self.fan_mode not in ("fan_in", "fan_out"):
+            raise ValueError(f"fan_mode must be 'fan_in' or 'fan_out', got {self.fan_mode!r}")

@@ -1,0 +1,371 @@
+"""ReplitLM: replit-code-v1-3b (MPT: pre-LayerNorm blocks, ALiBi attention, no biases, tied embeddings).
+
+Parameter names are those of the checkpoint published today:
+    transformer.wte, transformer.blocks.N.{norm_1, attn.Wqkv, attn.out_proj, norm_2, ffn.up_proj, ffn.down_proj},
+    transformer.norm_f; lm_head is tied to transformer.wte.
+Checkpoints in the release layout of May 2023 (ln_1, mlp.mlp_up, ln_f, ...) are renamed as they load.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .attention import ATTENTION_BACKENDS, AttentionMask, additive_bias, alibi_slopes, key_ranges
+from .configuration_replit_lm import ReplitLMConfig
+
+try:  # transformers 5: init functions that leave tensors already loaded from a checkpoint alone
+    from transformers import initialization as init
+except ImportError:  # transformers 4
+    from torch.nn import init
+
+TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+# Newer transformers name the cache `cache` in model outputs (and pass it so to forward); older ones
+# `past_key_values`.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+# Release layout (May 2023) -> published (MPT) layout, as regular expressions on state-dict keys.
+RELEASE_TO_MPT_KEYS = {
+    r"\.ln_1\.": ".norm_1.",
+    r"\.ln_2\.": ".norm_2.",
+    r"\.mlp\.mlp_up\.": ".ffn.up_proj.",
+    r"\.mlp\.mlp_down\.": ".ffn.down_proj.",
+    r"transformer\.ln_f\.": "transformer.norm_f.",
+}
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm without bias. With `low_precision`, under autocast it runs in the autocast dtype, as the original
+    LPLayerNorm did, instead of autocast's float32."""
+
+    def __init__(self, d_model: int, eps: float, low_precision: bool):
+        super().__init__(d_model, eps=eps, bias=False)
+        self.low_precision = low_precision
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device_type = x.device.type
+        if self.low_precision and torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            with torch.autocast(device_type, enabled=False):
+                return F.layer_norm(x.to(dtype), self.normalized_shape, self.weight.to(dtype), None, self.eps)
+        return F.layer_norm(x, self.normalized_shape, self.weight, None, self.eps)
+
+
+class ReplitAttention(nn.Module):
+    def __init__(self, config: ReplitLMConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.n_heads
+        self.head_dim = config.head_dim
+        self.softmax_scale = config.softmax_scale or 1.0 / math.sqrt(self.head_dim)
+        self.clip_qkv = config.attn_clip_qkv
+        self.attn_pdrop = config.attn_pdrop
+        self.attn_impl = config.attn_impl
+        self.Wqkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.out_proj = nn.Linear(config.d_model, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, mask: AttentionMask, cache: Cache | None, output_attentions: bool):
+        batch, q_len, d_model = x.shape
+        qkv = self.Wqkv(x)  # (batch, q_len, 3 * d_model)
+        if self.clip_qkv:
+            qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+        # (batch, q_len, 3, heads, head_dim) -> 3 x (batch, heads, q_len, head_dim)
+        q, k, v = qkv.view(batch, q_len, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+            # A preallocated (static) cache returns its whole length; only the first kv_len entries are filled.
+            k, v = k[:, :, : mask.kv_len], v[:, :, : mask.kv_len]
+        dropout_p = self.attn_pdrop if self.training else 0.0
+        attend = ATTENTION_BACKENDS[self.attn_impl]
+        out, weights = attend(q, k, v, mask, self.softmax_scale, dropout_p, output_attentions)
+        out = out.transpose(1, 2).reshape(batch, q_len, d_model)
+        return self.out_proj(out), weights
+
+
+class ReplitMLP(nn.Module):
+    def __init__(self, config: ReplitLMConfig):
+        super().__init__()
+        self.up_proj = nn.Linear(config.d_model, config.mlp_ratio * config.d_model, bias=False)
+        self.down_proj = nn.Linear(config.mlp_ratio * config.d_model, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+class ReplitBlock(GradientCheckpointingLayer):
+    def __init__(self, config: ReplitLMConfig, layer_idx: int):
+        super().__init__()
+        eps, low_precision = config.layer_norm_epsilon, config.low_precision_layernorm
+        self.norm_1 = LayerNorm(config.d_model, eps, low_precision)
+        self.attn = ReplitAttention(config, layer_idx)
+        self.norm_2 = LayerNorm(config.d_model, eps, low_precision)
+        self.ffn = ReplitMLP(config)
+        self.resid_attn_dropout = nn.Dropout(config.resid_pdrop)
+        self.resid_ffn_dropout = nn.Dropout(config.resid_pdrop)
+
+    # `layer_past` is the name under which transformers' gradient checkpointing drops the cache, in 4.x and 5.x.
+    def forward(self, x, mask: AttentionMask, layer_past: Cache | None = None, output_attentions: bool = False):
+        attn_out, weights = self.attn(self.norm_1(x), mask, layer_past, output_attentions)
+        x = x + self.resid_attn_dropout(attn_out)
+        x = x + self.resid_ffn_dropout(self.ffn(self.norm_2(x)))
+        return x, weights
+
+
+class ReplitLMPreTrainedModel(PreTrainedModel):
+    config_class = ReplitLMConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ReplitBlock"]
+    _supports_sdpa = True
+    _supports_cache_class = True
+
+    def __init__(self, config: ReplitLMConfig, *args, **kwargs):
+        # from_pretrained sets overrides such as attn_impl='triton' after the config was built: check them now.
+        config.validate()
+        super().__init__(config, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # Checkpoints of the May 2023 release use other names; rename them on load, whatever the format.
+        kwargs.setdefault("key_mapping", RELEASE_TO_MPT_KEYS)
+        # transformers' own attention switch means nothing here: attention is chosen by attn_impl.
+        kwargs.pop("attn_implementation", None)
+        return super().from_pretrained(*args, **kwargs)
+
+    def _init_weights(self, module: nn.Module):
+        """The original recipe: `param_init_fn` (kaiming-normal, fan-in) on every matrix, the residual output
+        projections scaled down by sqrt(2 * n_layers), LayerNorm weights one."""
+        config = self.config
+        if isinstance(module, nn.Linear):
+            fused = 3 if module.out_features == 3 * config.d_model and module.in_features == config.d_model else 1
+            residual = module.out_features == config.d_model and module.in_features != 3 * config.d_model
+            self._init_matrix(module.weight, fused, residual and config.init_div_is_residual)
+        elif isinstance(module, nn.Embedding):
+            if config.emb_init_std is not None:
+                init.normal_(module.weight, mean=0.0, std=config.emb_init_std)
+            elif config.emb_init_uniform_lim is not None:
+                lim = config.emb_init_uniform_lim
+                low, high = (-lim, lim) if isinstance(lim, (int, float)) else lim
+                init.uniform_(module.weight, low, high)
+            else:
+                self._init_matrix(module.weight, fused=1, residual=False)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+
+    def _init_matrix(self, weight: torch.Tensor, fused: int, residual: bool):
+        config = self.config
+        if config.param_init_fn == "normal_":
+            std = config.init_std
+        else:
+            # Wqkv is three matrices side by side; the original initialised each on its own fan.
+            fan = weight.shape[1] if config.fan_mode == "fan_in" else weight.shape[0] // fused
+            std = nn.init.calculate_gain(config.init_nonlinearity, config.init_gain) / math.sqrt(fan)
+        if residual:
+            std /= math.sqrt(2 * config.n_layers)
+        if config.param_init_fn == "kaiming_uniform_":
+            bound = math.sqrt(3.0) * std
+            init.uniform_(weight, -bound, bound)
+        else:
+            init.normal_(weight, mean=0.0, std=std)
+
+
+class ReplitLMModel(ReplitLMPreTrainedModel):
+    def __init__(self, config: ReplitLMConfig):
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        self.emb_drop = nn.Dropout(config.emb_pdrop)
+        self.blocks = nn.ModuleList(ReplitBlock(config, i) for i in range(config.n_layers))
+        self.norm_f = LayerNorm(config.d_model, config.layer_norm_epsilon, config.low_precision_layernorm)
+        # Built once; moves with the model (not saved: it is derived from the config).
+        self.register_buffer("alibi_slopes", alibi_slopes(config.n_heads, config.alibi_bias_max), persistent=False)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.wte
+
+    def set_input_embeddings(self, new_embeddings):
+        self.wte = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ):
+        # transformers 5 passes the cache as `cache`, 4.x as `past_key_values`.
+        past_key_values = kwargs.pop("cache", past_key_values)
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if self.gradient_checkpointing and self.training:
+            use_cache, past_key_values = False, None
+
+        x = self._embed(input_ids, inputs_embeds)  # (batch, q_len, d_model)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        if past_key_values is not None and not isinstance(past_key_values, Cache):
+            raise ValueError(
+                "past_key_values must be a transformers Cache (e.g. DynamicCache), not "
+                f"{type(past_key_values).__name__}; tuple caches are no longer supported"
+            )
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        mask = self._attention_mask(x, past_len, attention_mask, output_attentions)
+
+        all_hidden_states = () if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for block in self.blocks:
+            if output_hidden_states:
+                all_hidden_states += (x,)
+            x, weights = block(x, mask, layer_past=past_key_values, output_attentions=output_attentions)
+            if output_attentions:
+                all_attentions += (weights,)
+        x = self.norm_f(x)
+        if output_hidden_states:
+            all_hidden_states += (x,)
+
+        cache = past_key_values if use_cache else None
+        if not return_dict:
+            return tuple(v for v in (x, cache, all_hidden_states, all_attentions) if v is not None)
+        return BaseModelOutputWithPast(
+            last_hidden_state=x, hidden_states=all_hidden_states, attentions=all_attentions, **{CACHE_FIELD: cache}
+        )
+
+    def _embed(self, input_ids, inputs_embeds) -> torch.Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+            if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+                bad = input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)][0].item()
+                raise ValueError(f"input_ids contains {bad}, outside the vocabulary [0, {self.config.vocab_size})")
+            inputs_embeds = self.wte(input_ids)
+        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.d_model:
+            raise ValueError(
+                f"inputs_embeds must be (batch, seq_len, {self.config.d_model}), got {tuple(inputs_embeds.shape)}"
+            )
+        if inputs_embeds.shape[0] == 0 or inputs_embeds.shape[1] == 0:
+            raise ValueError(f"empty input: got shape {tuple(inputs_embeds.shape[:2])} (batch, seq_len)")
+        fraction = self.config.embedding_fraction
+        if fraction != 1.0:
+            # Scales the embedding's gradient, not its value (the original's stabiliser for large models).
+            inputs_embeds = inputs_embeds * fraction + inputs_embeds.detach() * (1 - fraction)
+        return self.emb_drop(inputs_embeds)
+
+    def _attention_mask(self, x, past_len: int, attention_mask, output_attentions: bool) -> AttentionMask:
+        batch, q_len = x.shape[:2]
+        kv_len = past_len + q_len
+        if kv_len > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence length {kv_len} exceeds max_seq_len={self.config.max_seq_len}; pass max_seq_len=... to "
+                "from_pretrained to let ALiBi extrapolate to longer sequences"
+            )
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, kv_len):
+                raise ValueError(
+                    f"attention_mask must have shape (batch, past + new tokens) = {(batch, kv_len)}, "
+                    f"got {tuple(attention_mask.shape)}"
+                )
+            if bool(attention_mask.all()):
+                attention_mask = None
+        mask = AttentionMask(q_len=q_len, kv_len=kv_len, slopes=self.alibi_slopes)
+        if attention_mask is not None:
+            mask.kv_start, mask.kv_end = key_ranges(attention_mask)
+        if self.config.attn_impl == "torch" or output_attentions:
+            mask.additive = additive_bias(mask, attention_mask, x.dtype)
+        return mask
+
+
+class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
+    # The declaration of the tied LM head in the format of the installed transformers.
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"} if TRANSFORMERS_5 else ["lm_head.weight"]
+
+    def __init__(self, config: ReplitLMConfig):
+        super().__init__(config)
+        self.transformer = ReplitLMModel(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.transformer.wte
+
+    def set_input_embeddings(self, new_embeddings):
+        self.transformer.wte = new_embeddings
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ):
+        """labels: (batch, seq_len) token ids, -100 where no loss is taken; shifted inside, as usual.
+        logits_to_keep: compute logits for the last N positions only (0: all), or for the given positions."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.transformer(
+            input_ids=input_ids,
+            past_key_values=kwargs.pop("cache", past_key_values),
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])  # (batch, kept positions, vocab)
+        if self.config.logit_scale is not None:
+            scale = self.config.logit_scale
+            logits = logits * (1 / math.sqrt(self.config.d_model) if scale == "inv_sqrt_d_model" else scale)
+
+        loss = None
+        if labels is not None:
+            if labels.shape != hidden.shape[:2]:
+                raise ValueError(f"labels must have shape {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}")
+            if logits.shape[1] != labels.shape[1]:
+                raise ValueError("labels need the logits of every position: do not combine them with logits_to_keep")
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
+            )
+
+        cache = getattr(outputs, CACHE_FIELD)
+        if not return_dict:
+            rest = tuple(v for v in (cache, outputs.hidden_states, outputs.attentions) if v is not None)
+            return ((loss,) if loss is not None else ()) + (logits,) + rest
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            **{CACHE_FIELD: cache},
+        )

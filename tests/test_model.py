@@ -1,0 +1,321 @@
+"""ReplitLM against transformers' MptForCausalLM (an independent implementation of the same math) in float32.
+
+Tolerance: logits within 1e-4 absolute of the reference (float32, weights of std ~0.3 so that errors would show).
+"""
+
+import pytest
+import torch
+from model_helpers import TINY_CONFIGS, VOCAB, model_pair, replit_config
+from transformers import DynamicCache
+
+from replit_lm.attention import alibi_slopes
+from replit_lm.configuration_replit_lm import ReplitLMConfig
+from replit_lm.modeling_replit_lm import ReplitLM
+
+ATOL = 1e-4
+
+
+def random_ids(batch, length, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=generator)
+
+
+def left_padding_mask(lengths, total):
+    mask = torch.zeros(len(lengths), total, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        mask[row, total - n :] = 1
+    return mask
+
+
+@pytest.mark.parametrize("name", TINY_CONFIGS)
+def test_logits_match_reference(name):
+    model, ref = model_pair(name)
+    ids = random_ids(3, 17, seed=hash(name) % 1000)
+    torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("n_heads", [1, 2, 3, 5, 6, 8, 12, 32])
+def test_alibi_slopes_match_mpt(n_heads):
+    from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
+
+    # MPT's bias for key distance -1 is exactly minus the slope.
+    expected = -build_mpt_alibi_tensor(n_heads, 2)[:, 0, 0]
+    torch.testing.assert_close(alibi_slopes(n_heads), expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("mask_dtype", [torch.long, torch.bool])
+def test_padded_batch_matches_reference_and_single_sequences(padding_side, mask_dtype):
+    model, ref = model_pair("six_heads")
+    lengths, total = [12, 7, 3], 12
+    ids = random_ids(3, total, seed=7)
+    mask = left_padding_mask(lengths, total)
+    if padding_side == "right":
+        mask = mask.flip(1)
+    ids = ids.masked_fill(mask == 0, 2)
+    mask = mask.to(mask_dtype)
+    logits = model(ids, attention_mask=mask).logits
+    ref_logits = ref(ids, attention_mask=mask.long()).logits
+    for row, n in enumerate(lengths):
+        real = mask[row].bool()
+        torch.testing.assert_close(logits[row, real], ref_logits[row, real], atol=ATOL, rtol=0)
+        alone = model(ids[row : row + 1, real]).logits[0]
+        torch.testing.assert_close(logits[row, real], alone, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["pow2_heads", "six_heads"])
+def test_cached_decoding_equals_full_forward(name):
+    model, _ = model_pair(name)
+    ids = random_ids(2, 15, seed=3)
+    mask = left_padding_mask([15, 9], 15)
+    full = model(ids, attention_mask=mask).logits
+    cache = DynamicCache()
+    out = model(ids[:, :8], attention_mask=mask[:, :8], past_key_values=cache, use_cache=True)
+    pieces = [out.logits]
+    for t in range(8, 15):
+        out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=out.past_key_values)
+        pieces.append(out.logits)
+    cached = torch.cat(pieces, dim=1)
+    real = mask.bool()
+    torch.testing.assert_close(cached[real], full[real], atol=ATOL, rtol=0)
+
+
+def test_chunked_prefill_against_cache():
+    model, _ = model_pair("pow2_heads")
+    ids = random_ids(1, 20, seed=4)
+    full = model(ids).logits
+    first = model(ids[:, :11], use_cache=True)
+    second = model(ids[:, 11:], past_key_values=first.past_key_values, use_cache=True)
+    torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), full, atol=ATOL, rtol=0)
+
+
+def test_greedy_generate_left_padded_matches_reference():
+    model, ref = model_pair("six_heads")
+    ids = random_ids(3, 10, seed=11)
+    mask = left_padding_mask([10, 6, 4], 10)
+    ids = ids.masked_fill(mask == 0, 2)
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=2, eos_token_id=None)
+    ours = model.generate(ids, **kwargs)
+    theirs = ref.generate(ids, **kwargs)
+    assert torch.equal(ours, theirs)
+    # Each row generates as it would alone.
+    for row, n in enumerate([10, 6, 4]):
+        alone = model.generate(ids[row : row + 1, 10 - n :], max_new_tokens=12, do_sample=False, eos_token_id=None)
+        assert torch.equal(alone[0, n:], ours[row, 10:])
+
+
+def test_sampled_generate_matches_reference_with_seed():
+    model, ref = model_pair("pow2_heads")
+    ids = random_ids(2, 6, seed=12)
+    mask = left_padding_mask([6, 4], 6)
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=True, top_k=20, top_p=0.95, temperature=0.8)
+    torch.manual_seed(99)
+    ours = model.generate(ids, pad_token_id=2, eos_token_id=None, **kwargs)
+    torch.manual_seed(99)
+    theirs = ref.generate(ids, pad_token_id=2, eos_token_id=None, **kwargs)
+    assert torch.equal(ours, theirs)
+
+
+def test_generate_uses_cache_by_default_and_without_cache_agrees():
+    model, _ = model_pair("pow2_heads")
+    ids = random_ids(1, 5, seed=13)
+    assert model.generation_config.use_cache
+    cached = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None)
+    uncached = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_loss_and_gradients_match_reference():
+    model, ref = model_pair("six_heads")
+    model.train(), ref.train()
+    ids = random_ids(2, 9, seed=5)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    loss = model(ids, labels=labels).loss
+    ref_loss = ref(ids, labels=labels).loss
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    loss.backward(), ref_loss.backward()
+    ref_grads = dict(ref.named_parameters())
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, ref_grads[name].grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model, _ = model_pair("pow2_heads")
+    model.train()
+    ids = random_ids(2, 8, seed=6)
+
+    def grads():
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = grads()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert all(block.gradient_checkpointing for block in model.transformer.blocks)
+    checkpointed = grads()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_inputs_embeds_equal_input_ids():
+    model, _ = model_pair("pow2_heads")
+    ids = random_ids(2, 7, seed=8)
+    embeds = model.get_input_embeddings()(ids)
+    torch.testing.assert_close(model(inputs_embeds=embeds).logits, model(ids).logits, atol=0, rtol=0)
+
+
+def test_logits_to_keep():
+    model, _ = model_pair("pow2_heads")
+    ids = random_ids(2, 7, seed=9)
+    full = model(ids).logits
+    last = model(ids, logits_to_keep=1).logits
+    assert last.shape == (2, 1, VOCAB)
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=0)
+
+
+def test_hidden_states_and_attentions_match_reference():
+    model, ref = model_pair("six_heads")
+    ids = random_ids(2, 6, seed=10)
+    mask = left_padding_mask([6, 4], 6)
+    ours = model(ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
+    theirs = ref(ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
+    assert len(ours.hidden_states) == len(theirs.hidden_states) == model.config.n_layers + 1
+    for a, b in zip(ours.hidden_states, theirs.hidden_states):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    for a, b in zip(ours.attentions, theirs.attentions):
+        real_rows = mask.bool()[:, None, :, None].expand_as(a)
+        torch.testing.assert_close(a[real_rows], b[real_rows], atol=1e-5, rtol=0)
+    # The weights path and the fused (SDPA) path agree.
+    torch.testing.assert_close(ours.logits, model(ids, attention_mask=mask).logits, atol=ATOL, rtol=0)
+
+
+def test_return_dict_false_gives_tuples():
+    model, _ = model_pair("pow2_heads")
+    ids = random_ids(1, 4, seed=14)
+    loss, logits, cache = model(ids, labels=ids, use_cache=True, return_dict=False)
+    assert loss.dim() == 0 and logits.shape == (1, 4, VOCAB) and cache.get_seq_length() == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_on_cpu_is_as_accurate_as_the_reference(dtype):
+    """bf16/fp16 weights run on the CPU (LayerNorm included). Their logits' relative error against float32
+    (norm of the difference over the norm) is at most 1.25x that of MptForCausalLM in the same dtype, and under
+    5% (bf16 keeps an 8-bit mantissa; these weights are large on purpose)."""
+    ids = random_ids(2, 9, seed=15)
+    mask = left_padding_mask([9, 5], 9)
+    real = mask.bool()
+    errors = []
+    for model in model_pair("pow2_heads"):
+        expected = model(ids, attention_mask=mask).logits[real]
+        got = model.to(dtype)(ids, attention_mask=mask).logits
+        assert got.dtype == dtype
+        errors.append(((got[real].float() - expected).norm() / expected.norm()).item())
+    ours, reference = errors
+    assert ours <= 1.25 * reference and ours < 0.05, errors
+    generated = model_pair("pow2_heads")[0].to(dtype).generate(
+        ids, attention_mask=mask, max_new_tokens=3, do_sample=False, eos_token_id=None
+    )
+    assert generated.shape == (2, 12)
+
+
+def test_bf16_autocast_training_step_on_cpu():
+    model, _ = model_pair("pow2_heads")
+    model.train()
+    ids = random_ids(2, 8, seed=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.transformer.wte.weight.grad is not None
+
+
+def test_init_follows_the_original_recipe():
+    config = replit_config(d_model=256, n_heads=4, n_layers=4, vocab_size=512)
+    torch.manual_seed(0)
+    model = ReplitLM(config)
+    block = model.transformer.blocks[0]
+    kaiming = (2.0 / config.d_model) ** 0.5  # kaiming_normal_, relu gain, fan_in = d_model
+    residual = kaiming / (2 * config.n_layers) ** 0.5
+    assert block.attn.Wqkv.weight.std().item() == pytest.approx(kaiming, rel=0.05)
+    assert block.ffn.up_proj.weight.std().item() == pytest.approx(kaiming, rel=0.05)
+    assert block.attn.out_proj.weight.std().item() == pytest.approx(residual, rel=0.05)
+    # down_proj's fan-in is mlp_ratio * d_model.
+    down = (2.0 / (config.mlp_ratio * config.d_model)) ** 0.5 / (2 * config.n_layers) ** 0.5
+    assert block.ffn.down_proj.weight.std().item() == pytest.approx(down, rel=0.05)
+    assert model.transformer.wte.weight.std().item() == pytest.approx(kaiming, rel=0.05)
+    assert torch.equal(block.norm_1.weight, torch.ones(config.d_model))
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+# --- bad input ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(d_model=50, n_heads=4), "divisible"),
+        (dict(attn_impl="flash"), "attn_impl"),
+        (dict(n_layers=0), "n_layers"),
+        (dict(vocab_size=-1), "vocab_size"),
+        (dict(alibi=False), "alibi"),
+        (dict(prefix_lm=True), "prefix_lm"),
+        (dict(attn_qk_ln=True), "attn_qk_ln"),
+        (dict(attn_uses_sequence_id=True), "attn_uses_sequence_id"),
+        (dict(no_bias=False), "no_bias"),
+        (dict(attn_pdrop=1.5), "attn_pdrop"),
+        (dict(param_init_fn="xavier_uniform_"), "param_init_fn"),
+        (dict(norm_type="rmsnorm"), "norm_type"),
+        (dict(attn_config={"attn_type": "multiquery_attention"}), "multiquery"),
+        (dict(weight_quantization="int3"), "weight_quantization"),
+    ],
+)
+def test_config_validation(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        replit_config(**overrides)
+
+
+def test_model_rechecks_config_changed_after_construction():
+    config = replit_config()
+    config.attn_impl = "cuda"
+    with pytest.raises(ValueError, match="attn_impl"):
+        ReplitLM(config)
+
+
+def test_bad_inputs_raise_clear_errors():
+    model, _ = model_pair("pow2_heads")
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model(torch.tensor([[1, 2, VOCAB]]))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model(torch.tensor([[-1, 2]]))
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        model(random_ids(1, model.config.max_seq_len + 1, seed=0))
+    with pytest.raises(ValueError, match="empty"):
+        model(torch.zeros((0, 4), dtype=torch.long))
+    with pytest.raises(ValueError, match="empty"):
+        model(torch.zeros((2, 0), dtype=torch.long))
+    with pytest.raises(ValueError, match="attention_mask must have shape"):
+        model(random_ids(2, 5, seed=0), attention_mask=torch.ones(2, 4))
+    with pytest.raises(ValueError, match="padding between real tokens"):
+        model(random_ids(1, 5, seed=0), attention_mask=torch.tensor([[1, 0, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="exactly one"):
+        model()
+    with pytest.raises(ValueError, match="tuple caches"):
+        model(random_ids(1, 2, seed=0), past_key_values=((torch.zeros(1),),))
+    with pytest.raises(ValueError, match="labels must have shape"):
+        model(random_ids(1, 5, seed=0), labels=random_ids(1, 4, seed=0))
+
+
+def test_long_sequences_with_a_raised_max_seq_len():
+    """ALiBi extrapolates: the same weights run past the trained length once max_seq_len is raised."""
+    model, _ = model_pair("pow2_heads")
+    longer = ReplitLM(replit_config(max_seq_len=128)).eval()
+    longer.load_state_dict(model.state_dict())
+    ids = random_ids(1, 100, seed=17)
+    assert longer(ids).logits.shape == (1, 100, VOCAB)
+    torch.testing.assert_close(longer(ids[:, :50]).logits, model(ids[:, :50]).logits, atol=ATOL, rtol=0)
+
+
+def test_config_attribute_map():
+    config = ReplitLMConfig()
+    assert (config.hidden_size, config.num_attention_heads, config.num_hidden_layers) == (2560, 32, 32)
+    assert config.max_position_embeddings == 2048
