@@ -328,7 +328,8 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ):
-        """labels: (batch, seq_len) token ids, -100 where no loss is taken; shifted inside, as usual.
+        """labels: (batch, seq_len) token ids, -100 where no loss is taken; shifted inside, as usual. Positions that
+            attention_mask marks as padding predict nothing.
         logits_to_keep: compute logits for the last N positions only (0: all), or for the given positions."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.transformer(
@@ -354,9 +355,12 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
                 raise ValueError(f"labels must have shape {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}")
             if logits.shape[1] != labels.shape[1]:
                 raise ValueError("labels need the logits of every position: do not combine them with logits_to_keep")
-            loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
-            )
+            targets = labels[:, 1:].to(logits.device)
+            if attention_mask is not None:
+                # A padding position predicts nothing: with left padding it would otherwise be asked for the
+                # first real token, from a position that saw no token at all.
+                targets = targets.masked_fill(~attention_mask[:, -labels.shape[1] : -1].bool(), -100)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
         cache = getattr(outputs, CACHE_FIELD)
         if not return_dict:

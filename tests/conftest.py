@@ -1,19 +1,12 @@
-"""Shared test set-up.
-
-The model's modules are flat files with relative imports (transformers copies them next to the weights), so the
-repository root is registered here as the package `replit_lm` for tests that import them directly.
-"""
+"""Shared test set-up: the repository root on sys.path, and the model files importable as the package `replit_lm`."""
 
 import sys
-import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "replit-code-v1-3b"
+sys.path.insert(0, str(ROOT))
 
-if "replit_lm" not in sys.modules:
-    package = types.ModuleType("replit_lm")
-    package.__path__ = [str(ROOT)]
-    sys.modules["replit_lm"] = package
+import replit_lm_package  # noqa: E402  (also registers the package `replit_lm`)
 
-MODEL_CODE_FILES = ("configuration_replit_lm.py", "modeling_replit_lm.py", "attention.py", "triton_flash_attn.py")
+MODEL_CODE_FILES = replit_lm_package.CODE_FILES

@@ -1,0 +1,129 @@
+"""Training and fine-tuning on tiny configs: a plain loop, transformers' Trainer, padded batches, LoRA."""
+
+import pytest
+import torch
+from model_helpers import VOCAB, replit_config
+
+from replit_lm.modeling_replit_lm import ReplitLM
+
+LORA_TARGETS = ["Wqkv", "out_proj", "up_proj", "down_proj"]
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return ReplitLM(replit_config(**overrides))
+
+
+def repetitive_batch(batch=4, length=24, seed=0):
+    """Sequences with structure to learn (a short random pattern repeated)."""
+    generator = torch.Generator().manual_seed(seed)
+    pattern = torch.randint(3, VOCAB, (batch, 6), generator=generator)
+    return pattern.repeat(1, length // 6)
+
+
+def loss_after_steps(model, batch, steps, lr=3e-3):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_a_few_optimizer_steps_lower_the_loss():
+    losses = loss_after_steps(tiny_model(), repetitive_batch(), steps=15)
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_padded_training_batch_gives_the_loss_of_the_unpadded_sequences(padding_side):
+    """Pads masked out of attention and labelled -100 leave each sequence's loss as it would be alone."""
+    model = tiny_model(seed=1).train()
+    short, long = repetitive_batch(1, 12, seed=2)[0], repetitive_batch(1, 18, seed=3)[0]
+    pad = torch.full((6,), 2)
+    ids = torch.stack([torch.cat([pad, short]) if padding_side == "left" else torch.cat([short, pad]), long])
+    mask = (torch.arange(18) >= 6) if padding_side == "left" else (torch.arange(18) < 12)
+    mask = torch.stack([mask, torch.ones(18, dtype=torch.bool)]).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    logits = model(ids, attention_mask=mask).logits
+    alone = model(short[None]).logits[0]
+    real = mask[0].bool()
+    torch.testing.assert_close(logits[0, real], alone, atol=1e-4, rtol=0)
+    # The batch loss is the token-weighted mean of the two sequences' losses.
+    batch_loss = model(ids, attention_mask=mask, labels=labels).loss
+    loss_short = model(short[None], labels=short[None]).loss
+    loss_long = model(long[None], labels=long[None]).loss
+    expected = (loss_short * 11 + loss_long * 17) / 28
+    torch.testing.assert_close(batch_loss, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_trainer_trains(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_model(seed=4)
+    batch = repetitive_batch(8, 24, seed=5)
+    dataset = [{"input_ids": row, "labels": row, "attention_mask": torch.ones_like(row)} for row in batch]
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        num_train_epochs=8,
+        learning_rate=3e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        gradient_checkpointing=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=dataset)
+    losses_before = model(batch, labels=batch).loss.item()
+    trainer.train()
+    losses_after = model.eval()(batch, labels=batch).loss.item()
+    assert losses_after < 0.7 * losses_before, (losses_before, losses_after)
+
+
+def test_lora_trains_only_the_adapters_and_they_save_and_load(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = tiny_model(seed=6)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, lora_dropout=0.0, task_type="CAUSAL_LM")
+    lora = peft.get_peft_model(model, config)
+    trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    for target in LORA_TARGETS:
+        assert any(f"{target}.lora_A" in n for n in trainable), target
+
+    batch = repetitive_batch(4, 24, seed=7)
+    losses = loss_after_steps(lora, batch, steps=15, lr=1e-2)
+    assert losses[-1] < 0.8 * losses[0], losses
+    for name, param in lora.get_base_model().named_parameters():
+        if "lora_" not in name:
+            base_name = name.replace(".base_layer", "")
+            assert torch.equal(param, frozen[base_name]), name
+
+    lora.eval()
+    expected = lora(batch).logits
+    lora.save_pretrained(tmp_path / "adapter")
+    reloaded = peft.PeftModel.from_pretrained(tiny_model(seed=6), tmp_path / "adapter").eval()
+    torch.testing.assert_close(reloaded(batch).logits, expected, atol=1e-5, rtol=0)
+    merged = reloaded.merge_and_unload()
+    torch.testing.assert_close(merged(batch).logits, expected, atol=1e-4, rtol=0)
+
+
+def test_lora_with_gradient_checkpointing_needs_inputs_embeds_grads():
+    """PEFT with a frozen embedding and checkpointing relies on enable_input_require_grads (a hook on wte)."""
+    peft = pytest.importorskip("peft")
+    model = tiny_model(seed=8)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.enable_input_require_grads()
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+    lora.train()
+    batch = repetitive_batch(2, 12, seed=9)
+    lora(batch, labels=batch).loss.backward()
+    # lora_B starts at zero, so at the first step only B has a non-zero gradient; through every block's checkpoint.
+    grads = [p.grad for n, p in lora.named_parameters() if "lora_B" in n]
+    assert len(grads) == len(LORA_TARGETS) * model.config.n_layers
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
