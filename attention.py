@@ -17,11 +17,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .triton_flash_attn import flash_attn_alibi
+
 
 def alibi_slopes(n_heads: int, alibi_bias_max: int = 8) -> torch.Tensor:
     """Per-head ALiBi slopes, as MPT's `gen_slopes` (also for head counts that are not a power of two). (n_heads,)"""
     n_pow2 = 2 ** math.ceil(math.log2(n_heads))
-    exponents = torch.arange(1, n_pow2 + 1, dtype=torch.float32) * (alibi_bias_max / n_pow2)
+    # On the CPU whatever the default device: transformers 5 builds models under a meta-device context.
+    exponents = torch.arange(1, n_pow2 + 1, dtype=torch.float32, device="cpu") * (alibi_bias_max / n_pow2)
     slopes = 1.0 / torch.pow(2, exponents)
     if n_pow2 != n_heads:
         # MPT interleaves the slopes of the next power of two: odd ones first, then even ones.
@@ -96,8 +99,6 @@ def torch_attention(q, k, v, mask: AttentionMask, softmax_scale: float, dropout_
 def triton_attention(q, k, v, mask: AttentionMask, softmax_scale: float, dropout_p: float, output_attentions: bool):
     if output_attentions:
         raise ValueError("output_attentions=True needs attn_impl='torch': the triton kernel never forms the weights")
-    from .triton_flash_attn import flash_attn_alibi
-
     out = flash_attn_alibi(q, k, v, mask.slopes, mask.kv_start, mask.kv_end, softmax_scale, dropout_p)
     return out, None
 

@@ -69,6 +69,28 @@ def _normalise_mpt_schema(kwargs: dict) -> dict:
     return kwargs
 
 
+class _AttnConfigView(dict):
+    """MPT's nested `attn_config`, as a view on the flat fields: writing a key sets (and checks) the field, so the
+    card's `config.attn_config['attn_impl'] = 'triton'` works on a config loaded from either schema."""
+
+    def __init__(self, config: "ReplitLMConfig"):
+        super().__init__({key: getattr(config, field) for key, field in _MPT_ATTN_FIELDS.items()})
+        self._config = config
+
+    def __setitem__(self, key, value):
+        if key not in _MPT_ATTN_FIELDS:
+            raise KeyError(f"attn_config has no field {key!r}; known: {sorted(_MPT_ATTN_FIELDS)}")
+        field = _MPT_ATTN_FIELDS[key]
+        previous = getattr(self._config, field)
+        setattr(self._config, field, value)
+        try:
+            self._config.validate()
+        except ValueError:
+            setattr(self._config, field, previous)
+            raise
+        super().__setitem__(key, value)
+
+
 class ReplitLMConfig(PretrainedConfig):
     model_type = "replit_lm"
     keys_to_ignore_at_inference = ["past_key_values"]
@@ -166,6 +188,10 @@ class ReplitLMConfig(PretrainedConfig):
             **kwargs,
         )
         self.validate()
+
+    @property
+    def attn_config(self) -> dict:
+        return _AttnConfigView(self)
 
     @property
     def head_dim(self) -> int:

@@ -20,6 +20,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .attention import ATTENTION_BACKENDS, AttentionMask, additive_bias, alibi_slopes, key_ranges
 from .configuration_replit_lm import ReplitLMConfig
 
+# transformers 4.x copies into its module cache only the files that this file imports itself, not their imports.
+from .triton_flash_attn import flash_attn_alibi  # noqa: F401
+
 try:  # transformers 5: init functions that leave tensors already loaded from a checkpoint alone
     from transformers import initialization as init
 except ImportError:  # transformers 4
@@ -65,8 +68,7 @@ class ReplitAttention(nn.Module):
         self.head_dim = config.head_dim
         self.softmax_scale = config.softmax_scale or 1.0 / math.sqrt(self.head_dim)
         self.clip_qkv = config.attn_clip_qkv
-        self.attn_pdrop = config.attn_pdrop
-        self.attn_impl = config.attn_impl
+        self.config = config  # attn_impl is read per call, so that setting it on the config switches backends
         self.Wqkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
         self.out_proj = nn.Linear(config.d_model, config.d_model, bias=False)
 
@@ -81,8 +83,8 @@ class ReplitAttention(nn.Module):
             k, v = cache.update(k, v, self.layer_idx)
             # A preallocated (static) cache returns its whole length; only the first kv_len entries are filled.
             k, v = k[:, :, : mask.kv_len], v[:, :, : mask.kv_len]
-        dropout_p = self.attn_pdrop if self.training else 0.0
-        attend = ATTENTION_BACKENDS[self.attn_impl]
+        dropout_p = self.config.attn_pdrop if self.training else 0.0
+        attend = ATTENTION_BACKENDS[self.config.attn_impl]
         out, weights = attend(q, k, v, mask, self.softmax_scale, dropout_p, output_attentions)
         out = out.transpose(1, 2).reshape(batch, q_len, d_model)
         return self.out_proj(out), weights
@@ -182,8 +184,9 @@ class ReplitLMModel(ReplitLMPreTrainedModel):
         self.emb_drop = nn.Dropout(config.emb_pdrop)
         self.blocks = nn.ModuleList(ReplitBlock(config, i) for i in range(config.n_layers))
         self.norm_f = LayerNorm(config.d_model, config.layer_norm_epsilon, config.low_precision_layernorm)
-        # Built once; moves with the model (not saved: it is derived from the config).
-        self.register_buffer("alibi_slopes", alibi_slopes(config.n_heads, config.alibi_bias_max), persistent=False)
+        # Derived from the config, so neither saved nor a buffer: model.to(bfloat16) would round slopes such as
+        # 2**-0.25, and transformers 5 leaves buffers unset when it loads on the meta device.
+        self._slopes = alibi_slopes(config.n_heads, config.alibi_bias_max)  # (heads,) float32
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -284,7 +287,9 @@ class ReplitLMModel(ReplitLMPreTrainedModel):
                 )
             if bool(attention_mask.all()):
                 attention_mask = None
-        mask = AttentionMask(q_len=q_len, kv_len=kv_len, slopes=self.alibi_slopes)
+        if self._slopes.device != x.device:
+            self._slopes = self._slopes.to(x.device)
+        mask = AttentionMask(q_len=q_len, kv_len=kv_len, slopes=self._slopes)
         if attention_mask is not None:
             mask.kv_start, mask.kv_end = key_ranges(attention_mask)
         if self.config.attn_impl == "torch" or output_attentions:

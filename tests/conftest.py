@@ -1,7 +1,15 @@
 """Shared test set-up: the repository root on sys.path, and the model files importable as the package `replit_lm`."""
 
+import os
 import sys
 from pathlib import Path
+
+import torch
+
+# Without a GPU, Triton kernels run in its interpreter. It is chosen when a kernel is defined, i.e. when
+# triton_flash_attn is first imported (through the model), so it is set before any test module loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "replit-code-v1-3b"

@@ -210,6 +210,8 @@ def test_low_precision_on_cpu_is_as_accurate_as_the_reference(dtype):
         expected = model(ids, attention_mask=mask).logits[real]
         got = model.to(dtype)(ids, attention_mask=mask).logits
         assert got.dtype == dtype
+        if isinstance(model, ReplitLM):  # the ALiBi slopes stay float32: 2**-0.25 is no bfloat16
+            torch.testing.assert_close(model.transformer._slopes, alibi_slopes(4), atol=0, rtol=0)
         errors.append(((got[real].float() - expected).norm() / expected.norm()).item())
     ours, reference = errors
     assert ours <= 1.25 * reference and ours < 0.05, errors

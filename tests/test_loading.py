@@ -1,0 +1,208 @@
+"""Loading through the Auto classes from folders laid out like the Hub repository, in both checkpoint layouts
+(May 2023 release, MPT as published today) and both config schemas, from every weight format."""
+
+import json
+
+import pytest
+import torch
+from conftest import ROOT, SHARED
+from model_helpers import VOCAB, model_pair, write_hub_folder
+from transformers import AutoConfig, AutoModelForCausalLM
+
+
+MPT_TO_RELEASE = {
+    ".norm_1.": ".ln_1.",
+    ".norm_2.": ".ln_2.",
+    ".ffn.up_proj.": ".mlp.mlp_up.",
+    ".ffn.down_proj.": ".mlp.mlp_down.",
+    "transformer.norm_f.": "transformer.ln_f.",
+}
+
+
+def published_state_dict(model):
+    """The tensors a published checkpoint holds: no lm_head (tied), no buffers."""
+    return {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+
+
+def release_state_dict(model):
+    renamed = {}
+    for key, value in published_state_dict(model).items():
+        for new, old in MPT_TO_RELEASE.items():
+            key = key.replace(new, old)
+        renamed[key] = value
+    return renamed
+
+
+def release_config(config) -> dict:
+    """A config.json of the May 2023 release (flat fields), pointed at our classes, for a tiny shape."""
+    base = json.loads((ROOT / "config.json").read_text())
+    base.update(d_model=config.d_model, n_heads=config.n_heads, n_layers=config.n_layers, vocab_size=VOCAB)
+    base.update(max_seq_len=config.max_seq_len, use_cache=False)
+    base.pop("eos_token_id"), base.pop("pad_token_id"), base.pop("weight_quantization"), base.pop("layer_norm_epsilon")
+    return base
+
+
+def mpt_config(config) -> dict:
+    """A config.json in the MPT schema of the checkpoint published today, its auto_map pointed at our classes."""
+    if SHARED.joinpath("config.mpt.json").exists():
+        base = json.loads(SHARED.joinpath("config.mpt.json").read_text())
+    else:  # The same fields, for machines without ../shared.
+        base = {
+            "architectures": ["MPTForCausalLM"],
+            "attn_config": {"alibi": True, "alibi_bias_max": 8, "attn_impl": "torch", "attn_pdrop": 0,
+                            "attn_type": "multihead_attention", "attn_uses_sequence_id": False, "clip_qkv": None,
+                            "prefix_lm": False, "qk_ln": False, "softmax_scale": None},
+            "emb_pdrop": 0, "embedding_fraction": 1.0, "expansion_ratio": 4,
+            "init_config": {"emb_init_std": None, "emb_init_uniform_lim": None, "fan_mode": "fan_in",
+                            "init_div_is_residual": True, "init_gain": 0, "init_nonlinearity": "relu",
+                            "init_std": 0.02, "name": "kaiming_normal_", "verbose": 0},
+            "init_device": "cpu", "learned_pos_emb": True, "logit_scale": None, "model_type": "mpt",
+            "no_bias": True, "norm_type": "low_precision_layernorm", "resid_pdrop": 0, "use_cache": True,
+            "verbose": 0, "eos_token_id": 1,
+        }  # fmt: skip
+    base["auto_map"] = {
+        "AutoConfig": "configuration_replit_lm.ReplitLMConfig",
+        "AutoModelForCausalLM": "modeling_replit_lm.ReplitLM",
+    }
+    base.update(d_model=config.d_model, n_heads=config.n_heads, n_layers=config.n_layers, vocab_size=VOCAB)
+    base.update(max_seq_len=config.max_seq_len)
+    return base
+
+
+@pytest.fixture(scope="module")
+def reference():
+    model, _ = model_pair("six_heads")
+    ids = torch.randint(3, VOCAB, (2, 11), generator=torch.Generator().manual_seed(0))
+    return model, ids, model(ids).logits
+
+
+LAYOUTS = {
+    "release": (release_state_dict, release_config),
+    "published": (published_state_dict, mpt_config),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("fmt", ["safetensors", "bin", "sharded-safetensors", "sharded-bin"])
+def test_checkpoints_load_through_auto_classes(tmp_path, reference, layout, fmt):
+    model, ids, expected = reference
+    to_state_dict, to_config = LAYOUTS[layout]
+    folder = write_hub_folder(tmp_path / "repo", to_config(model.config), to_state_dict(model), fmt)
+    loaded, info = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, output_loading_info=True)
+    assert type(loaded).__name__ == "ReplitLM"
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
+    torch.testing.assert_close(loaded.eval()(ids).logits, expected, atol=0, rtol=0)
+
+
+def test_both_config_schemas_normalise_to_the_same_config(tmp_path, reference):
+    model = reference[0]
+    configs = []
+    for name, (_, to_config) in LAYOUTS.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        write_hub_folder(folder, to_config(model.config), {}, "safetensors")
+        configs.append(AutoConfig.from_pretrained(folder, trust_remote_code=True))
+    release, published = configs
+    fields = ["d_model", "n_heads", "n_layers", "mlp_ratio", "max_seq_len", "vocab_size", "attn_impl", "alibi",
+              "alibi_bias_max", "attn_clip_qkv", "softmax_scale", "low_precision_layernorm", "param_init_fn",
+              "init_std", "fan_mode", "init_nonlinearity", "init_div_is_residual", "init_gain", "emb_init_std",
+              "attn_pdrop", "resid_pdrop", "emb_pdrop", "no_bias", "embedding_fraction", "logit_scale"]  # fmt: skip
+    for field in fields:
+        assert getattr(release, field) == getattr(published, field), field
+    assert published.model_type == "replit_lm"
+    assert "attn_config" not in published.to_dict() and not hasattr(published, "expansion_ratio")
+
+
+def test_the_cards_attn_config_assignment_sets_the_flat_field(tmp_path, reference):
+    """The card's MPT-era snippet: config.attn_config['attn_impl'] = 'triton', then from_pretrained(config=...)."""
+    model = reference[0]
+    folder = write_hub_folder(tmp_path / "repo", mpt_config(model.config), published_state_dict(model))
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    assert config.attn_config["attn_impl"] == "torch" and config.attn_config["alibi"] is True
+    config.attn_config["attn_impl"] = "triton"
+    assert config.attn_impl == "triton"
+    loaded = AutoModelForCausalLM.from_pretrained(folder, config=config, trust_remote_code=True)
+    assert loaded.config.attn_impl == "triton"
+    with pytest.raises(ValueError, match="attn_impl"):
+        config.attn_config["attn_impl"] = "flash"
+    assert config.attn_impl == "triton"
+    with pytest.raises(KeyError, match="attn_config has no field"):
+        config.attn_config["attn_implementation"] = "eager"
+
+
+def test_save_pretrained_writes_safetensors_that_load_back(tmp_path, reference):
+    model, ids, expected = reference
+    folder = write_hub_folder(tmp_path / "repo", mpt_config(model.config), published_state_dict(model))
+    loaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    loaded.save_pretrained(tmp_path / "saved")
+    saved = tmp_path / "saved"
+    assert (saved / "model.safetensors").exists() and not (saved / "pytorch_model.bin").exists()
+    from safetensors import safe_open
+
+    with safe_open(saved / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert keys == set(published_state_dict(model)), "saved keys must be the published layout, lm_head not twice"
+    saved_config = json.loads((saved / "config.json").read_text())
+    assert saved_config["model_type"] == "replit_lm" and "attn_config" not in saved_config
+    reloaded = AutoModelForCausalLM.from_pretrained(saved, trust_remote_code=True)
+    torch.testing.assert_close(reloaded.eval()(ids).logits, expected, atol=0, rtol=0)
+
+
+def test_from_pretrained_overrides_config_fields(tmp_path, reference):
+    model, ids, expected = reference
+    folder = write_hub_folder(tmp_path / "repo", mpt_config(model.config), published_state_dict(model))
+    longer = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, max_seq_len=256)
+    assert longer.config.max_seq_len == 256
+    long_ids = torch.randint(3, VOCAB, (1, 200))
+    assert longer(long_ids).logits.shape == (1, 200, VOCAB)
+    with pytest.raises(ValueError, match="attn_impl"):
+        AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, attn_impl="flash")
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_transformers_attn_implementation_keyword_is_ignored(tmp_path, reference, attn_implementation):
+    model, ids, expected = reference
+    folder = write_hub_folder(tmp_path / "repo", mpt_config(model.config), published_state_dict(model))
+    loaded = AutoModelForCausalLM.from_pretrained(
+        folder, trust_remote_code=True, attn_implementation=attn_implementation
+    )
+    assert loaded.config.attn_impl == "torch"
+    torch.testing.assert_close(loaded.eval()(ids).logits, expected, atol=0, rtol=0)
+
+
+def test_load_in_bfloat16(tmp_path, reference):
+    model, ids, expected = reference
+    folder = write_hub_folder(tmp_path / "repo", mpt_config(model.config), published_state_dict(model))
+    loaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.bfloat16)
+    assert loaded.transformer.wte.weight.dtype == torch.bfloat16
+    assert loaded(ids).logits.dtype == torch.bfloat16
+
+
+def test_root_config_is_the_real_model():
+    config = AutoConfig.from_pretrained(ROOT, trust_remote_code=True)
+    assert (config.d_model, config.n_heads, config.n_layers, config.vocab_size) == (2560, 32, 32, 32768)
+    assert (config.eos_token_id, config.pad_token_id, config.use_cache) == (1, 2, True)
+    if SHARED.joinpath("config.release.json").exists():
+        release = json.loads(SHARED.joinpath("config.release.json").read_text())
+        for key in ("d_model", "n_heads", "n_layers", "mlp_ratio", "max_seq_len", "vocab_size", "alibi_bias_max",
+                    "init_std", "param_init_fn", "low_precision_layernorm", "no_bias"):  # fmt: skip
+            assert getattr(config, key) == release[key], key
+    generation = json.loads((ROOT / "generation_config.json").read_text())
+    assert generation["use_cache"] is True and generation["eos_token_id"] == 1
+
+
+def test_missing_weights_give_a_clear_error(tmp_path, reference):
+    model = reference[0]
+    folder = write_hub_folder(tmp_path / "repo", mpt_config(model.config), {}, "safetensors")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(OSError, match="model.safetensors|pytorch_model.bin|weights"):
+        AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+
+
+def test_corrupt_weights_give_a_clear_error(tmp_path, reference):
+    model = reference[0]
+    folder = write_hub_folder(tmp_path / "repo", mpt_config(model.config), published_state_dict(model))
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(Exception, match="(?i)safetensors|header|deserializ|corrupt"):
+        AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)

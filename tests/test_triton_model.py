@@ -1,0 +1,101 @@
+"""The whole model with attn_impl='triton' against attn_impl='torch' (float32, Triton's interpreter on a CPU).
+
+Tolerances: logits within 1e-4 absolute, gradients within 1e-4 absolute / 1e-3 relative, as for the reference
+tests; the kernel accumulates in float32 in another order than SDPA.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+from model_helpers import VOCAB, model_pair
+from test_model import left_padding_mask, random_ids
+
+pytest.importorskip("triton")
+
+ATOL = 1e-4
+
+
+def triton_twin(model):
+    """A copy of `model` that runs the triton kernel; switching the config field switches every layer."""
+    twin = type(model)(model.config.__class__(**model.config.to_dict())).eval()
+    twin.load_state_dict(model.state_dict())
+    twin.config.attn_impl = "triton"
+    return twin
+
+
+@pytest.fixture(scope="module")
+def models():
+    # head_dim 16 and a non-power-of-two head count: 48 / 3.
+    model, _ = model_pair("six_heads", d_model=48, n_heads=3, n_layers=2)
+    return model, triton_twin(model)
+
+
+def test_logits_and_padded_batch(models):
+    model, triton_model = models
+    ids = random_ids(3, 13, seed=21)
+    mask = left_padding_mask([13, 8, 2], 13)
+    real = mask.bool()
+    torch.testing.assert_close(triton_model(ids).logits, model(ids).logits, atol=ATOL, rtol=0)
+    got = triton_model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[real], model(ids, attention_mask=mask).logits[real], atol=ATOL, rtol=0)
+    right = mask.flip(1)
+    got = triton_model(ids, attention_mask=right).logits
+    torch.testing.assert_close(got[right.bool()], model(ids, attention_mask=right).logits[right.bool()], atol=ATOL, rtol=0)
+
+
+def test_cached_decoding_and_greedy_generate(models):
+    model, triton_model = models
+    ids = random_ids(2, 7, seed=22)
+    mask = left_padding_mask([7, 4], 7)
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=2, eos_token_id=None)
+    assert torch.equal(triton_model.generate(**kwargs, inputs=ids), model.generate(**kwargs, inputs=ids))
+    first = triton_model(ids, attention_mask=mask, use_cache=True)
+    step = triton_model(random_ids(2, 1, seed=23), attention_mask=torch.cat([mask, torch.ones(2, 1)], 1).long(),
+                        past_key_values=first.past_key_values)  # fmt: skip
+    full_ids = torch.cat([ids, random_ids(2, 1, seed=23)], 1)
+    full = model(full_ids, attention_mask=torch.cat([mask, torch.ones(2, 1)], 1).long()).logits[:, -1:]
+    torch.testing.assert_close(step.logits, full, atol=ATOL, rtol=0)
+
+
+def test_loss_gradients_match_the_torch_path(models):
+    model, triton_model = models
+    ids = random_ids(2, 11, seed=24)
+    mask = left_padding_mask([11, 6], 11)
+    grads = []
+    for m in (model, triton_model):
+        m.zero_grad()
+        m.train()
+        m(ids, attention_mask=mask, labels=ids).loss.backward()
+        m.eval()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_unsupported_combinations_raise(models):
+    model, triton_model = models
+    with pytest.raises(ValueError, match="output_attentions"):
+        triton_model(random_ids(1, 4, seed=0), output_attentions=True)
+    dropout = triton_twin(model)
+    dropout.config.attn_pdrop = 0.1
+    with pytest.raises(ValueError, match="(?i)dropout"):
+        dropout.train()(random_ids(1, 4, seed=0))
+
+
+def test_cpu_without_the_interpreter_names_the_problem():
+    script = (
+        "import sys; sys.path.insert(0, 'tests'); import conftest, torch\n"
+        "from model_helpers import replit_config\n"
+        "from replit_lm.modeling_replit_lm import ReplitLM\n"
+        "model = ReplitLM(replit_config(attn_impl='triton'))\n"
+        "model(torch.tensor([[3, 4, 5]]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_INTERPRET"] = "0"
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "needs a CUDA device" in result.stderr, result.stderr[-2000:]
