@@ -206,3 +206,11 @@ def test_corrupt_weights_give_a_clear_error(tmp_path, reference):
     (folder / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(Exception, match="(?i)safetensors|header|deserializ|corrupt"):
         AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+
+
+def test_device_map_auto_loads(tmp_path, reference):
+    pytest.importorskip("accelerate")
+    model, ids, expected = reference
+    folder = write_hub_folder(tmp_path / "repo", mpt_config(model.config), published_state_dict(model))
+    loaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, device_map="auto")
+    torch.testing.assert_close(loaded.eval()(ids).logits, expected, atol=0, rtol=0)

@@ -321,3 +321,11 @@ def test_config_attribute_map():
     config = ReplitLMConfig()
     assert (config.hidden_size, config.num_attention_heads, config.num_hidden_layers) == (2560, 32, 32)
     assert config.max_position_embeddings == 2048
+
+
+def test_beam_search_matches_reference():
+    model, ref = model_pair("pow2_heads")
+    ids = random_ids(2, 6, seed=18)
+    mask = left_padding_mask([6, 3], 6)
+    kwargs = dict(attention_mask=mask, max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=2, eos_token_id=None)
+    assert torch.equal(model.generate(ids, **kwargs), ref.generate(ids, **kwargs))
