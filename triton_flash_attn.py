@@ -36,9 +36,11 @@ except ImportError as err:
 MAX_HEAD_DIM = 128
 _LOG2E = 1.4426950408889634
 
-# (BLOCK_M query rows, BLOCK_N keys) per kernel for 16-bit inputs, the shapes of Triton's
-# fused-attention tutorial for H100. Not autotuned: no GPU was available while writing this.
-_BLOCKS = {"fwd": (128, 64), "bwd_dkdv": (32, 128), "bwd_dq": (128, 32)}
+# Launch configuration per kernel for 16-bit inputs: (BLOCK_M query rows, BLOCK_N keys, warps, pipeline
+# stages), chosen by that --tune on an H200. Head dims above 64 (the model's 80 is padded to 128) use these as they are; smaller head dims use 4
+# warps, and float32 halves the larger block. `benchmarks/bench_triton_attention.py --tune` measures candidates
+# on a GPU and prints the fastest as this dict.
+LAUNCH_CONFIGS = {"fwd": (64, 64, 4, 3), "bwd_dkdv": (32, 64, 4, 3), "bwd_dq": (128, 64, 8, 3)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -436,20 +438,22 @@ def _kv_bound(bound, default, batch, device):
 
 
 def _meta(q, kernel):
-    """Block sizes, warps and stages for `kernel` (a key of _BLOCKS), given q's head dim and dtype."""
+    """Block sizes, warps and stages for `kernel` (a key of LAUNCH_CONFIGS), given q's head dim and dtype."""
     head_dim = q.shape[-1]
     # tl.arange needs a power of two and tl.dot at least 16; the extra columns are masked.
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block_m, block_n = _BLOCKS[kernel]
+    block_m, block_n, num_warps, num_stages = LAUNCH_CONFIGS[kernel]
+    if block_d <= 64:
+        num_warps = 4
     if q.dtype == torch.float32:
         # fp32 tiles take twice the shared memory of 16-bit ones: halve the larger block.
         block_m, block_n = (block_m // 2, block_n) if block_m > block_n else (block_m, block_n // 2)
+        num_stages = 2
     return dict(
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
         # fp32 is for exactness checks, so IEEE products rather than the TF32 default.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
-        num_warps=4 if block_d <= 64 else 8,
-        num_stages=2 if q.dtype == torch.float32 else 3,
+        num_warps=num_warps, num_stages=num_stages,
     )
 
 

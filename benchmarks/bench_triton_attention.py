@@ -2,6 +2,7 @@
 
     python benchmarks/bench_triton_attention.py                 # seq 512 .. 8192
     python benchmarks/bench_triton_attention.py --seq 2048 4096 --no-check
+    python benchmarks/bench_triton_attention.py --tune          # pick launch configs first, then benchmark
 
 Shapes are replit-code-v1-3b's: bf16, 32 heads, head_dim 80, batch = 16384 // seq (~16k tokens).
 Providers:
@@ -11,6 +12,9 @@ Providers:
     eager   explicit matmul + float32 softmax + matmul with the same bias
 Before timing, each shape checks the kernel (and SDPA, for scale) in bf16 against a float32
 reference and prints the max abs error of the output and of dq, dk, dv.
+With --tune, each kernel's launch configuration (block sizes, warps, stages) is first chosen among
+candidates by timing them at seq 2048, and the benchmark then runs with the winners, printed as the
+LAUNCH_CONFIGS dict of triton_flash_attn.py.
 Reported: TFLOP/s (causal flops: 4*B*H*S*S*D/2 forward, x2.5 forward+backward) and peak memory
 allocated while that provider runs, inputs included (the sdpa/eager bias too); OOM is marked.
 """
@@ -25,6 +29,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import triton_flash_attn  # noqa: E402
 from triton_flash_attn import flash_attn_alibi  # noqa: E402
 
 HEADS, HEAD_DIM, TOKENS = 32, 80, 16384
@@ -129,15 +134,60 @@ def measure(provider, batch, seq, mode, slopes):
     return flops / (ms * 1e-3) / 1e12, peak
 
 
+# (BLOCK_M, BLOCK_N, warps, stages) candidates per kernel; ones that need too much shared memory are skipped.
+TUNE_CANDIDATES = {
+    "fwd": [(128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 32, 4, 4),
+            (64, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3)],
+    "bwd_dkdv": [(32, 128, 8, 3), (32, 128, 4, 3), (64, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3),
+                 (32, 64, 4, 3), (16, 128, 4, 3)],
+    "bwd_dq": [(128, 32, 8, 3), (128, 32, 4, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3),
+               (64, 32, 4, 3)],
+}
+
+
+def tune(seq=2048):
+    """Choose LAUNCH_CONFIGS greedily, one kernel at a time, by the median time of forward (fwd) or of the whole
+    backward (bwd_*) at `seq`."""
+    batch = max(1, TOKENS // seq)
+    q, k, v = random_inputs(batch, seq, requires_grad=False)
+    d_out = torch.randn_like(q)
+    slopes = alibi_slopes(HEADS) * triton_flash_attn._LOG2E
+    bounds = [torch.full((batch,), value, dtype=torch.int32, device=DEVICE) for value in (0, seq)]
+    scale = HEAD_DIM**-0.5
+    out, lse = triton_flash_attn._forward(q, k, v, slopes, *bounds, scale)
+    runs = {
+        "fwd": lambda: triton_flash_attn._forward(q, k, v, slopes, *bounds, scale),
+        "bwd_dkdv": lambda: triton_flash_attn._backward(d_out, q, k, v, out, lse, slopes, *bounds, scale),
+    }
+    runs["bwd_dq"] = runs["bwd_dkdv"]
+    print(f"\ntuning launch configs at seq {seq}, batch {batch} (median ms; BLOCK_M, BLOCK_N, warps, stages)")
+    for kernel, candidates in TUNE_CANDIDATES.items():
+        timings = {}
+        for config in candidates:
+            triton_flash_attn.LAUNCH_CONFIGS[kernel] = config
+            try:
+                timings[config] = triton.testing.do_bench(runs[kernel], return_mode="median")
+            except Exception as err:  # noqa: BLE001  (out of shared memory, or a config the compiler rejects)
+                print(f"  {kernel:<9} {config}: skipped ({type(err).__name__})")
+                continue
+            print(f"  {kernel:<9} {config}: {timings[config]:.3f} ms")
+        triton_flash_attn.LAUNCH_CONFIGS[kernel] = min(timings, key=timings.get)
+    print(f"LAUNCH_CONFIGS = {triton_flash_attn.LAUNCH_CONFIGS}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
     parser.add_argument("--no-check", action="store_true", help="skip the accuracy check against float32")
+    parser.add_argument("--tune", action="store_true", help="choose the kernels' launch configs first")
     args = parser.parse_args()
 
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
           f"{DTYPE}, heads {HEADS}, head_dim {HEAD_DIM}, ~{TOKENS} tokens per batch")
     slopes = alibi_slopes(HEADS)
+    if args.tune:
+        tune()
+    print(f"launch configs: {triton_flash_attn.LAUNCH_CONFIGS}")
 
     if not args.no_check:
         print("\nmax abs error vs float32 reference (bf16 inputs)")
