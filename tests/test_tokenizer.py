@@ -1,0 +1,422 @@
+"""ReplitLMTokenizer (SentencePiece) and ReplitLMTokenizerFast (its `tokenizers` twin), with the real spiece.model
+(skipped when ../shared lacks it) and with a small model trained here with the same recipe.
+
+The reference is SentencePiece as the model was trained with it (up to release 0.2.1): the installed sentencepiece
+itself when it is that old, otherwise an optimal segmentation under that release's scores computed here, and for
+the real model the ids that sentencepiece 0.1.99 gave (tokenizer_reference_ids.json).
+"""
+
+import json
+import math
+import pickle
+import re
+import shutil
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+from conftest import ROOT, SHARED
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from sentencepiece import sentencepiece_model_pb2
+from transformers import AutoTokenizer
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+from replit_lm_tokenizer import ReplitLMTokenizer, ReplitLMTokenizerFast
+from sentencepiece_recipe import train_sentencepiece
+
+
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "replit_lm_tokenizer.py")
+SPECIAL = {"<|endoftext|>": 1, "<|pad|>": 2, "<|unk|>": 0}
+
+CODE = {
+    "python": 'def hello():\n  print("hello world")\n\n\nclass A(B):\n    """Doc."""\n\n    def f(self, x=1):\n'
+    "        return {k: v for k, v in x.items() if k != 'a'}  # comment\n",
+    "c": "#include <stdio.h>\n\nint main(int argc, char **argv) {\n\tfor (int i = 0; i < argc; ++i)\n"
+    '\t\tprintf("%s\\n", argv[i]);\n\treturn 0;\n}\n',
+    "javascript": "const add = (a, b) => a + b;\nexport default function App() {\n"
+    '  return <div className="x">{add(1, 2)}</div>;\n}\n',
+    "go": 'package main\n\nimport "fmt"\n\nfunc main() {\n\tfmt.Println("héllo, 世界")\n}\n',
+    "rust": "fn main() -> Result<(), Box<dyn Error>> {\n    let v: Vec<u8> = vec![1, 2, 3];\n    Ok(())\n}\n",
+    "sql": "SELECT id, name\nFROM users\nWHERE age >= 18\nORDER BY name DESC;\n",
+    "shell": '#!/bin/bash\nset -euo pipefail\nfor f in *.py; do\n  echo "$f" | wc -c\ndone\n',
+    "html": '<!DOCTYPE html>\n<html>\n  <body>\n    <p class="a">&amp; &lt;</p>\n  </body>\n</html>\n',
+}
+# Whitespace runs up to and beyond the longest user-defined pieces (32 spaces, 8 tabs).
+SPACE_RUNS = [" " * n + tail for n in range(1, 71) for tail in ("", "x")]
+TAB_RUNS = ["\t" * n + "x" for n in range(1, 13)]
+EDGE_CASES = [
+    "",
+    "\n",
+    "\n\n\n",
+    "a\n\n\n\n\nb",
+    "line one\r\nline two\r\n",
+    "page\x0cbreak\x0bvertical",
+    "\t\tx = 1\n\t\t\ty = 2",
+    "def größe(π, 变量): return π",  # unicode identifiers
+    "emoji 😀😀 and 🦀, 𝔘𝔫𝔦 \U0010ffff",  # characters outside the vocabulary
+    "ＡＢＣ１２３ full width, ﬁ ﬂ ligatures, ① ㈱ x²",  # folded by NFKC
+    "non\u00a0breaking\u3000ideographic\u2009thin spaces",
+    "<extra_id_0> fill <extra_id_99>",
+    "▁▁ literal escape characters ▁",
+    "trailing spaces   \n   leading",
+    '    """Return the sum.\n\n    Args:\n        x: a number.\n    """\n',  # spaces before words
+    "   The quick brown fox\n  jumps      over   it",
+]
+ALL_TEXTS = [*CODE.values(), *EDGE_CASES, *SPACE_RUNS, *TAB_RUNS]
+# Written by tokenizer_make_reference_ids.py with sentencepiece 0.1.99.
+REFERENCE_IDS = json.loads((ROOT / "tests" / "tokenizer_reference_ids.json").read_text())
+SENTENCEPIECE_AS_TRAINED = tuple(map(int, re.match(r"(\d+)\.(\d+)\.(\d+)", spm.__version__).groups())) < (0, 2, 2)
+
+
+# --- fixtures ---------------------------------------------------------------------------------------------------
+
+
+def write_hub_folder(folder, spiece):
+    """A folder laid out like the Hub repository, for the tokenizer: our code and configs, and a spiece.model."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        shutil.copy(ROOT / name, folder / name)
+    shutil.copy(spiece, folder / "spiece.model")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def toy_folder(tmp_path_factory):
+    """A SentencePiece model trained with the real recipe on this repository's Python files (well under a second)."""
+    work = tmp_path_factory.mktemp("toy_spm")
+    lines = [line for path in sorted(ROOT.glob("*.py")) for line in path.read_text().splitlines()]
+    spiece = train_sentencepiece(iter(lines), work / "spiece", 1000, num_threads=1, minloglevel=2)
+    return write_hub_folder(work / "hub", spiece)
+
+
+@pytest.fixture(scope="session")
+def real_folder(tmp_path_factory):
+    if not (SHARED / "spiece.model").exists():
+        pytest.skip(f"needs the real spiece.model in {SHARED}")
+    return write_hub_folder(tmp_path_factory.mktemp("real") / "hub", SHARED / "spiece.model")
+
+
+@pytest.fixture(scope="session", params=["real", "toy"])
+def folder(request):
+    return request.getfixturevalue(f"{request.param}_folder")
+
+
+@pytest.fixture(scope="session")
+def sp(folder):
+    return spm.SentencePieceProcessor(model_file=str(folder / "spiece.model"))
+
+
+@pytest.fixture(scope="session")
+def model(folder):
+    """Each piece's score when segmenting, as SentencePiece gave it up to 0.2.1: its log-probability, -0.1 for a
+    user-defined piece; and the pieces that can match text."""
+    proto = sentencepiece_model_pb2.ModelProto.FromString((folder / "spiece.model").read_bytes())
+    Piece = sentencepiece_model_pb2.ModelProto.SentencePiece
+    scores = [-0.1 if piece.type == Piece.USER_DEFINED else piece.score for piece in proto.pieces]
+    matchable = {p.piece: i for i, p in enumerate(proto.pieces) if p.type in (Piece.NORMAL, Piece.USER_DEFINED)}
+    unk_score = min(piece.score for piece in proto.pieces if piece.type == Piece.NORMAL) - 10
+    return scores, matchable, unk_score
+
+
+@pytest.fixture(scope="session")
+def reference(sp, model):
+    """Text -> ids as SentencePiece gave them when the model was trained."""
+    if SENTENCEPIECE_AS_TRAINED:
+        return sp.encode
+    scores, matchable, unk_score = model
+    longest = max(map(len, matchable))
+
+    def viterbi(text):
+        normalized = sp.normalize(text)  # normalisation did not change
+        best = [0.0] + [-math.inf] * len(normalized)
+        back = [None] * len(best)
+        for end in range(1, len(best)):
+            for start in range(max(0, end - longest), end):
+                piece = normalized[start:end]
+                if piece in matchable:
+                    score, piece_id = best[start] + scores[matchable[piece]], matchable[piece]
+                elif end - start == 1:
+                    score, piece_id = best[start] + unk_score, sp.unk_id()
+                else:
+                    continue
+                if score > best[end]:
+                    best[end], back[end] = score, (start, piece_id)
+        ids, end = [], len(normalized)
+        while end:
+            end, piece_id = back[end]
+            if not (piece_id == sp.unk_id() and ids and ids[-1] == piece_id):  # runs of unknowns are one piece
+                ids.append(piece_id)
+        return ids[::-1]
+
+    return viterbi
+
+
+@pytest.fixture(scope="session")
+def same_up_to_ties(sp, model):
+    """Whether two segmentations are the same, or decode alike and score the same. SentencePiece adds scores in
+    float32 and picks among equal-score segmentations (ddd+d or d+ddd, \\n\\n+\\n or \\n+\\n\\n) by its rounding: no
+    other implementation can follow it, and it changes with what came before in the text."""
+    scores = model[0]
+
+    def check(ids, expected):
+        if ids == expected:
+            return True
+        score_difference = sum(scores[i] for i in ids) - sum(scores[i] for i in expected)
+        return sp.decode(ids) == sp.decode(expected) and abs(score_difference) < 1e-3
+
+    return check
+
+
+@pytest.fixture(scope="session")
+def slow(folder):
+    return ReplitLMTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def fast(folder):
+    return ReplitLMTokenizerFast.from_pretrained(folder)
+
+
+@pytest.fixture(scope="session", params=["slow", "fast"])
+def tokenizer(request, slow, fast):
+    return {"slow": slow, "fast": fast}[request.param]
+
+
+# --- encoding ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ALL_TEXTS)
+def test_encodes_as_sentencepiece_did_in_training(tokenizer, reference, same_up_to_ties, text):
+    assert same_up_to_ties(tokenizer.encode(text), reference(text))
+    assert same_up_to_ties(tokenizer(text)["input_ids"], reference(text))
+    assert tokenizer.convert_tokens_to_ids(tokenizer.tokenize(text)) == tokenizer.encode(text)
+
+
+@pytest.mark.skipif(not SENTENCEPIECE_AS_TRAINED, reason=f"sentencepiece {spm.__version__} scores differently")
+def test_slow_is_sentencepiece_itself(slow, sp):
+    for text in ALL_TEXTS:
+        assert slow.encode(text) == sp.encode(text), text
+
+
+@pytest.mark.parametrize("folder", ["real"], indirect=True)
+def test_real_model_gives_the_ids_of_sentencepiece_0_1_99(slow, fast, same_up_to_ties):
+    """tokenizer_reference_ids.json: the ids sentencepiece 0.1.99 (May 2023, when the model was trained) gave."""
+    assert REFERENCE_IDS["sentencepiece"] == "0.1.99"
+    for text, ids in REFERENCE_IDS["ids"].items():
+        assert same_up_to_ties(slow.encode(text), ids), text
+        assert same_up_to_ties(fast.encode(text), ids), text
+        if SENTENCEPIECE_AS_TRAINED:
+            assert slow.encode(text) == ids
+
+
+@pytest.mark.skipif(SENTENCEPIECE_AS_TRAINED, reason=f"sentencepiece {spm.__version__} scores as in training")
+@pytest.mark.parametrize("folder", ["real"], indirect=True)
+def test_newer_sentencepiece_alone_would_split_differently(sp, same_up_to_ties):
+    """Why the tokenizer restores the old scores: sentencepiece >= 0.2.2 splits spaces before a word differently."""
+    text = "   The quick brown fox\n  jumps      over   it"
+    assert not same_up_to_ties(sp.encode(text), REFERENCE_IDS["ids"][text])
+
+
+def test_toy_and_real_models_share_the_recipe(real_folder, toy_folder):
+    specs = []
+    for folder in (real_folder, toy_folder):
+        proto = sentencepiece_model_pb2.ModelProto.FromString((folder / "spiece.model").read_bytes())
+        specs.append((proto.trainer_spec, proto.normalizer_spec, [(p.piece, p.type) for p in proto.pieces[:147]]))
+    (real_trainer, real_normalizer, real_head), (toy_trainer, toy_normalizer, toy_head) = specs
+    assert toy_head == real_head  # special and user-defined pieces at the same ids
+    for field in ("model_type", "byte_fallback", "unk_id", "bos_id", "eos_id", "pad_id", "character_coverage"):
+        assert getattr(toy_trainer, field) == getattr(real_trainer, field), field
+    for field in ("name", "add_dummy_prefix", "remove_extra_whitespaces", "escape_whitespaces"):
+        assert getattr(toy_normalizer, field) == getattr(real_normalizer, field), field
+
+
+@pytest.mark.parametrize("literal", list(SPECIAL))
+def test_special_token_literals_become_one_id(tokenizer, reference, same_up_to_ties, literal):
+    before, after = "x = 1  \n ", "  \n\ty"
+    expected = reference(before) + [SPECIAL[literal]] + reference(after)
+    assert same_up_to_ties(tokenizer.encode(before + literal + after), expected)
+    plain = tokenizer.encode(before + literal + after, split_special_tokens=True)
+    assert same_up_to_ties(plain, reference(before + literal + after)) and SPECIAL[literal] not in plain
+
+
+def test_no_special_tokens_are_added(tokenizer, reference):
+    assert tokenizer.encode("a", add_special_tokens=True) == reference("a")
+    assert tokenizer.bos_token is None and tokenizer.sep_token is None
+    assert (tokenizer.unk_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (0, 1, 2)
+
+
+def test_fast_offsets_point_into_the_text(fast):
+    text = CODE["python"] + "x\r\ny\t\tz"
+    encoding = fast(text, return_offsets_mapping=True)
+    pieces = fast.convert_ids_to_tokens(encoding["input_ids"])
+    spans = [text[start:end] for start, end in encoding["offset_mapping"]]
+    assert spans == [piece.replace("▁", " ") for piece in pieces]
+
+
+# --- decoding ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", [*CODE.values(), *SPACE_RUNS[::7], *TAB_RUNS, EDGE_CASES[4], EDGE_CASES[5]])
+def test_decode_gives_the_text_back(tokenizer, sp, text):
+    ids = tokenizer.encode(text)
+    if sp.unk_id() in ids:
+        pytest.skip("the text has characters outside this vocabulary")
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    assert tokenizer.decode(torch.tensor(ids), skip_special_tokens=True) == text
+    assert tokenizer.batch_decode([ids, ids[:0]], skip_special_tokens=True) == [text, ""]
+
+
+def test_decode_keeps_or_skips_special_tokens(tokenizer):
+    text = "a , b .<|endoftext|>\n  c<|pad|>"
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids) == text  # no clean_up_tokenization_spaces damage: " ," stays
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "a , b .\n  c"
+
+
+def test_vocabulary(tokenizer, sp):
+    size = sp.get_piece_size()
+    assert tokenizer.vocab_size == len(tokenizer) == len(tokenizer.get_vocab()) == size
+    pieces = [sp.id_to_piece(i) for i in range(size)]
+    assert tokenizer.convert_ids_to_tokens(list(range(size))) == pieces
+    assert tokenizer.convert_tokens_to_ids(pieces) == list(range(size))
+    vocab = tokenizer.get_vocab()
+    assert all(vocab[piece] == i for i, piece in enumerate(pieces))
+    tokens = ["def", "▁f", "():", "\n", "▁▁▁▁", "pass"]
+    assert tokenizer.convert_tokens_to_string(tokens) == "def f():\n    pass"
+
+
+def test_real_vocabulary_size(real_folder):
+    for cls in (ReplitLMTokenizer, ReplitLMTokenizerFast):
+        tokenizer = cls.from_pretrained(real_folder)
+        assert tokenizer.vocab_size == len(tokenizer) == 32768
+        assert tokenizer.model_max_length == 2048 and tokenizer.padding_side == "right"
+
+
+# --- batches, saving, loading -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("return_tensors", ["pt", "np"])
+def test_padded_batches(folder, tokenizer, return_tensors):
+    texts = [CODE["python"], "x", CODE["c"]]
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=16, return_tensors=return_tensors)
+    ids, mask = np.asarray(batch["input_ids"]), np.asarray(batch["attention_mask"])
+    assert ids.shape == mask.shape == (3, 16)
+    assert ids[1].tolist() == tokenizer.encode("x") + [2] * 15 and mask[1].tolist() == [1] + [0] * 15
+    assert ids[0].tolist() == tokenizer.encode(texts[0])[:16]
+
+    left = type(tokenizer).from_pretrained(folder, padding_side="left")
+    batch = left(texts, padding=True, return_tensors=return_tensors)
+    width = max(len(tokenizer.encode(text)) for text in texts)
+    assert np.asarray(batch["input_ids"])[1].tolist() == [2] * (width - 1) + tokenizer.encode("x")
+    assert np.asarray(batch["attention_mask"])[1].tolist() == [0] * (width - 1) + [1]
+
+
+@pytest.mark.parametrize("cls", [ReplitLMTokenizer, ReplitLMTokenizerFast])
+def test_save_and_reload(folder, cls, tmp_path):
+    original = cls.from_pretrained(folder)
+    original.save_pretrained(tmp_path)
+    assert (tmp_path / "spiece.model").read_bytes() == (folder / "spiece.model").read_bytes()
+    for loader in (ReplitLMTokenizer, ReplitLMTokenizerFast):
+        reloaded = loader.from_pretrained(tmp_path)
+        assert reloaded.encode(CODE["go"] + "<|endoftext|>") == original.encode(CODE["go"]) + [1]
+        assert (reloaded.eos_token, reloaded.pad_token, reloaded.unk_token) == ("<|endoftext|>", "<|pad|>", "<|unk|>")
+
+
+def test_pickle(slow, fast):
+    for tokenizer in (slow, fast):
+        assert pickle.loads(pickle.dumps(tokenizer)).encode(CODE["rust"]) == tokenizer.encode(CODE["rust"])
+
+
+def test_auto_tokenizer_loads_the_slow_class_from_a_hub_folder(folder, slow):
+    """The model card's snippet, as written; the config makes the exact (slow) class the default."""
+    assert json.loads((ROOT / "tokenizer_config.json").read_text())["auto_map"]["AutoTokenizer"][1] is None
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    assert type(tokenizer).__name__ == "ReplitLMTokenizer"
+    asked_for_fast = AutoTokenizer.from_pretrained(folder, trust_remote_code=True, use_fast=True)
+    assert type(asked_for_fast).__name__ == "ReplitLMTokenizer"
+    x = tokenizer.encode('def hello():\n  print("hello world")\n', return_tensors="pt")
+    assert x.tolist() == [slow.encode('def hello():\n  print("hello world")\n')]
+    text = tokenizer.decode(x[0], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert text == 'def hello():\n  print("hello world")\n'
+
+
+def test_fast_twin_loads_from_a_hub_folder(folder, fast):
+    fast_class = get_class_from_dynamic_module("replit_lm_tokenizer.ReplitLMTokenizerFast", folder)
+    assert fast_class.from_pretrained(folder).encode(CODE["shell"]) == fast.encode(CODE["shell"])
+
+
+# --- bad input --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [ReplitLMTokenizer, ReplitLMTokenizerFast])
+def test_missing_model_names_the_path(cls, tmp_path):
+    with pytest.raises(ValueError, match="no file at .*nowhere.model"):
+        cls(vocab_file=str(tmp_path / "nowhere.model"))
+    for name in TOKENIZER_FILES:
+        shutil.copy(ROOT / name, tmp_path / name)
+    with pytest.raises(ValueError, match=f"no file at '{tmp_path / 'spiece.model'}'"):
+        cls.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("cls", [ReplitLMTokenizer, ReplitLMTokenizerFast])
+def test_corrupt_model_is_reported(cls, tmp_path):
+    corrupt = tmp_path / "spiece.model"
+    corrupt.write_bytes(b"this is not a sentencepiece model")
+    with pytest.raises(ValueError, match="not a valid SentencePiece model"):
+        cls(vocab_file=str(corrupt))
+
+
+@pytest.mark.parametrize("bad", [123, 4.5, b"bytes", None, ["ok", 7], {"text": "x"}])
+def test_non_text_input_is_a_type_error(tokenizer, bad):
+    with pytest.raises(TypeError, match="must be a str"):
+        tokenizer.encode(bad)
+    if bad is not None:  # tokenizer(None) is transformers' own "no text" error
+        with pytest.raises(TypeError, match="must be a str"):
+            tokenizer(bad)
+    with pytest.raises(TypeError, match="must be a str"):
+        tokenizer.tokenize(bad)
+
+
+# --- properties -------------------------------------------------------------------------------------------------
+
+CODE_CHARACTERS = st.sampled_from(
+    list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_ ()[]{}<>=+-*/%&|^!?:;,.'\"#@$\\`~")
+    + [" " * 4, "\t", "\n", "\n\n", "\r\n", "é", "π", "→", "中", "Ａ", "ﬁ", "\u00a0"]
+    + ["<extra_id_1>", "<|endoftext|>"]
+)
+code_like_text = st.lists(CODE_CHARACTERS, max_size=80).map("".join)
+PROPERTY_SETTINGS = settings(
+    max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+@PROPERTY_SETTINGS
+@given(text=code_like_text)
+def test_slow_encodes_as_in_training(slow, reference, same_up_to_ties, text):
+    assert same_up_to_ties(slow.encode(text, split_special_tokens=True), reference(text))
+
+
+@PROPERTY_SETTINGS
+@given(text=code_like_text)
+def test_slow_and_fast_agree_up_to_ties(slow, fast, same_up_to_ties, text):
+    assert same_up_to_ties(fast.encode(text), slow.encode(text))
+    assert same_up_to_ties(fast.encode(text, split_special_tokens=True), slow.encode(text, split_special_tokens=True))
+
+
+@pytest.fixture(scope="session")
+def covered_text(sp):
+    """Text made of characters that have a piece of their own."""
+    characters = {piece for i in range(sp.get_piece_size()) if len(piece := sp.id_to_piece(i)) == 1} - {"▁"}
+    return st.lists(st.sampled_from([*sorted(characters), " ", "  ", "\t\t"]), max_size=60).map("".join)
+
+
+@PROPERTY_SETTINGS
+@given(data=st.data())
+def test_decode_inverts_encode_up_to_normalization(slow, fast, sp, covered_text, data):
+    text = data.draw(covered_text)
+    assume(sp.unk_id() not in sp.encode(text))  # NFKC can compose covered characters into one that is not
+    normalized = sp.normalize(text).replace("▁", " ")
+    for tokenizer in (slow, fast):
+        assert tokenizer.decode(tokenizer.encode(text)) == normalized
