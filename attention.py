@@ -37,8 +37,9 @@ class AttentionMask:
     """What every layer of one forward pass needs to mask and bias its attention, built once per pass.
 
     kv_start, kv_end: (batch,) int64, the keys [kv_start, kv_end) are real tokens, or None where all are.
-    additive: (batch or 1, heads, q_len, kv_len) float, ALiBi bias plus a large negative number where a key is
-        hidden; built for the torch backend only (the triton kernel derives all of it from the slopes and ranges).
+    additive: (batch or 1, heads, q_len or 1, kv_len) float, ALiBi bias plus a large negative number where a key
+        is hidden; built for the torch backend only (the triton kernel derives all of it from the slopes and ranges).
+    cache_position: (q_len,) int64, the positions of the new tokens, where a preallocated cache stores their keys.
     """
 
     q_len: int
@@ -47,6 +48,7 @@ class AttentionMask:
     kv_start: torch.Tensor | None = None
     kv_end: torch.Tensor | None = None
     additive: torch.Tensor | None = None
+    cache_position: torch.Tensor | None = None
 
 
 def key_ranges(attention_mask: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -67,22 +69,39 @@ def key_ranges(attention_mask: torch.Tensor) -> tuple[torch.Tensor | None, torch
     return start, end
 
 
-def additive_bias(mask: AttentionMask, attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """ALiBi bias plus masking as one additive tensor, for the torch backend. (batch or 1, heads, q_len, kv_len)"""
-    device = mask.slopes.device
-    key_pos = torch.arange(mask.kv_len, device=device)
-    query_pos = torch.arange(mask.kv_len - mask.q_len, mask.kv_len, device=device)
-    # MPT's bias depends on the key alone, slope * (j - (kv_len - 1)); per query row it differs from
-    # slope * (j - i) by a constant, which softmax ignores. Keeping MPT's form keeps its exact float values.
-    bias = mask.slopes.view(-1, 1, 1) * (key_pos - (mask.kv_len - 1)).view(1, 1, -1)  # (heads, 1, kv_len)
-    hidden = key_pos.view(1, -1) > query_pos.view(-1, 1)  # (q_len, kv_len), causal
-    hidden = hidden.view(1, 1, mask.q_len, mask.kv_len)
+def alibi_bias_table(slopes: torch.Tensor, length: int) -> torch.Tensor:
+    """slope * (j - (length - 1)) for the keys j in [0, length): the ALiBi bias when the last key is length - 1.
+    (heads, length) float32.
+
+    MPT's bias depends on the key alone, slope * (j - (kv_len - 1)); per query row it differs from slope * (j - i)
+    by a constant, which softmax ignores. Keeping MPT's form keeps its exact float values, and makes the bias of
+    kv_len keys the last kv_len columns of this table (the same products): the model builds the table once and
+    slices it in every forward pass instead of recomputing the bias per token.
+    """
+    distance = torch.arange(1 - length, 1, dtype=torch.float32, device=slopes.device)
+    return slopes.view(-1, 1) * distance
+
+
+def additive_bias(
+    mask: AttentionMask, attention_mask: torch.Tensor | None, dtype: torch.dtype, alibi_table: torch.Tensor
+) -> torch.Tensor:
+    """ALiBi bias plus masking as one additive tensor, for the torch backend; alibi_table from `alibi_bias_table`
+    with at least kv_len columns. (batch or 1, heads, q_len or 1, kv_len)"""
+    bias = alibi_table[:, alibi_table.shape[1] - mask.kv_len :].to(dtype)  # (heads, kv_len)
+    bias = bias.view(1, -1, 1, mask.kv_len)
+    hidden = None  # (batch or 1, 1, q_len or 1, kv_len), True where a key is hidden
+    if mask.q_len > 1:  # causal; a single new token sees every key
+        key_pos = torch.arange(mask.kv_len, device=bias.device)
+        query_pos = torch.arange(mask.kv_len - mask.q_len, mask.kv_len, device=bias.device)
+        hidden = (key_pos.view(1, -1) > query_pos.view(-1, 1)).view(1, 1, mask.q_len, mask.kv_len)
     if attention_mask is not None:
-        hidden = hidden | ~attention_mask.bool()[:, None, None, :]  # (batch, 1, q_len, kv_len)
+        padding = ~attention_mask.bool()[:, None, None, :]  # (batch, 1, 1, kv_len)
+        hidden = padding if hidden is None else hidden | padding
+    if hidden is None:
+        return bias
     # The finite minimum rather than -inf: a query row with no visible key (a left-padding position) then gets
     # a uniform softmax instead of NaNs, and its output is never used.
-    bias = bias.to(dtype).unsqueeze(0).masked_fill(hidden, torch.finfo(dtype).min)
-    return bias
+    return bias.masked_fill(hidden, torch.finfo(dtype).min)
 
 
 def torch_attention(q, k, v, mask: AttentionMask, softmax_scale: float, dropout_p: float, output_attentions: bool):

@@ -22,5 +22,6 @@ CODE_FILES = (
     "modeling_replit_lm.py",
     "attention.py",
     "triton_flash_attn.py",
+    "quantization.py",
     "replit_lm_tokenizer.py",
 )

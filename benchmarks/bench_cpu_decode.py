@@ -1,0 +1,348 @@
+"""CPU generation speed of ReplitLM against transformers' MptForCausalLM, on the same random weights, in one run.
+
+Random weights of the real replit-code-v1-3b shape (2.6B parameters, 32 layers; `--layers N` for a quicker run),
+batch 1 and 8, prompts of 64 and 1024 tokens. For every model it prints the time to first token, the decode speed,
+the peak memory, and the weight bandwidth that decoding achieved (the bytes of every matrix a decode step reads,
+times steps per second) against a memory-read bandwidth measured in the same run.
+
+    python benchmarks/bench_cpu_decode.py                       # full size: about an hour on 2 cores
+    python benchmarks/bench_cpu_decode.py --layers 4 --batch 1 --prompt 64 --new-tokens 16
+    python benchmarks/bench_cpu_decode.py --accuracy demo        # int8/int4 vs bfloat16 on a trained model
+
+With --accuracy MODEL_DIR it measures instead how far weight_quantization moves a trained model: the relative
+error of the logits and the agreement of the top-1 token against bfloat16 (and float32's, for scale), with the
+teacher forcing over windows of held-out code: this repository's own Python files, which neither the demo model
+(trained on the standard library) nor replit-code-v1-3b has seen.
+
+Models, in two groups that each share one set of weights (so that only one float32 or one bfloat16 copy is in memory
+at a time): MptForCausalLM and ReplitLM in float32; MptForCausalLM and ReplitLM in bfloat16, and ReplitLM with those
+bfloat16 weights quantized to int8 and int4 (weight_quantization). Within a group every scenario runs the models
+interleaved, `--repeats` times, and keeps each model's best time to first token and best decode speed, so that a
+burst of load from another process hurts one sample rather than one model. Speeds are `generate` as a user calls
+it: greedy, each model with its own defaults, every sequence generating `--new-tokens` tokens.
+"""
+
+import argparse
+import gc
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import LogitsProcessor, LogitsProcessorList, MptConfig, MptForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import replit_lm_package  # noqa: E402,F401  (registers the package `replit_lm`)
+from replit_lm.configuration_replit_lm import ReplitLMConfig  # noqa: E402
+from replit_lm.modeling_replit_lm import ReplitLM  # noqa: E402
+from replit_lm.quantization import QuantizedLinear  # noqa: E402
+
+GB = 1e9
+
+
+# --- measuring -------------------------------------------------------------------------------------------------
+
+
+def read_bandwidth(gib: float = 1.0, passes: int = 5) -> float:
+    """Bytes per second that a streaming read reaches: the best of a few reductions over a buffer far larger than
+    any cache, each timed `passes` times."""
+    data = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+    reads = (lambda: torch.dot(data, data), lambda: data.sum(), lambda: data.view(torch.uint8).amax())
+    best = float("inf")
+    for read in reads:
+        for _ in range(passes):
+            start = time.perf_counter()
+            read()
+            best = min(best, time.perf_counter() - start)
+    return data.numel() * 4 / best
+
+
+class StepClock(LogitsProcessor):
+    """Records when each generation step's logits are ready (called once per step, after the forward pass)."""
+
+    def __init__(self):
+        self.times = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def rss_bytes(field: str) -> int:
+    """VmRSS or VmHWM (the peak since the last reset) of this process, from /proc (Linux)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux: writing 5 to clear_refs); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes of the distinct tensors (tied weights counted once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        key = (t.data_ptr(), t.numel()) if not t.is_mkldnn else id(t)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def model_bytes(model) -> int:
+    return tensor_bytes([*model.parameters(), *model.buffers()])
+
+
+def decode_bytes(model) -> int:
+    """Bytes a decode step reads from weights: every matrix multiplied (the LM head included), not the embedding
+    table, from which a step gathers a few rows."""
+    tensors = []
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, QuantizedLinear)):
+            tensors += [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+    return tensor_bytes(tensors)
+
+
+def run_generate(model, ids, mask, new_tokens: int) -> dict:
+    """One greedy generate: time to first token, median decode step, and the peak RSS above the RSS before."""
+    clock = StepClock()
+    gc.collect()
+    before = rss_bytes("VmRSS")
+    peak_tracked = reset_peak_rss()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=2,
+            logits_processor=LogitsProcessorList([clock]),
+        )
+    steps = [b - a for a, b in zip(clock.times, clock.times[1:])]
+    return {
+        "ttft": clock.times[0] - start,
+        "step": statistics.median(steps) if steps else float("nan"),
+        "extra": rss_bytes("VmHWM") - before if peak_tracked else float("nan"),
+    }
+
+
+# --- models ----------------------------------------------------------------------------------------------------
+
+
+def replit_config(layers: int) -> ReplitLMConfig:
+    return ReplitLMConfig(n_layers=layers)  # every other field is replit-code-v1-3b's
+
+
+def random_replit(config: ReplitLMConfig, dtype: torch.dtype, seed: int = 0) -> ReplitLM:
+    """ReplitLM with random weights made directly in `dtype` (no float32 copy of a bfloat16 model)."""
+    with torch.device("meta"):
+        model = ReplitLM(config)
+    model.to_empty(device="cpu").to(dtype)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.fill_(1.0)
+            else:
+                # The init's scale (std ~ 1/sqrt(fan_in)) keeps activations finite through 32 layers.
+                param.normal_(0.0, param.shape[1] ** -0.5, generator=generator)
+    model.tie_weights()
+    return model.eval()
+
+
+def mpt_sharing(model: ReplitLM) -> MptForCausalLM:
+    """transformers' MptForCausalLM holding the same tensors as `model` (no copy)."""
+    c = model.config
+    config = MptConfig(
+        d_model=c.d_model, n_heads=c.n_heads, n_layers=c.n_layers, expansion_ratio=c.mlp_ratio,
+        max_seq_len=c.max_seq_len, vocab_size=c.vocab_size, no_bias=True, pad_token_id=2, eos_token_id=1,
+        attn_config=dict(alibi_bias_max=c.alibi_bias_max),
+        use_cache=True,  # MptConfig's default is False, which would recompute the whole sequence every step
+    )  # fmt: skip
+    with torch.device("meta"):
+        mpt = MptForCausalLM(config)
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    missing, unexpected = mpt.load_state_dict(state, strict=False, assign=True)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    mpt.lm_head.weight = mpt.transformer.wte.weight
+    return mpt.eval()
+
+
+def replit_sharing(model: ReplitLM, weight_quantization: str) -> ReplitLM:
+    """Another ReplitLM on the same tensors as `model`, its Linear layers then quantized (new tensors)."""
+    with torch.device("meta"):
+        other = ReplitLM(model.config)
+    other.load_state_dict(model.state_dict(), assign=True)
+    other.tie_weights()
+    return other.quantize_weights(weight_quantization).eval()
+
+
+# --- the run ---------------------------------------------------------------------------------------------------
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def logits_of(model, windows: torch.Tensor, batch: int = 8) -> torch.Tensor:
+    """Teacher-forced logits, float32. (windows, window, vocab)"""
+    with torch.inference_mode():
+        return torch.cat([model(windows[i : i + batch]).logits.float() for i in range(0, len(windows), batch)])
+
+
+def measure_accuracy(model_dir: str, window: int, count: int):
+    """Relative logit error and top-1 agreement of each weight format against bfloat16, printed as a table."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
+    ids = []
+    for path in sorted(ROOT.glob("*.py")) + sorted(ROOT.glob("tests/*.py")):
+        ids += tokenizer(path.read_text(encoding="utf-8"))["input_ids"]
+    count = min(count, len(ids) // window)
+    windows = torch.tensor(ids[: count * window]).view(count, window)
+
+    def load(**kwargs):
+        return AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, **kwargs).eval()
+
+    reference = logits_of(load(dtype=torch.bfloat16), windows)
+    top1 = reference.argmax(-1)
+    print(f"# weight_quantization against bfloat16: {model_dir}, {count} windows of {window} tokens\n")
+    print(f"- python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}\n")
+    print("| weights | relative logit error | top-1 agreement |")
+    print("|---|---:|---:|")
+    for name, kwargs in (
+        ("float32", dict(dtype=torch.float32)),
+        ("int8", dict(weight_quantization="int8")),
+        ("int4", dict(weight_quantization="int4")),
+    ):
+        logits = logits_of(load(**kwargs), windows)
+        error = ((logits - reference).norm() / reference.norm()).item()
+        agreement = (logits.argmax(-1) == top1).float().mean().item()
+        print(f"| {name} | {100 * error:.2f}% | {100 * agreement:.1f}% |")
+        del logits
+        gc.collect()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=32, help="transformer blocks (32: the real model)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--prompt", type=int, nargs="+", default=[64, 1024], help="prompt lengths in tokens")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per sequence")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved runs per model; the best is kept")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--models", nargs="+", default=["float32", "bfloat16", "int8", "int4"],
+        help="which of float32, bfloat16, int8, int4 to run (MptForCausalLM runs in float32 and bfloat16)",
+    )  # fmt: skip
+    parser.add_argument("--accuracy", metavar="MODEL_DIR", help="measure int8/int4 accuracy of this trained model")
+    parser.add_argument("--window", type=int, default=256, help="--accuracy: tokens per window")
+    parser.add_argument("--windows", type=int, default=32, help="--accuracy: number of windows")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.accuracy:
+        measure_accuracy(args.accuracy, args.window, args.windows)
+        return
+
+    config = replit_config(args.layers)
+    bandwidth = read_bandwidth()
+    print(f"# ReplitLM vs MptForCausalLM: CPU generation, random weights, {args.layers} layers\n")
+    print(f"- machine: {machine_description()}")
+    print(f"- python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"- memory read bandwidth (measured): {bandwidth / GB:.1f} GB/s")
+    print(f"- greedy generate, {args.new_tokens} new tokens per sequence, best of {args.repeats} interleaved runs\n")
+
+    groups = []
+    if "float32" in args.models:
+        groups.append((torch.float32, ["float32"]))
+    low = [m for m in ("bfloat16", "int8", "int4") if m in args.models]
+    if low:
+        groups.append((torch.bfloat16, low))
+
+    rows = []
+    for dtype, ours in groups:
+        base = random_replit(config, dtype)
+        models = {}
+        if dtype == torch.float32 or "bfloat16" in ours:
+            models[f"MptForCausalLM {str(dtype)[6:]}"] = mpt_sharing(base)
+        for name in ours:
+            models[f"ReplitLM {name}"] = base if name in ("float32", "bfloat16") else replit_sharing(base, name)
+        for batch in args.batch:
+            for prompt in args.prompt:
+                generator = torch.Generator().manual_seed(batch * 10_000 + prompt)
+                ids = torch.randint(3, config.vocab_size, (batch, prompt), generator=generator)
+                mask = torch.ones_like(ids)
+                best = {}
+                for _ in range(args.repeats):
+                    for name, model in models.items():
+                        result = run_generate(model, ids, mask, args.new_tokens)
+                        prev = best.setdefault(name, result)
+                        best[name] = {
+                            "ttft": min(prev["ttft"], result["ttft"]),
+                            "step": min(prev["step"], result["step"]),
+                            "extra": max(prev["extra"], result["extra"]),
+                        }
+                        print(
+                            f"  {name:24s} batch {batch} prompt {prompt:5d}: ttft {result['ttft']:7.2f} s, "
+                            f"{batch / result['step']:7.2f} tok/s",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                for name, model in models.items():
+                    rows.append((name, batch, prompt, best[name], model_bytes(model), decode_bytes(model)))
+        del base, models
+        gc.collect()
+
+    print_table(rows, bandwidth)
+
+
+def print_table(rows, bandwidth: float):
+    reference = {(b, p): r["step"] for name, b, p, r, *_ in rows if name == "MptForCausalLM bfloat16"}
+    reference_ttft = {(b, p): r["ttft"] for name, b, p, r, *_ in rows if name == "MptForCausalLM bfloat16"}
+    print(
+        "| model | batch | prompt | time to first token (s) | decode tok/s | decode vs MPT bf16 | TTFT vs MPT bf16 "
+        "| weight GB/s (% of read) | weights GB | peak GB |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, batch, prompt, r, weights, per_step in sorted(rows, key=lambda row: (row[1], row[2])):
+        speed = batch / r["step"]
+        ratio = reference.get((batch, prompt), float("nan")) / r["step"]
+        ttft_ratio = reference_ttft.get((batch, prompt), float("nan")) / r["ttft"]
+        achieved = per_step / r["step"]
+        print(
+            f"| {name} | {batch} | {prompt} | {r['ttft']:.2f} | {speed:.2f} | {ratio:.2f}x | {ttft_ratio:.2f}x "
+            f"| {achieved / GB:.1f} ({100 * achieved / bandwidth:.0f}%) | {weights / GB:.2f} "
+            f"| {(weights + r['extra']) / GB:.2f} |"
+        )
+    print(
+        "\ndecode tok/s: tokens of all sequences per second, from the median step; weight GB/s: the bytes of the "
+        "matrices a step reads (not the KV cache) per second; peak GB: the weights plus the most memory a run added."
+    )
+
+
+if __name__ == "__main__":
+    main()

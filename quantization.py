@@ -1,0 +1,307 @@
+"""Weight quantization for CPU inference: ReplitLM's Linear layers as int8 or int4 weights on PyTorch's CPU kernels.
+
+`from_pretrained(path, trust_remote_code=True, weight_quantization="int8")` (or "int4") loads the checkpoint in
+bfloat16 and replaces every Linear layer, the LM head included, by one of the modules below, one layer at a time.
+The token embedding stays bfloat16 (a lookup reads a few rows, not the matrix).
+
+Decoding a token reads every weight once, so speed is bytes per weight over memory bandwidth, unless the kernel
+cannot keep up with the memory. Measured on 2 cores of an AVX512/AMX Xeon, torch 2.13, matrices of the model's
+shapes (Gparam/s: weights consumed per second, for M rows of activations at once):
+
+    route                                           M=1    M=8    M=64   M=1024
+    bfloat16 F.linear (what nn.Linear does)          9.2   11.1    6.8    0.95
+    int8 weight-only, aten._weight_int8pack_mm      16.3    6.8    1.2    0.09
+    int8 weights + int8 activations, oneDNN         22.9   21.8   15.7    1.09
+    int4 groups, aten._weight_int4pack_mm_for_cpu   26.1   10.5    1.4    0.04
+
+Hence:
+- "int8": int8 weights per output channel, and activations quantized to int8 per token on the fly, through
+  oneDNN's int8 matmul (AMX/VNNI) at every batch size. Where torch has no oneDNN int8 matmul (not an x86 build),
+  the int8 weight-only kernel runs instead (more accurate, slower).
+- "int4": int4 weights in groups of `INT4_GROUP_SIZE` input channels, with a scale and a zero point per group,
+  through the int4 kernel up to `INT4_KERNEL_MAX_ROWS` rows; a longer prompt instead dequantizes the weight to
+  bfloat16 and multiplies on the bfloat16 path (at 1024 rows 4x faster than the int4 kernel; 2.8x slower than
+  bfloat16 weights). The kernel is compute-bound on 2 cores: int4 decodes little faster than int8.
+
+A quantized model cannot be saved (the oneDNN weight is an opaque tensor): save the original checkpoint and pass
+`weight_quantization` again when loading it.
+"""
+
+import ctypes
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INT4_GROUP_SIZE = 128
+"""Input channels sharing one int4 scale and zero point."""
+INT4_GROUP_SIZES = (256, 128, 64, 32)  # what the kernel accepts
+INT4_INNER_K_TILES = 2  # the kernel's packing parameter; 2, 4 and 8 measured the same
+QUANTIZE_ROWS = 1024
+"""Output channels quantized at a time: bounds the float32 temporaries to QUANTIZE_ROWS x in_features (a multiple
+of the int4 packing's row blocks, 64 with AVX512 and 32 with AVX2, so that chunks pack independently)."""
+INT4_KERNEL_MAX_ROWS = 160
+"""Above this many rows (batch x new tokens) an int4 layer dequantizes its weight and runs in bfloat16: the kernel
+re-dequantizes the weight for every 4 rows (0.28 ms per row for a 10240 x 2560 matrix on 2 cores), dequantizing
+once costs 44 ms; they cross at about 170 rows."""
+
+
+def _has_onednn_int8() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+
+
+class QuantizedLinear(nn.Module):
+    """Base of the quantized replacements of nn.Linear (no bias: ReplitLM has none)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight as the kernel sees it, (out_features, in_features) float32: for tests and error analysis."""
+        raise NotImplementedError
+
+
+class Int8Linear(QuantizedLinear):
+    """int8 weights with one float32 scale per output channel: weight ~= q * scale[:, None].
+
+    With oneDNN (`use_onednn`), activations are quantized too, symmetrically per row (token):
+    x ~= xq * x_scale, xq = round(x / x_scale) in [-127, 127], x_scale = max|x| / 127. The int32 products are then
+    exact, so the error is that of rounding the weights and the activations.
+    """
+
+    def __init__(self, weight: torch.Tensor, use_onednn: bool | None = None):
+        super().__init__(weight.shape[1], weight.shape[0])
+        self.use_onednn = _has_onednn_int8() if use_onednn is None else use_onednn
+        scale = torch.empty(self.out_features)
+        q = torch.empty(self.out_features, self.in_features, dtype=torch.int8)
+        for rows in _row_chunks(self.out_features):
+            w = weight[rows].detach().to(torch.float32, copy=True)  # (chunk, in), modified in place below
+            scale[rows] = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+            q[rows] = w.div_(scale[rows, None]).round_().clamp_(-127, 127)
+        self.register_buffer("scale", scale, persistent=False)  # (out,)
+        if self.use_onednn:
+            # Reordered into oneDNN's blocked layout once (an opaque MKLDNN tensor); the hint is the decode shape.
+            self.register_buffer("packed", torch.ops.onednn.qlinear_prepack(q, [1, self.in_features]), persistent=False)
+            self.register_buffer("zero_points", torch.zeros(self.out_features, dtype=torch.int64), persistent=False)
+            self._one, self._zero = torch.tensor(1.0), torch.tensor(0)
+        else:
+            self.register_buffer("qweight", q, persistent=False)
+            self._scale_cache = {}  # the weight-only kernel wants the scales in the activations' dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, self.in_features).contiguous()  # (rows, in)
+        if self.use_onednn:
+            out = self._onednn(x)
+        elif x.shape[0] == 1:
+            out = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self._scales_as(x.dtype))
+        else:
+            # The weight-only kernel is slower than bfloat16 beyond one row: dequantize instead (the per-channel
+            # scale commutes with the product).
+            out = F.linear(x, self.qweight.to(x.dtype)) * self._scales_as(x.dtype)
+        return out.view(*shape[:-1], self.out_features)
+
+    def _onednn(self, x: torch.Tensor) -> torch.Tensor:
+        x_scale = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True, dtype=torch.float32)  # (rows, 1)
+        x_scale = x_scale.clamp_(min=torch.finfo(torch.float32).tiny) / 127
+        xq = torch.round(x / x_scale).to(torch.int8)  # (rows, in)
+        # oneDNN takes one activation scale per tensor: pass 1 and apply the per-row scales to the output.
+        out = torch.ops.onednn.qlinear_pointwise.tensor(
+            xq, self._one, self._zero, self.packed, self.scale, self.zero_points,
+            None, 1.0, 0, torch.float32, "none", [], "",
+        )  # fmt: skip
+        return (out * x_scale).to(x.dtype)  # (rows, out)
+
+    def _scales_as(self, dtype: torch.dtype) -> torch.Tensor:
+        if dtype not in self._scale_cache:
+            self._scale_cache[dtype] = self.scale.to(dtype)
+        return self._scale_cache[dtype]
+
+    def dequantized_weight(self) -> torch.Tensor:
+        q = self.packed.to_dense().t() if self.use_onednn else self.qweight  # (out, in) int8
+        return q.float() * self.scale[:, None]
+
+
+class Int4Linear(QuantizedLinear):
+    """int4 weights in groups of `group_size` input channels, asymmetric: in each group,
+    weight ~= (q - 8) * scale + zero with q in [0, 15], where [zero - 8 * scale, zero + 7 * scale] spans the group's
+    range. scales_and_zeros: (in / group_size, padded out, 2) bfloat16, the kernel's layout; the kernel works in
+    blocks of 16 output channels, so the weight gets zero rows up to a multiple of 16 (a small vocabulary's LM head).
+    """
+
+    def __init__(self, weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE):
+        out_features, in_features = weight.shape
+        super().__init__(in_features, out_features)
+        self.group_size = int4_group_size(in_features, group_size)
+        self.padded_out = -(-out_features // 16) * 16
+        groups = in_features // self.group_size
+        packed, scales_and_zeros = [], []
+        for rows in _row_chunks(self.padded_out):
+            w = weight[rows].detach().to(torch.float32, copy=True)  # (chunk, in), modified in place below
+            w = F.pad(w, (0, 0, 0, rows.stop - rows.start - w.shape[0]))  # zero rows past out_features
+            w = w.view(-1, groups, self.group_size)
+            low, high = w.amin(dim=2), w.amax(dim=2)  # (chunk, groups)
+            # Rounded to bfloat16 before the weights are quantized against them, so that q absorbs the rounding.
+            scale = ((high - low) / 15).clamp(min=1e-8).to(torch.bfloat16)
+            zero = (low + 8 * scale.float()).to(torch.bfloat16)
+            start = zero.float() - 8 * scale.float()  # the value of q = 0
+            q = w.sub_(start[..., None]).div_(scale.float()[..., None]).round_().clamp_(0, 15)
+            q = q.to(torch.int32).view(-1, in_features)
+            packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, INT4_INNER_K_TILES))
+            scales_and_zeros.append(torch.stack([scale, zero], dim=2))  # (chunk, groups, 2)
+        self.register_buffer("packed", torch.cat(packed), persistent=False)  # (padded out, in / 2) uint8
+        scales_and_zeros = torch.cat(scales_and_zeros).transpose(0, 1).contiguous()  # (groups, padded out, 2)
+        self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)
+        # Whether this torch's packed layout is one `_unpack_int4` knows (else long prompts use the kernel too).
+        self.can_unpack = _int4_layout() is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, dtype = x.shape, x.dtype
+        x = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # vectorised for bfloat16 only
+        if x.shape[0] <= INT4_KERNEL_MAX_ROWS or not self.can_unpack:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
+        else:
+            out = F.linear(x, self._dequantize(torch.bfloat16))
+        if self.padded_out != self.out_features:
+            out = out[:, : self.out_features]
+        return out.to(dtype).reshape(*shape[:-1], self.out_features)
+
+    def _dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight in `dtype`, padding rows included. (padded out, in)"""
+        n, k = self.padded_out, self.in_features
+        q = _unpack_int4(self.packed, n, k, _int4_layout()).view(n, -1, self.group_size).to(dtype)  # (n, groups, size)
+        scale, zero = self.scales_and_zeros.to(dtype).permute(2, 1, 0).unsqueeze(-1)  # 2 x (n, groups, 1)
+        return q.mul_(scale).add_(zero - 8 * scale).view(n, k)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        # The kernel itself applied to the identity: exact whatever the packed layout.
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size, self.scales_and_zeros)
+        return out[:, : self.out_features].t().float()
+
+
+def _row_chunks(n: int):
+    """Slices of [0, n) of QUANTIZE_ROWS rows."""
+    return [slice(start, min(start + QUANTIZE_ROWS, n)) for start in range(0, n, QUANTIZE_ROWS)]
+
+
+def int4_group_size(in_features: int, preferred: int = INT4_GROUP_SIZE) -> int:
+    """The largest group size the kernel accepts that is at most `preferred` and divides in_features."""
+    for size in INT4_GROUP_SIZES:
+        if size <= preferred and in_features % size == 0:
+            return size
+    raise ValueError(
+        f"int4 needs in_features divisible by one of the group sizes {INT4_GROUP_SIZES[::-1]}, got {in_features}"
+    )
+
+
+def _unpack_int4(packed: torch.Tensor, n: int, k: int, block: int) -> torch.Tensor:
+    """Undo `_convert_weight_to_int4pack_for_cpu`: (n, k / 2) uint8 -> (n, k) uint8 in [0, 15].
+
+    Rows are packed in blocks of `block` (64 with AVX512, 32 with AVX2); per block and input channel, byte j of the
+    block's block / 2 bytes holds row j in its low nibble and row block / 2 + j in its high one. A last partial
+    block holds rows 2i and 2i + 1 in byte i.
+    """
+    flat = packed.view(torch.uint8).reshape(-1)
+    full = n // block * block
+    body = flat[: full * k // 2].view(n // block, k, block // 2)
+    rows = torch.cat([body & 15, body >> 4], dim=2)  # (blocks, k, block)
+    parts = [rows.permute(0, 2, 1).reshape(full, k)]
+    if full < n:
+        tail = flat[full * k // 2 :].view(k, (n - full) // 2)
+        parts.append(torch.stack([tail & 15, tail >> 4], dim=2).view(k, n - full).t())
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+_INT4_LAYOUT: list = []
+
+
+def _int4_layout() -> int | None:
+    """The block size of this torch's int4 packing, found once by a round trip through the packing kernel (the
+    layout depends on the CPU's vector width), or None if it is none that `_unpack_int4` knows."""
+    if not _INT4_LAYOUT:
+        n, k = 80, 64  # a full 64-row block and a partial one
+        probe = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, INT4_INNER_K_TILES)
+        found = None
+        for block in (64, 32):
+            try:
+                if torch.equal(_unpack_int4(packed, n, k, block).to(torch.int32), probe):
+                    found = block
+                    break
+            except RuntimeError:  # sizes that do not fit this block size
+                continue
+        _INT4_LAYOUT.append(found)
+    return _INT4_LAYOUT[0]
+
+
+QUANTIZED_LINEAR = {"int8": Int8Linear, "int4": Int4Linear}
+
+
+def quantize_linear_layers(model: nn.Module, mode: str, release_mapped_pages: bool = False) -> nn.Module:
+    """Replace every nn.Linear of `model` by its `mode` ("int8" or "int4") version, in place, one layer at a time
+    (the float weight of a layer is freed as soon as it is replaced, unless something else holds it, like a tied
+    embedding). Every layer is checked first, so that an error leaves the model as it was. Returns the model.
+
+    release_mapped_pages: the weights were just loaded as views of a memory-mapped checkpoint that nothing else
+    uses (from_pretrained): drop each one's pages once it is quantized (see `_release_file_pages`).
+    """
+    if mode not in QUANTIZED_LINEAR:
+        raise ValueError(f"weight_quantization must be one of {sorted(QUANTIZED_LINEAR)}, got {mode!r}")
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        raise ValueError("weight_quantization runs on the CPU only: the int8 and int4 kernels are CPU kernels")
+    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    for name, layer in layers:
+        try:
+            if layer.bias is not None:
+                raise ValueError("the quantized layers have no bias (ReplitLM has none)")
+            if mode == "int4":
+                int4_group_size(layer.in_features)
+        except ValueError as error:
+            raise ValueError(f"cannot quantize {name} ({layer}) to {mode}: {error}") from None
+    file_ranges = _file_mappings() if release_mapped_pages else []
+    kept = {p.data_ptr() for m in model.modules() if not isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
+    for name, layer in layers:
+        parent, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent), attribute, QUANTIZED_LINEAR[mode](layer.weight))
+        if layer.weight.data_ptr() not in kept:  # a tied LM head's weight lives on as the embedding
+            _release_file_pages(layer.weight, file_ranges)
+    return model
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """The address ranges of this process that map files (Linux; elsewhere none)."""
+    if not sys.platform.startswith("linux"):
+        return []
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()  # address range, permissions, offset, device, inode, path
+            if len(fields) >= 6 and fields[5].startswith("/"):
+                start, end = (int(address, 16) for address in fields[0].split("-"))
+                ranges.append((start, end))
+    return ranges
+
+
+def _release_file_pages(tensor: torch.Tensor, file_ranges: list[tuple[int, int]]) -> None:
+    """Drop from this process the pages of a weight that was just quantized, if it is a view of a mapped file.
+
+    from_pretrained maps a safetensors checkpoint into memory, and every page that quantizing reads stays counted
+    to this process until the whole mapping is released: a peak of the full checkpoint on top of the quantized
+    model (measured: 1.6x the checkpoint's size for int8, 0.64x with this). The pages of a freshly loaded
+    checkpoint are unmodified copies of the file, so dropping them (madvise MADV_DONTNEED) loses nothing: read
+    again, they would come from the file again. Memory that does not map a file is left alone.
+    """
+    page = 4096
+    begin = -(-tensor.data_ptr() // page) * page
+    end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page * page
+    if end <= begin or not any(start <= begin and end <= stop for start, stop in file_ranges):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), 4)  # 4: MADV_DONTNEED

@@ -1,0 +1,156 @@
+"""The CPU decode path: faster matrix-vector routes, the preallocated generation cache, masks built once, logits only
+where generate needs them. Each fast path is checked against the float32 MptForCausalLM reference or against the
+plain path it replaces; nothing here times anything."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from model_helpers import VOCAB, model_pair
+from transformers import DynamicCache, StaticCache
+
+from replit_lm.attention import AttentionMask, additive_bias, alibi_bias_table, alibi_slopes
+from replit_lm.modeling_replit_lm import CACHE_FIELD, SMALL_BATCH_ROWS, Linear
+
+ATOL = 1e-4
+
+
+def random_ids(batch, length, seed):
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def left_padded(lengths, total, seed):
+    ids = random_ids(len(lengths), total, seed)
+    mask = torch.zeros(len(lengths), total, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        mask[row, total - n :] = 1
+    return ids.masked_fill(mask == 0, 2), mask
+
+
+@pytest.mark.parametrize("rows", [1, 3, SMALL_BATCH_ROWS, SMALL_BATCH_ROWS + 1])
+def test_bfloat16_linear_routes_match_f_linear(rows):
+    torch.manual_seed(0)
+    layer = Linear(96, 80, bias=False).to(torch.bfloat16)
+    x = torch.randn(rows, 1, 96, dtype=torch.bfloat16)
+    out = layer(x)
+    expected = x.float() @ layer.weight.float().t()
+    assert out.shape == (rows, 1, 80) and out.dtype == torch.bfloat16 and out.is_contiguous()
+    # Both sum in float32 and round once to bfloat16.
+    torch.testing.assert_close(out.float(), expected, atol=0.02, rtol=0.01)
+    # float32 keeps F.linear exactly.
+    layer32 = layer.float()
+    assert torch.equal(layer32(x.float()), F.linear(x.float(), layer32.weight))
+
+
+def test_bfloat16_linear_routes_have_gradients():
+    torch.manual_seed(0)
+    layer = Linear(32, 16, bias=False).to(torch.bfloat16)
+    for rows in (1, 4):
+        x = torch.randn(rows, 32, dtype=torch.bfloat16, requires_grad=True)
+        layer(x).float().sum().backward()
+        torch.testing.assert_close(x.grad.float(), layer.weight.float().sum(0).expand(rows, -1), atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("q_len,kv_len", [(1, 1), (1, 9), (4, 9), (9, 9)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_alibi_table_gives_the_bias_of_the_direct_formula(q_len, kv_len, padded):
+    """The bias sliced from the table built once equals MPT's slope * (j - (kv_len - 1)) exactly, masked."""
+    slopes = alibi_slopes(6)
+    mask = AttentionMask(q_len=q_len, kv_len=kv_len, slopes=slopes)
+    padding = torch.ones(2, kv_len, dtype=torch.long)
+    if padded:
+        padding[1, :3] = 0
+    got = additive_bias(mask, padding if padded else None, torch.float32, alibi_bias_table(slopes, 32))
+    key = torch.arange(kv_len)
+    query = torch.arange(kv_len - q_len, kv_len)
+    expected = slopes.view(1, -1, 1, 1) * (key - (kv_len - 1)).view(1, 1, 1, -1)
+    hidden = (key.view(1, -1) > query.view(-1, 1)).view(1, 1, q_len, kv_len)
+    if padded:
+        hidden = hidden | (padding == 0)[:, None, None, :]
+    expected = expected.expand(hidden.shape[0], -1, q_len, -1).masked_fill(hidden, torch.finfo(torch.float32).min)
+    assert torch.equal(got.expand_as(expected), expected)
+
+
+def test_decode_step_bias_is_one_row_per_head_and_a_view_of_the_table():
+    model, _ = model_pair("six_heads")
+    x = torch.zeros(3, 1, model.config.d_model)
+    mask = model.transformer._attention_mask(x, 20, None, output_attentions=False)
+    assert mask.additive.shape == (1, model.config.n_heads, 1, 21)
+    table = model.transformer._alibi
+    assert mask.additive.untyped_storage().data_ptr() == table.untyped_storage().data_ptr()  # nothing built
+
+
+@pytest.mark.parametrize("name", ["pow2_heads", "six_heads"])
+def test_static_cache_decoding_equals_full_forward(name):
+    """A preallocated cache, filled by a prompt and then one token at a time, as generate drives it."""
+    model, _ = model_pair(name)
+    ids, mask = left_padded([15, 9], 15, seed=3)
+    full = model(ids, attention_mask=mask).logits
+    cache = StaticCache(config=model.config, max_cache_len=20)
+    out = model(ids[:, :8], attention_mask=mask[:, :8], past_key_values=cache, use_cache=True)
+    pieces = [out.logits]
+    for t in range(8, 15):
+        out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True)
+        pieces.append(out.logits)
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(pieces, dim=1)[real], full[real], atol=ATOL, rtol=0)
+
+
+def test_generate_defaults_to_a_static_cache_and_matches_the_reference():
+    model, ref = model_pair("six_heads")
+    ids, mask = left_padded([10, 6, 4], 10, seed=11)
+    caches = []
+    original_forward = model.forward
+
+    def spy(*args, **kwargs):
+        caches.append(kwargs.get("cache", kwargs.get("past_key_values")))
+        return original_forward(*args, **kwargs)
+
+    model.forward = spy
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=2, eos_token_id=None)
+    ours = model.generate(ids, **kwargs)
+    assert isinstance(caches[0], StaticCache)
+    assert torch.equal(ours, ref.generate(ids, **kwargs))
+    # A cache the caller passes is used as given.
+    caches.clear()
+    dynamic = model.generate(ids, **{CACHE_FIELD: DynamicCache()}, **kwargs)
+    assert type(caches[0]) is DynamicCache and torch.equal(dynamic, ours)
+
+
+@pytest.mark.parametrize("mode", [dict(num_beams=3), dict(do_sample=True, top_k=10, num_return_sequences=2)])
+def test_beam_search_and_sampling_with_the_static_cache_match_the_reference(mode):
+    model, ref = model_pair("pow2_heads")
+    ids, mask = left_padded([6, 4], 6, seed=12)
+    results = []
+    for m in (model, ref):
+        torch.manual_seed(99)
+        kwargs = dict(attention_mask=mask, max_new_tokens=8, pad_token_id=2, eos_token_id=None)
+        results.append(m.generate(ids, **kwargs, **mode))
+    assert torch.equal(*results)
+
+
+def test_prefill_in_generate_computes_only_the_last_logits():
+    model, _ = model_pair("pow2_heads")
+    rows = []
+    model.lm_head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[1]))
+    model.generate(random_ids(2, 9, seed=1), max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=2)
+    assert rows == [1, 1, 1]
+
+
+@pytest.mark.parametrize("batch_lengths", [[7], [7, 4, 2]])
+def test_bfloat16_generation_is_as_accurate_as_the_reference(batch_lengths):
+    """bfloat16 through the fast routes and the static cache, against MptForCausalLM in bfloat16: the first
+    generated token's logits (float32 as truth) are as close as the reference's, and greedy decoding of each row
+    agrees with that row decoded alone."""
+    ours, ref = model_pair("pow2_heads")
+    ids, mask = left_padded(batch_lengths, 7, seed=21)
+    real = mask.bool()
+    truth = ours(ids, attention_mask=mask).logits[real]
+    errors = []
+    for model in (ours.to(torch.bfloat16), ref.to(torch.bfloat16)):
+        got = model(ids, attention_mask=mask).logits[real].float()
+        errors.append(((got - truth).norm() / truth.norm()).item())
+    assert errors[0] <= 1.25 * errors[1] and errors[0] < 0.05, errors
+    generated = ours.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    for row, n in enumerate(batch_lengths):
+        alone = ours.generate(ids[row : row + 1, 7 - n :], max_new_tokens=6, do_sample=False, eos_token_id=None)
+        assert torch.equal(alone[0, n:], generated[row, 7:])
