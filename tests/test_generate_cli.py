@@ -1,0 +1,184 @@
+"""The command line end to end, as a subprocess on tiny model folders: greedy completions equal `model.generate`,
+stop sequences truncate and stop generation early, --json parses, --stream prints the same text, published
+snapshots load with our classes, and bad input is a one-line error."""
+
+import json
+
+import pytest
+import torch
+from completion_helpers import DEMO, hub_folder, one_torch_thread, run_script, snapshot_folder  # noqa: F401
+
+from generate import Completer, Settings, StreamListener, load_completer
+from postprocessing import DEFAULT_STOP_SEQUENCES, find_stop, truncate
+from replit_lm.modeling_replit_lm import ReplitLM
+from replit_lm.replit_lm_tokenizer import ReplitLMTokenizer
+
+# Two prompts of different lengths, so that the batch is left-padded.
+PROMPTS = ["def fibonacci(n):", 'import os\n\n\nclass Config:\n    """Settings read from the environment."""\n']
+NEW_TOKENS = "24"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return hub_folder(tmp_path_factory.mktemp("cli") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    return ReplitLM.from_pretrained(tiny).eval(), ReplitLMTokenizer.from_pretrained(tiny)
+
+
+def generate_alone(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """The card's way: `model.generate` on the prompt alone, decoded up to end-of-text, no post-processing."""
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    output = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    generated = output[0, ids.shape[1] :].tolist()
+    if tokenizer.eos_token_id in generated:
+        generated = generated[: generated.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(generated, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def completed(result) -> str:
+    assert result.returncode == 0, result.stderr.decode()
+    return result.stdout.decode()
+
+
+def test_greedy_batch_equals_model_generate_and_json_parses(tiny, reference):
+    args = ["--model", str(tiny), "--greedy", "--no-stop", "--max-new-tokens", NEW_TOKENS, "--json"]
+    output = json.loads(completed(run_script("generate.py", *args, *PROMPTS)))
+    assert [(c["prompt_index"], c["index"]) for c in output["completions"]] == [(0, 0), (1, 0)]
+    for completion, prompt in zip(output["completions"], PROMPTS):
+        expected = generate_alone(*reference, prompt, int(NEW_TOKENS))
+        assert completion["text"] == expected.rstrip()
+        assert completion["prompt_tokens"] == len(reference[1](prompt)["input_ids"])
+        assert completion["stop_reason"] in ("eos", "length") and completion["stop_sequence"] is None
+        assert 1 <= completion["completion_tokens"] <= int(NEW_TOKENS)
+    assert set(output["timing"]) == {"load_seconds", "generate_seconds", "tokens_per_second"}
+
+
+def test_plain_output_of_a_prompt_read_from_stdin(tiny, reference):
+    args = ["--model", str(tiny), "--greedy", "--no-stop", "--max-new-tokens", NEW_TOKENS, "--file", "-"]
+    expected = generate_alone(*reference, PROMPTS[1], int(NEW_TOKENS))
+    assert completed(run_script("generate.py", *args, stdin=PROMPTS[1])) == expected.rstrip() + "\n"
+
+
+def mid_completion_stop(model, tokenizer, budget: int) -> tuple[str, str, str, int]:
+    """(prompt, unstopped greedy completion, a 3-character stop sequence taken from its middle, where it matches)
+    for the first of a few prompts whose random-weight completion has such a place (not inside a string or a
+    comment, where stop sequences do not count)."""
+    for prompt in (*PROMPTS, "x = 1\n", "import sys\n", "for i in range(3):\n"):
+        unstopped = generate_alone(model, tokenizer, prompt, budget)
+        for start in range(len(unstopped) // 4, 3 * len(unstopped) // 4):
+            text = unstopped[start : start + 3]
+            match = find_stop(unstopped, [text], prompt)
+            if "\\" not in text and match is not None and match.index > 0:
+                return prompt, unstopped, text, match.index
+    raise AssertionError("no prompt's completion has a place for a stop sequence")
+
+
+def test_stop_sequence_truncates_and_stops_generation_early(tiny, reference):
+    budget = 40
+    prompt, unstopped, stop, index = mid_completion_stop(*reference, budget)
+    args = ["--model", str(tiny), "--greedy", "--max-new-tokens", str(budget), "--stop", stop, "--json", prompt]
+    [completion] = json.loads(completed(run_script("generate.py", *args)))["completions"]
+    assert completion["text"] == unstopped[:index].rstrip()
+    assert (completion["stop_reason"], completion["stop_sequence"]) == ("stop_sequence", stop)
+    assert completion["completion_tokens"] < budget  # generation stopped when the stop sequence appeared
+
+
+def test_stream_prints_what_the_batch_prints(tiny, reference):
+    args = ["--model", str(tiny), "--greedy", "--max-new-tokens", NEW_TOKENS, *PROMPTS]
+    printed = completed(run_script("generate.py", *args))
+    assert completed(run_script("generate.py", "--stream", *args)) == printed
+    # ... which is the card's completion with the default post-processing, under one header per prompt.
+    tokenizer = reference[1]
+    expected = ""
+    for number, prompt in enumerate(PROMPTS, start=1):
+        raw = generate_alone(*reference, prompt, int(NEW_TOKENS))
+        prompt_text = tokenizer.decode(tokenizer(prompt)["input_ids"], skip_special_tokens=True)
+        expected += f"=== prompt {number}, completion 1 ===\n{truncate(raw, DEFAULT_STOP_SEQUENCES, prompt_text)[0]}\n"
+    assert printed == expected
+
+
+class Recorder(StreamListener):
+    def __init__(self):
+        self.events = []
+
+    def begin(self, prompt_index, index):
+        self.events.append(("begin", prompt_index, index))
+
+    def text(self, piece):
+        self.events.append(("text", piece))
+
+    def end(self, completion):
+        self.events.append(("end", completion))
+
+
+@pytest.mark.parametrize("stops", [DEFAULT_STOP_SEQUENCES, ("\n",), ()])
+def test_streamed_completions_equal_batched_ones(tiny, stops):
+    completer = load_completer(tiny)
+    settings = Settings(greedy=True, max_new_tokens=30, num_completions=2, stop_sequences=stops)
+    batched = completer.complete(PROMPTS, settings)
+    recorder = Recorder()
+    streamed = completer.stream(PROMPTS, settings, recorder)
+    assert streamed == batched
+    texts, pieces = {}, 0
+    for event in recorder.events:
+        if event[0] == "begin":
+            current = event[1:]
+            texts[current] = ""
+        elif event[0] == "text":
+            assert event[1], "no empty pieces"
+            texts[current] += event[1]
+            pieces += 1
+        else:
+            assert texts[current] == event[1].text
+    assert list(texts) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert pieces > len(texts)  # text came as it was generated, not all at the end
+
+
+def test_model_options_reach_the_model(tiny):
+    completer = load_completer(tiny, dtype="bfloat16", weight_quantization="int8", attn_impl="torch")
+    assert completer.model.transformer.wte.weight.dtype == torch.bfloat16
+    assert (completer.model.config.weight_quantization, completer.model.config.attn_impl) == ("int8", "torch")
+    assert isinstance(completer, Completer) and completer.model.device.type == "cpu"
+
+
+@pytest.mark.parametrize("schema", ["mpt", "release"])
+def test_published_snapshots_load_with_our_classes(tmp_path, tiny, reference, schema):
+    """A snapshot's own config.json, auto_map and code files: its code (here, code that fails when imported) must
+    not run; our classes load its weights, config and spiece.model."""
+    snapshot = snapshot_folder(tmp_path / schema, tiny, schema)
+    args = ["--model", str(snapshot), "--greedy", "--no-stop", "--max-new-tokens", "12", PROMPTS[0]]
+    assert completed(run_script("generate.py", *args)) == generate_alone(*reference, PROMPTS[0], 12).rstrip() + "\n"
+
+
+BAD_INPUT = {
+    "empty prompt": ([""], "empty"),
+    "prompt longer than the context": (["--max-new-tokens", "100", "x = 1\n" * 20], "context"),
+    "missing model folder": (["--model", "/nonexistent/replit", "def f():"], "not found"),
+    "unknown option value": (["--dtype", "float64", "def f():"], "float64"),
+    "unknown device": (["--device", "tpu:0", "def f():"], "device"),
+    "no prompt": ([], "no prompt"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_bad_input_is_a_one_line_error(tiny, case):
+    args, expected = BAD_INPUT[case]
+    result = run_script("generate.py", "--model", str(tiny), *args)
+    stderr = result.stderr.decode()
+    assert result.returncode != 0 and result.stdout == b""
+    assert "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("error: "), stderr
+    assert expected in stderr
+
+
+@pytest.mark.skipif(not (DEMO / "config.json").exists(), reason="the demo model (demo/) is not built")
+def test_demo_model_is_the_default():
+    model, tokenizer = ReplitLM.from_pretrained(DEMO).eval(), ReplitLMTokenizer.from_pretrained(DEMO)
+    printed = completed(run_script("generate.py", "--greedy", "--no-stop", "--max-new-tokens", "32", PROMPTS[0]))
+    assert printed == generate_alone(model, tokenizer, PROMPTS[0], 32).rstrip() + "\n"
+    # With the card's sampling and the default stop sequences it completes too.
+    assert completed(run_script("generate.py", "--seed", "0", "def fibonacci(n):")).strip()
