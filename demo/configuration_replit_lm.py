@@ -1,0 +1,1 @@
+../configuration_replit_lm.py

@@ -1,0 +1,1 @@
+../modeling_replit_lm.py

@@ -1,0 +1,1 @@
+../replit_lm_tokenizer.py

@@ -1,0 +1,1 @@
+../triton_flash_attn.py
