@@ -70,13 +70,12 @@ def key_ranges(attention_mask: torch.Tensor) -> tuple[torch.Tensor | None, torch
 
 
 def alibi_bias_table(slopes: torch.Tensor, length: int) -> torch.Tensor:
-    """slope * (j - (length - 1)) for the keys j in [0, length): the ALiBi bias when the last key is length - 1.
+    """slope * (j - (length - 1)) for the keys j in [0, length): the ALiBi bias of a query at position length - 1.
     (heads, length) float32.
 
-    MPT's bias depends on the key alone, slope * (j - (kv_len - 1)); per query row it differs from slope * (j - i)
-    by a constant, which softmax ignores. Keeping MPT's form keeps its exact float values, and makes the bias of
-    kv_len keys the last kv_len columns of this table (the same products): the model builds the table once and
-    slices it in every forward pass instead of recomputing the bias per token.
+    A decoded token is the last position, so the bias of a decode step over kv_len keys is the last kv_len columns
+    of this table (the same products): the model builds the table once and slices it at every step instead of
+    recomputing the bias per token.
     """
     distance = torch.arange(1 - length, 1, dtype=torch.float32, device=slopes.device)
     return slopes.view(-1, 1) * distance
@@ -86,14 +85,22 @@ def additive_bias(
     mask: AttentionMask, attention_mask: torch.Tensor | None, dtype: torch.dtype, alibi_table: torch.Tensor
 ) -> torch.Tensor:
     """ALiBi bias plus masking as one additive tensor, for the torch backend; alibi_table from `alibi_bias_table`
-    with at least kv_len columns. (batch or 1, heads, q_len or 1, kv_len)"""
-    bias = alibi_table[:, alibi_table.shape[1] - mask.kv_len :].to(dtype)  # (heads, kv_len)
-    bias = bias.view(1, -1, 1, mask.kv_len)
+    with at least kv_len columns. (batch or 1, heads, q_len or 1, kv_len)
+
+    The bias of query i and key j is slope * (j - i), relative to the query: small and exactly rounded near the
+    diagonal, where the attention mass is, in any dtype. (MPT writes it as slope * (j - (kv_len - 1)), which
+    differs per query row by a constant that softmax ignores, but it adds that in float32: in bfloat16 the early
+    rows' diagonal values, about -slope * kv_len, would keep only 8 bits of precision.)
+    """
     hidden = None  # (batch or 1, 1, q_len or 1, kv_len), True where a key is hidden
-    if mask.q_len > 1:  # causal; a single new token sees every key
-        key_pos = torch.arange(mask.kv_len, device=bias.device)
-        query_pos = torch.arange(mask.kv_len - mask.q_len, mask.kv_len, device=bias.device)
-        hidden = (key_pos.view(1, -1) > query_pos.view(-1, 1)).view(1, 1, mask.q_len, mask.kv_len)
+    if mask.q_len == 1:  # a decode step: the table's last columns, and no causal mask (the token sees every key)
+        bias = alibi_table[:, alibi_table.shape[1] - mask.kv_len :].to(dtype).view(1, -1, 1, mask.kv_len)
+    else:
+        key_pos = torch.arange(mask.kv_len, device=mask.slopes.device)
+        query_pos = torch.arange(mask.kv_len - mask.q_len, mask.kv_len, device=mask.slopes.device)
+        distance = (key_pos.view(1, -1) - query_pos.view(-1, 1)).float()  # (q_len, kv_len): j - i
+        bias = (mask.slopes.view(-1, 1, 1) * distance).to(dtype).unsqueeze(0)  # (1, heads, q_len, kv_len)
+        hidden = (distance > 0).view(1, 1, mask.q_len, mask.kv_len)  # causal
     if attention_mask is not None:
         padding = ~attention_mask.bool()[:, None, None, :]  # (batch, 1, 1, kv_len)
         hidden = padding if hidden is None else hidden | padding

@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from model_helpers import VOCAB, model_pair
-from transformers import DynamicCache, StaticCache
+from transformers import DynamicCache, MptConfig, MptForCausalLM, StaticCache
 
 from replit_lm.attention import AttentionMask, additive_bias, alibi_bias_table, alibi_slopes
-from replit_lm.modeling_replit_lm import CACHE_FIELD, SMALL_BATCH_ROWS, Linear
+from replit_lm.configuration_replit_lm import ReplitLMConfig
+from replit_lm.modeling_replit_lm import CACHE_FIELD, SMALL_BATCH_ROWS, Linear, ReplitLM
 
 ATOL = 1e-4
 
@@ -52,8 +53,9 @@ def test_bfloat16_linear_routes_have_gradients():
 
 @pytest.mark.parametrize("q_len,kv_len", [(1, 1), (1, 9), (4, 9), (9, 9)])
 @pytest.mark.parametrize("padded", [False, True])
-def test_alibi_table_gives_the_bias_of_the_direct_formula(q_len, kv_len, padded):
-    """The bias sliced from the table built once equals MPT's slope * (j - (kv_len - 1)) exactly, masked."""
+def test_additive_bias_is_the_direct_formula(q_len, kv_len, padded):
+    """The bias is slope * (j - i) exactly, for query i at position kv_len - q_len + i, masked; for a decode step
+    it is sliced from the table built once."""
     slopes = alibi_slopes(6)
     mask = AttentionMask(q_len=q_len, kv_len=kv_len, slopes=slopes)
     padding = torch.ones(2, kv_len, dtype=torch.long)
@@ -62,7 +64,7 @@ def test_alibi_table_gives_the_bias_of_the_direct_formula(q_len, kv_len, padded)
     got = additive_bias(mask, padding if padded else None, torch.float32, alibi_bias_table(slopes, 32))
     key = torch.arange(kv_len)
     query = torch.arange(kv_len - q_len, kv_len)
-    expected = slopes.view(1, -1, 1, 1) * (key - (kv_len - 1)).view(1, 1, 1, -1)
+    expected = slopes.view(1, -1, 1, 1) * (key.view(1, -1) - query.view(-1, 1)).view(1, 1, q_len, kv_len)
     hidden = (key.view(1, -1) > query.view(-1, 1)).view(1, 1, q_len, kv_len)
     if padded:
         hidden = hidden | (padding == 0)[:, None, None, :]
@@ -134,6 +136,27 @@ def test_prefill_in_generate_computes_only_the_last_logits():
     model.lm_head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[1]))
     model.generate(random_ids(2, 9, seed=1), max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=2)
     assert rows == [1, 1, 1]
+
+
+def test_bfloat16_long_prompt_is_as_accurate_as_the_reference():
+    """Over 512 tokens the ALiBi bias spans hundreds: in bfloat16, ours stays as close to float32 (the truth) as
+    MptForCausalLM in bfloat16, which adds its bias in float32. With the bias in MPT's key-only form rounded to
+    bfloat16 the error was 12% against the reference's 0.8%. MPT's own initialisation (std 0.02) leaves attention
+    spread over many keys, where such errors show."""
+    torch.manual_seed(0)
+    config = MptConfig(d_model=256, n_heads=8, n_layers=2, expansion_ratio=4, max_seq_len=1024, vocab_size=512,
+                       no_bias=True)  # fmt: skip
+    ref = MptForCausalLM(config).eval()
+    ours = ReplitLM(ReplitLMConfig(d_model=256, n_heads=8, n_layers=2, max_seq_len=1024, vocab_size=512)).eval()
+    ours.load_state_dict(ref.state_dict(), strict=False)
+    ours.tie_weights()
+    ids = torch.randint(3, 512, (2, 512), generator=torch.Generator().manual_seed(31))
+    truth = ours(ids).logits
+    errors = []
+    for model in (ours.to(torch.bfloat16), ref.to(torch.bfloat16)):
+        got = model(ids).logits.float()
+        errors.append(((got - truth).norm() / truth.norm()).item())
+    assert errors[0] <= 1.25 * errors[1], errors
 
 
 @pytest.mark.parametrize("batch_lengths", [[7], [7, 4, 2]])
