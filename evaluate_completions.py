@@ -19,12 +19,12 @@ import random
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import postprocessing
+from generate import Completer, Settings
 from train_demo import ROOT, read_text, stdlib_sources
 
-CARD_SAMPLING = dict(do_sample=True, top_p=0.95, top_k=4, temperature=0.2)
 CONTEXT_CHARS = 1000
 
 
@@ -64,34 +64,23 @@ def held_out_loss(model, tokenizer, files: list[Path], seq_len: int = 256, max_w
     return sum(losses) / len(losses)
 
 
-@torch.no_grad()
-def parse_rate(model, tokenizer, prompts, max_new_tokens: int, batch_size: int, seed: int) -> dict:
-    """How often header + completion parses, for the (prompt, header) pairs of `function_prompts`."""
-    tokenizer.padding_side = "left"
+def parse_rate(completer: Completer, prompts, max_new_tokens: int, batch_size: int, seed: int) -> dict:
+    """How often header + completion parses, for the (prompt, header) pairs of `function_prompts`, completed as
+    generate.py completes: the card's sampling settings (Settings' defaults) and post-processing."""
+    settings = Settings(max_new_tokens=max_new_tokens)
+    transformers.set_seed(seed)
     parsed, examples = 0, []
-    torch.manual_seed(seed)
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
-        inputs = tokenizer([prompt for prompt, _ in batch], return_tensors="pt", padding=True)
-        prompt_length = inputs["input_ids"].shape[1]
-        stop = postprocessing.StopSequenceCriteria(tokenizer, prompt_length)
-        output = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            stopping_criteria=[stop],
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            **CARD_SAMPLING,
-        )
-        for (prompt, header), generated in zip(batch, output[:, prompt_length:]):
-            completion = postprocessing.finish_completion(tokenizer, generated, prompt=prompt).text
+        completions = completer.complete([prompt for prompt, _ in batch], settings)
+        for (_, header), completion in zip(batch, completions):
             try:
-                ast.parse(header + completion)
+                ast.parse(header + completion.text)
                 parsed += 1
             except SyntaxError:
                 pass
             if len(examples) < 3:
-                examples.append(header + completion)
+                examples.append(header + completion.text)
     return {"parse_rate": parsed / len(prompts), "prompts": len(prompts), "examples": examples}
 
 
@@ -99,9 +88,9 @@ def evaluate(model_path: Path, held_out_files: list[Path], seed: int = 0, prompt
     model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=True)
     loss = held_out_loss(model, tokenizer, held_out_files)
-    report = parse_rate(
-        model, tokenizer, function_prompts(held_out_files, prompts, seed), max_new_tokens=128, batch_size=16, seed=seed
-    )
+    completer = Completer(model, tokenizer)
+    report = parse_rate(completer, function_prompts(held_out_files, prompts, seed), max_new_tokens=128, batch_size=16,
+                        seed=seed)  # fmt: skip
     return {"held_out_loss": round(loss, 4), "held_out_perplexity": round(math.exp(loss), 2), **report}
 
 
