@@ -27,8 +27,9 @@ def replit_config(**overrides) -> ReplitLMConfig:
     return ReplitLMConfig(**kwargs)
 
 
-def reference_for(config: ReplitLMConfig) -> MptForCausalLM:
-    """transformers' MptForCausalLM with the same shape, random weights."""
+def reference_for(config: ReplitLMConfig, spread_weights: bool = True) -> MptForCausalLM:
+    """transformers' MptForCausalLM with the same shape, random weights: MPT's own initialisation, spread out
+    unless `spread_weights` is False."""
     ref_config = MptConfig(
         d_model=config.d_model,
         n_heads=config.n_heads,
@@ -44,6 +45,8 @@ def reference_for(config: ReplitLMConfig) -> MptForCausalLM:
     )
     torch.manual_seed(1234)
     ref = MptForCausalLM(ref_config).eval()
+    if not spread_weights:
+        return ref
     # MPT's default init is tiny (std 0.02): spread the weights so that differences would show in the logits.
     with torch.no_grad():
         for name, param in ref.named_parameters():
@@ -51,10 +54,10 @@ def reference_for(config: ReplitLMConfig) -> MptForCausalLM:
     return ref
 
 
-def model_pair(name: str = "pow2_heads", **overrides) -> tuple[ReplitLM, MptForCausalLM]:
-    """Our model and the reference, with the reference's random weights copied into ours."""
+def model_pair(name: str = "pow2_heads", spread_weights: bool = True, **overrides) -> tuple[ReplitLM, MptForCausalLM]:
+    """Our model and the reference, with the reference's random weights (see `reference_for`) copied into ours."""
     config = replit_config(**{**TINY_CONFIGS[name], **overrides})
-    ref = reference_for(config)
+    ref = reference_for(config, spread_weights)
     model = ReplitLM(config).eval()
     missing, unexpected = model.load_state_dict(ref.state_dict(), strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
