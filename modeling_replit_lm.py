@@ -186,7 +186,7 @@ class ReplitLMPreTrainedModel(PreTrainedModel):
         """Quantize every Linear layer (the LM head included) to `mode`, "int8" or "int4", in place, for CPU
         inference; what from_pretrained(..., weight_quantization=mode) does once the weights are loaded. The token
         embedding keeps its dtype. Returns the model. release_mapped_pages: see `quantize_linear_layers`."""
-        if any(isinstance(module, QuantizedLinear) for module in self.modules()):
+        if self._has_quantized_layers():
             raise ValueError(f"the model is already quantized ({self.config.weight_quantization})")
         quantize_linear_layers(self, mode, release_mapped_pages)
         if release_mapped_pages:
@@ -199,8 +199,11 @@ class ReplitLMPreTrainedModel(PreTrainedModel):
         self.config.weight_quantization = mode
         return self
 
+    def _has_quantized_layers(self) -> bool:
+        return any(isinstance(module, QuantizedLinear) for module in self.modules())
+
     def save_pretrained(self, *args, **kwargs):
-        if any(isinstance(module, QuantizedLinear) for module in self.modules()):
+        if self._has_quantized_layers():
             mode = self.config.weight_quantization
             raise NotImplementedError(
                 f"this model's Linear layers are quantized to {mode}, and quantized weights cannot be saved: save "

@@ -37,9 +37,9 @@ MAX_HEAD_DIM = 128
 _LOG2E = 1.4426950408889634
 
 # Launch configuration per kernel for 16-bit inputs: (BLOCK_M query rows, BLOCK_N keys, warps, pipeline
-# stages), chosen by that --tune on an H200. Head dims above 64 (the model's 80 is padded to 128) use these as they are; smaller head dims use 4
-# warps, and float32 halves the larger block. `benchmarks/bench_triton_attention.py --tune` measures candidates
-# on a GPU and prints the fastest as this dict.
+# stages), as `benchmarks/bench_triton_attention.py --tune` chose them on an H200 (it times candidates on a GPU
+# and prints the fastest as this dict). Head dims above 64 (the model's 80 is padded to 128) use these as they
+# are; smaller head dims use 4 warps, and float32 halves the larger block.
 LAUNCH_CONFIGS = {"fwd": (64, 64, 4, 3), "bwd_dkdv": (32, 64, 4, 3), "bwd_dq": (128, 64, 8, 3)}
 
 
