@@ -411,12 +411,25 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
             and kwargs.get("cache_implementation") is None
             and kwargs.get("past_key_values") is None
             and kwargs.get("cache") is None
-            and kwargs.get("use_cache", config.use_cache)
+            and self._generation_uses_cache(kwargs.get("use_cache"), config)
             and kwargs.get("assistant_model") is None  # assisted decoding rolls back its cache: dynamic only
             and kwargs.get("prompt_lookup_num_tokens", config.prompt_lookup_num_tokens) is None
         ):
-            kwargs["cache_implementation"] = "static"
+            if kwargs.get("generation_config") is not None:
+                # transformers 5 warns when a generation_config comes with generation arguments: set it there.
+                kwargs["generation_config"] = copy.deepcopy(config)
+                kwargs["generation_config"].cache_implementation = "static"
+            else:
+                kwargs["cache_implementation"] = "static"
         return super().generate(*args, **kwargs)
+
+    def _generation_uses_cache(self, use_cache: bool | None, config) -> bool:
+        """Whether generate will use a cache: the argument, else the generation config's field, else the model's
+        (transformers 5 leaves the field unset, None, in a new GenerationConfig and fills it from the model's)."""
+        for value in (use_cache, config.use_cache, self.generation_config.use_cache):
+            if value is not None:
+                return value
+        return True
 
     def _valid_auto_compile_criteria(self, model_kwargs, generation_config) -> bool:
         """generate would torch.compile the forward on a GPU whenever the cache is static (our default): dynamo

@@ -2,11 +2,13 @@
 where generate needs them. Each fast path is checked against the float32 MptForCausalLM reference or against the
 plain path it replaces; nothing here times anything."""
 
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
 from model_helpers import VOCAB, model_pair
-from transformers import DynamicCache, StaticCache
+from transformers import DynamicCache, GenerationConfig, GenerationMixin, StaticCache
 
 from replit_lm.attention import AttentionMask, additive_bias, alibi_bias_table, alibi_slopes
 from replit_lm.modeling_replit_lm import CACHE_FIELD, SMALL_BATCH_ROWS, Linear
@@ -115,6 +117,22 @@ def test_generate_defaults_to_a_static_cache_and_matches_the_reference():
     caches.clear()
     dynamic = model.generate(ids, **{CACHE_FIELD: DynamicCache()}, **kwargs)
     assert type(caches[0]) is DynamicCache and torch.equal(dynamic, ours)
+    # So does a generation_config (what generate.py passes): the static cache goes into a copy of it, not into a
+    # separate argument, which transformers 5 warns about when it comes with a generation_config.
+    caches.clear()
+    config = GenerationConfig(max_new_tokens=12, do_sample=False, pad_token_id=2, eos_token_id=None)
+    passed = []
+    original_generate = GenerationMixin.generate
+
+    def record(self, *args, **generate_kwargs):
+        passed.append(generate_kwargs)
+        return original_generate(self, *args, **generate_kwargs)
+
+    with mock.patch.object(GenerationMixin, "generate", record):
+        configured = model.generate(ids, attention_mask=mask, generation_config=config)
+    assert isinstance(caches[0], StaticCache) and torch.equal(configured, ours)
+    assert "cache_implementation" not in passed[0] and passed[0]["generation_config"].cache_implementation == "static"
+    assert config.cache_implementation is None  # the caller's object is left alone
 
 
 @pytest.mark.parametrize("mode", [dict(num_beams=3), dict(do_sample=True, top_k=10, num_return_sequences=2)])
