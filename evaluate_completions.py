@@ -3,12 +3,16 @@ parse as Python after the card's post-processing.
 
     python evaluate_completions.py                   # the demo model, on its held-out standard-library files
     python evaluate_completions.py --model PATH      # any model folder (the real weights too)
+    python evaluate_completions.py --original-code   # the same measure for the code that follows each header
 
 The held-out files are those train_demo.py set aside. Each prompt is the header of one module-level function
-(its `def` line(s), decorators dropped) after up to CONTEXT_CHARS of the code before it in its file, as an editor
-would send it; the model completes it with the card's sampling settings and post-processing
+(its `def` line(s)) after the module-level statements of its file that start at most CONTEXT_CHARS before it (whole
+statements, so that a prompt never starts inside a string), as an editor would send it; the model completes it with the card's sampling settings and post-processing
 (stop at <|endoftext|>, truncate at stop sequences, trim trailing whitespace); the result counts when
 `ast.parse(header + completion)` accepts it.
+
+With --original-code the completions are instead the code that really follows each header in its file, cut at the
+same token budget and post-processed the same way: how high the measure can go at that budget.
 """
 
 import argparse
@@ -17,20 +21,28 @@ import json
 import math
 import random
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from generate import Completer, Settings
+from postprocessing import finish_completion
 from train_demo import ROOT, read_text, stdlib_sources
 
 CONTEXT_CHARS = 1000
 
 
-def function_prompts(files: list[Path], count: int, seed: int) -> list[tuple[str, str]]:
-    """`count` (prompt, header) pairs for module-level functions of `files`: the header (ending in a newline), and
-    the prompt that ends with it, starting at a line boundary at most CONTEXT_CHARS before it."""
+class FunctionPrompt(NamedTuple):
+    prompt: str  # the code before the function (CONTEXT_CHARS at most), then its header
+    header: str  # the function's `def` line(s), ending in a newline
+    original: str  # the rest of the file after the header: the completion its author wrote, and more
+
+
+def function_prompts(files: list[Path], count: int, seed: int) -> list[FunctionPrompt]:
+    """`count` prompts for module-level functions of `files`: the header, after the module-level statements that
+    start at most CONTEXT_CHARS before it (with decorators, the function's own statement starts before its header)."""
     prompts = []
     for path in files:
         source = read_text(path)
@@ -39,16 +51,32 @@ def function_prompts(files: list[Path], count: int, seed: int) -> list[tuple[str
         except SyntaxError:
             continue
         lines = source.splitlines(keepends=True)
+        line_offsets = [0]
+        for line in lines:
+            line_offsets.append(line_offsets[-1] + len(line))
+        # The context starts where a module-level statement does, never inside a string that the post-processing
+        # would then read the completion as part of.
+        statement_starts = [line_offsets[min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", []))]) - 1]
+                            for node in tree.body]  # fmt: skip
         for node in tree.body:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.body[0].lineno > node.lineno:
                 header = "".join(lines[node.lineno - 1 : node.body[0].lineno - 1])
                 if header.rstrip().endswith(":"):
-                    before = "".join(lines[: node.lineno - 1])
-                    if len(before) > CONTEXT_CHARS:
-                        before = before[-CONTEXT_CHARS:]
-                        before = before[before.find("\n") + 1 :]
-                    prompts.append((before + header, header))
+                    header_start = line_offsets[node.lineno - 1]
+                    context_start = min(
+                        [header_start, *(s for s in statement_starts if header_start - CONTEXT_CHARS <= s < header_start)]
+                    )
+                    original = "".join(lines[node.body[0].lineno - 1 :])
+                    prompts.append(FunctionPrompt(source[context_start:header_start] + header, header, original))
     return random.Random(seed).sample(prompts, min(count, len(prompts)))
+
+
+def parses(code: str) -> bool:
+    try:
+        ast.parse(code)
+    except SyntaxError:
+        return False
+    return True
 
 
 @torch.no_grad()
@@ -65,32 +93,41 @@ def held_out_loss(model, tokenizer, files: list[Path], seq_len: int = 256, max_w
 
 
 def parse_rate(completer: Completer, prompts, max_new_tokens: int, batch_size: int, seed: int) -> dict:
-    """How often header + completion parses, for the (prompt, header) pairs of `function_prompts`, completed as
-    generate.py completes: the card's sampling settings (Settings' defaults) and post-processing."""
+    """How often header + completion parses, for the prompts of `function_prompts`, completed as generate.py
+    completes: the card's sampling settings (Settings' defaults) and post-processing."""
     settings = Settings(max_new_tokens=max_new_tokens)
     transformers.set_seed(seed)
     parsed, examples = 0, []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
-        completions = completer.complete([prompt for prompt, _ in batch], settings)
-        for (_, header), completion in zip(batch, completions):
-            try:
-                ast.parse(header + completion.text)
-                parsed += 1
-            except SyntaxError:
-                pass
+        completions = completer.complete([item.prompt for item in batch], settings)
+        for item, completion in zip(batch, completions):
+            parsed += parses(item.header + completion.text)
             if len(examples) < 3:
-                examples.append(header + completion.text)
+                examples.append(item.header + completion.text)
     return {"parse_rate": parsed / len(prompts), "prompts": len(prompts), "examples": examples}
 
 
-def evaluate(model_path: Path, held_out_files: list[Path], seed: int = 0, prompts: int = 100) -> dict:
+def original_code_parse_rate(tokenizer, prompts, max_new_tokens: int) -> float:
+    """`parse_rate` with each function's own code as the completion: the file's tokens after the header, cut at
+    `max_new_tokens` and post-processed like a generated completion."""
+    parsed = 0
+    for item in prompts:
+        # A few characters per token at least: encoding the rest of a long file is not needed.
+        ids = tokenizer.encode(item.original[: 16 * max_new_tokens])
+        completion = finish_completion(tokenizer, ids, prompt=item.prompt, max_new_tokens=max_new_tokens)
+        parsed += parses(item.header + completion.text)
+    return parsed / len(prompts)
+
+
+def evaluate(model_path: Path, held_out_files: list[Path], seed: int = 0, prompts: int = 100,
+             max_new_tokens: int = 128) -> dict:  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=True)
     loss = held_out_loss(model, tokenizer, held_out_files)
     completer = Completer(model, tokenizer)
-    report = parse_rate(completer, function_prompts(held_out_files, prompts, seed), max_new_tokens=128, batch_size=16,
-                        seed=seed)  # fmt: skip
+    report = parse_rate(completer, function_prompts(held_out_files, prompts, seed), max_new_tokens=max_new_tokens,
+                        batch_size=16, seed=seed)  # fmt: skip
     return {"held_out_loss": round(loss, 4), "held_out_perplexity": round(math.exp(loss), 2), **report}
 
 
@@ -98,10 +135,21 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=ROOT / "demo")
     parser.add_argument("--prompts", type=int, default=100, help="function headers to complete")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="the token budget of a completion")
+    parser.add_argument("--original-code", action="store_true",
+                        help="measure the code that follows each header in its file instead of the model (with the "
+                             "model's tokenizer)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     _, held_out_files = stdlib_sources()
-    print(json.dumps(evaluate(args.model, held_out_files, args.seed, args.prompts), indent=2))
+    if args.original_code:
+        tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
+        prompts = function_prompts(held_out_files, args.prompts, args.seed)
+        rate = original_code_parse_rate(tokenizer, prompts, args.max_new_tokens)
+        report = {"original_code_parse_rate": rate, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens}
+    else:
+        report = evaluate(args.model, held_out_files, args.seed, args.prompts, args.max_new_tokens)
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
