@@ -97,7 +97,31 @@ class _TextInputCheck:
         return super().tokenize(text, *args, **kwargs)
 
 
-class ReplitLMTokenizer(_TextInputCheck, PreTrainedTokenizer):
+class _FastBatchTensors:
+    """Builds the tensors of a padded batch through numpy.
+
+    transformers turns each field of a batch into a tensor with `torch.tensor(list_of_lists)`, which takes longer
+    than tokenizing the batch: 0.1 s for 1000 snippets of code padded to 700 tokens, against 0.01 s through numpy.
+    Rectangular fields (padded, or all of one length) go through numpy; the rest is left to transformers, which also
+    raises its usual error for a ragged batch.
+    """
+
+    def __call__(self, text=None, text_pair=None, *args, return_tensors=None, **kwargs):
+        is_batch = isinstance(text, (list, tuple)) and text and isinstance(text[0], str)
+        if return_tensors != "pt" or not is_batch or kwargs.get("is_split_into_words"):
+            return super().__call__(text, text_pair, *args, return_tensors=return_tensors, **kwargs)
+        import numpy as np
+        import torch
+
+        encoding = super().__call__(text, text_pair, *args, return_tensors=None, **kwargs)
+        for key, value in encoding.items():
+            if isinstance(value[0], list) and len({len(row) for row in value}) == 1:
+                encoding[key] = torch.from_numpy(np.array(value, dtype=np.int64))
+        encoding.convert_to_tensors(tensor_type=return_tensors)
+        return encoding
+
+
+class ReplitLMTokenizer(_TextInputCheck, _FastBatchTensors, PreTrainedTokenizer):
     """The replit-code-v1-3b tokenizer: SentencePiece's own encoding of `spiece.model`.
 
     `encode(text)` gives the ids SentencePiece gave when the model was trained, the same as
@@ -335,7 +359,7 @@ def _sentencepiece_to_tokenizers(proto):
     return backend
 
 
-class ReplitLMTokenizerFast(_TextInputCheck, PreTrainedTokenizerFast):
+class ReplitLMTokenizerFast(_TextInputCheck, _FastBatchTensors, PreTrainedTokenizerFast):
     """A `tokenizers` twin of [`ReplitLMTokenizer`], converted from the same `spiece.model`.
 
     Same special tokens, vocabulary and decoding, plus offsets. Its ids are [`ReplitLMTokenizer`]'s except where

@@ -11,6 +11,7 @@ import math
 import pickle
 import re
 import shutil
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -311,6 +312,31 @@ def test_padded_batches(folder, tokenizer, return_tensors):
     width = max(len(tokenizer.encode(text)) for text in texts)
     assert np.asarray(batch["input_ids"])[1].tolist() == [2] * (width - 1) + tokenizer.encode("x")
     assert np.asarray(batch["attention_mask"])[1].tolist() == [0] * (width - 1) + [1]
+
+
+@pytest.mark.parametrize("cls", [ReplitLMTokenizer, ReplitLMTokenizerFast])
+def test_batch_tensors_are_transformers_own(folder, cls):
+    """Padded batches become tensors through numpy: the same values, shapes and dtype as transformers'
+    torch.tensor conversion of the lists, and the same error for a ragged batch."""
+    tokenizer = cls.from_pretrained(folder)
+    texts = [CODE["python"], "x", "", CODE["c"]]
+    options = [dict(padding=True), dict(padding="max_length", max_length=40, truncation=True), dict(text_pair=texts)]
+    if cls is ReplitLMTokenizerFast:
+        options.append(dict(padding=True, return_offsets_mapping=True))
+    for kwargs in options:
+        lists = tokenizer(texts, **{"padding": True, **kwargs})
+        tensors = tokenizer(texts, return_tensors="pt", **{"padding": True, **kwargs})
+        assert set(tensors) == set(lists)
+        for key in lists:
+            expected = torch.tensor(lists[key])
+            assert tensors[key].dtype == expected.dtype == torch.int64 and torch.equal(tensors[key], expected), key
+    # The numpy route is the one taken: transformers' torch.tensor(lists) is not called.
+    with mock.patch.object(torch, "tensor", side_effect=AssertionError("torch.tensor on lists")):
+        tokenizer(texts, padding=True, return_tensors="pt")
+    words = tokenizer(["def", " f"], is_split_into_words=True, return_tensors="pt")  # one sequence, not a batch
+    assert words["input_ids"].shape == (1, len(tokenizer.encode("def f")))
+    with pytest.raises(ValueError, match="padding"):
+        tokenizer(texts, return_tensors="pt")
 
 
 @pytest.mark.parametrize("cls", [ReplitLMTokenizer, ReplitLMTokenizerFast])
