@@ -65,6 +65,25 @@ def test_layers_against_float_math(shape, rows, kind, monkeypatch):
     assert relative_error(out, x.float() @ layer.dequantized_weight().t()) < (0.01 if kind == "int8" else 0.005)
 
 
+@pytest.mark.skipif(not quantization._has_onednn_int8(), reason="needs oneDNN's int8 matmul")
+def test_int8_long_inputs_run_in_chunks_with_the_same_result():
+    """Activations are quantized per row, so a prompt split into chunks of rows gives what one call gives."""
+    layer = Int8Linear(gaussian(96, 64).to(torch.bfloat16))
+    rows = 2 * quantization.ONEDNN_INT8_CHUNK_ROWS + 5
+    x = torch.randn(rows, 64, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(2))
+    calls = []
+    original = layer._onednn
+
+    def spy(chunk):
+        calls.append(chunk.shape[0])
+        return original(chunk)
+
+    layer._onednn = spy
+    out = layer(x)
+    assert calls == [quantization.ONEDNN_INT8_CHUNK_ROWS] * 2 + [5]
+    assert torch.equal(out, original(x))
+
+
 def test_layers_keep_float32_activations():
     weight = gaussian(64, 64).to(torch.bfloat16)
     x = torch.randn(5, 64)
