@@ -7,9 +7,9 @@ parse as Python after the card's post-processing.
 
 The held-out files are those train_demo.py set aside. Each prompt is the header of one module-level function
 (its `def` line(s)) after the module-level statements of its file that start at most CONTEXT_CHARS before it (whole
-statements, so that a prompt never starts inside a string), as an editor would send it; the model completes it with the card's sampling settings and post-processing
-(stop at <|endoftext|>, truncate at stop sequences, trim trailing whitespace); the result counts when
-`ast.parse(header + completion)` accepts it.
+statements, so that a prompt never starts inside a string), as an editor would send it; the model completes it
+with the card's sampling settings and post-processing (stop at <|endoftext|>, truncate at stop sequences, trim
+trailing whitespace); the result counts when `ast.parse(header + completion)` accepts it.
 
 With --original-code the completions are instead the code that really follows each header in its file, cut at the
 same token budget and post-processed the same way: how high the measure can go at that budget.
@@ -17,6 +17,7 @@ same token budget and post-processed the same way: how high the measure can go a
 
 import argparse
 import ast
+import io
 import json
 import math
 import random
@@ -50,22 +51,24 @@ def function_prompts(files: list[Path], count: int, seed: int) -> list[FunctionP
             tree = ast.parse(source)
         except SyntaxError:
             continue
-        lines = source.splitlines(keepends=True)
-        line_offsets = [0]
+        # Lines as ast numbers them (str.splitlines would also split at form feeds and other separators).
+        lines = io.StringIO(source, newline="").readlines()
+        line_starts = [0]  # character offset of each line
         for line in lines:
-            line_offsets.append(line_offsets[-1] + len(line))
-        # The context starts where a module-level statement does, never inside a string that the post-processing
-        # would then read the completion as part of.
-        statement_starts = [line_offsets[min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", []))]) - 1]
-                            for node in tree.body]  # fmt: skip
+            line_starts.append(line_starts[-1] + len(line))
+        # The context begins where a module-level statement (or its first decorator) does: never inside a string,
+        # which the post-processing would then take the completion to be part of.
+        statement_starts = [
+            line_starts[min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", []))]) - 1]
+            for node in tree.body
+        ]
         for node in tree.body:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.body[0].lineno > node.lineno:
                 header = "".join(lines[node.lineno - 1 : node.body[0].lineno - 1])
                 if header.rstrip().endswith(":"):
-                    header_start = line_offsets[node.lineno - 1]
-                    context_start = min(
-                        [header_start, *(s for s in statement_starts if header_start - CONTEXT_CHARS <= s < header_start)]
-                    )
+                    header_start = line_starts[node.lineno - 1]
+                    in_reach = [s for s in statement_starts if header_start - CONTEXT_CHARS <= s < header_start]
+                    context_start = min(in_reach, default=header_start)
                     original = "".join(lines[node.body[0].lineno - 1 :])
                     prompts.append(FunctionPrompt(source[context_start:header_start] + header, header, original))
     return random.Random(seed).sample(prompts, min(count, len(prompts)))

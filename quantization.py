@@ -16,8 +16,8 @@ shapes (Gparam/s: weights consumed per second, for M rows of activations at once
 
 Hence:
 - "int8": int8 weights per output channel, and activations quantized to int8 per token on the fly, through
-  oneDNN's int8 matmul (AMX/VNNI) at every batch size, `ONEDNN_INT8_CHUNK_ROWS` rows at a time. Where torch has no oneDNN int8 matmul (not an x86 build),
-  the int8 weight-only kernel runs instead (more accurate, slower).
+  oneDNN's int8 matmul (AMX/VNNI) at every batch size, `ONEDNN_INT8_CHUNK_ROWS` rows at a time. Where torch has no
+  oneDNN int8 matmul (not an x86 build), the int8 weight-only kernel runs instead (more accurate, slower).
 - "int4": int4 weights in groups of `INT4_GROUP_SIZE` input channels, with a scale and a zero point per group,
   through the int4 kernel up to `INT4_KERNEL_MAX_ROWS` rows; a longer prompt instead dequantizes the weight to
   bfloat16 and multiplies on the bfloat16 path (at 1024 rows 4x faster than the int4 kernel; 2.8x slower than

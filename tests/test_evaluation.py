@@ -20,6 +20,7 @@ def not_code():
 import os
 
 CONSTANT = 1
+\f
 
 
 @staticmethod
@@ -52,10 +53,12 @@ def module_file(tmp_path):
 def test_prompts_end_with_the_header_and_start_where_a_statement_starts(module_file, monkeypatch):
     monkeypatch.setattr(evaluate_completions, "CONTEXT_CHARS", 200)
     source = module_file.read_text()
+    assert "\f\n" in source  # a form feed line, which ast counts as part of a line and str.splitlines as two
     statement_lines = {node.lineno for node in ast.parse(source).body} | {
         d.lineno for node in ast.parse(source).body for d in getattr(node, "decorator_list", [])
     }
-    statement_starts = {sum(len(line) for line in source.splitlines(True)[: n - 1]) for n in statement_lines}
+    line_starts = [0, *(i + 1 for i, char in enumerate(source) if char == "\n")]
+    statement_starts = {line_starts[n - 1] for n in statement_lines}
     prompts = {item.header: item for item in function_prompts([module_file], count=10, seed=0)}
     assert set(prompts) == {"def decorated(a):\n", "def short(a, b):\n", "def long_body(values):\n"}
     for header, item in prompts.items():
