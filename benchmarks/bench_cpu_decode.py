@@ -33,12 +33,13 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import LogitsProcessor, LogitsProcessorList, MptConfig, MptForCausalLM
+from transformers import LogitsProcessor, LogitsProcessorList, MptForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import replit_lm_package  # noqa: E402,F401  (registers the package `replit_lm`)
+from mpt_reference import mpt_config  # noqa: E402
 from replit_lm.configuration_replit_lm import ReplitLMConfig  # noqa: E402
 from replit_lm.modeling_replit_lm import ReplitLM  # noqa: E402
 from replit_lm.quantization import QuantizedLinear  # noqa: E402
@@ -169,15 +170,8 @@ def random_replit(config: ReplitLMConfig, dtype: torch.dtype, seed: int = 0) -> 
 
 def mpt_sharing(model: ReplitLM) -> MptForCausalLM:
     """transformers' MptForCausalLM holding the same tensors as `model` (no copy)."""
-    c = model.config
-    config = MptConfig(
-        d_model=c.d_model, n_heads=c.n_heads, n_layers=c.n_layers, expansion_ratio=c.mlp_ratio,
-        max_seq_len=c.max_seq_len, vocab_size=c.vocab_size, no_bias=True, pad_token_id=2, eos_token_id=1,
-        attn_config=dict(alibi_bias_max=c.alibi_bias_max),
-        use_cache=True,  # MptConfig's default is False, which would recompute the whole sequence every step
-    )  # fmt: skip
     with torch.device("meta"):
-        mpt = MptForCausalLM(config)
+        mpt = MptForCausalLM(mpt_config(model.config))
     state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
     missing, unexpected = mpt.load_state_dict(state, strict=False, assign=True)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)

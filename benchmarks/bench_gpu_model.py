@@ -17,12 +17,13 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import MptConfig, MptForCausalLM
+from transformers import MptForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import replit_lm_package  # noqa: E402,F401  (registers the package `replit_lm`)
+from mpt_reference import mpt_config  # noqa: E402
 from replit_lm.configuration_replit_lm import ReplitLMConfig  # noqa: E402
 from replit_lm.modeling_replit_lm import ReplitLM  # noqa: E402
 
@@ -34,11 +35,8 @@ def build_models(layers: int) -> dict:
     """MptForCausalLM with random weights, and ReplitLM twins holding the same tensors' values."""
     config = ReplitLMConfig.from_dict({**json.loads((ROOT / "config.json").read_text()), "n_layers": layers})
     torch.manual_seed(0)
-    mpt_config = MptConfig(d_model=config.d_model, n_heads=config.n_heads, n_layers=layers,
-                           expansion_ratio=config.mlp_ratio, max_seq_len=config.max_seq_len,
-                           vocab_size=config.vocab_size, no_bias=True, pad_token_id=2, eos_token_id=1)  # fmt: skip
     with torch.device(DEVICE):
-        mpt = MptForCausalLM(mpt_config).to(DTYPE).eval()
+        mpt = MptForCausalLM(mpt_config(config)).to(DTYPE).eval()
     models = {"MptForCausalLM": mpt}
     for attn_impl in ("torch", "triton"):
         with torch.device(DEVICE):

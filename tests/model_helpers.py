@@ -5,7 +5,8 @@ import shutil
 
 import torch
 from conftest import MODEL_CODE_FILES, ROOT
-from transformers import MptConfig, MptForCausalLM
+from mpt_reference import mpt_config
+from transformers import MptForCausalLM
 
 from replit_lm.configuration_replit_lm import ReplitLMConfig
 from replit_lm.modeling_replit_lm import ReplitLM
@@ -30,21 +31,8 @@ def replit_config(**overrides) -> ReplitLMConfig:
 def reference_for(config: ReplitLMConfig, spread_weights: bool = True) -> MptForCausalLM:
     """transformers' MptForCausalLM with the same shape, random weights: MPT's own initialisation, spread out
     unless `spread_weights` is False."""
-    ref_config = MptConfig(
-        d_model=config.d_model,
-        n_heads=config.n_heads,
-        n_layers=config.n_layers,
-        expansion_ratio=config.mlp_ratio,
-        max_seq_len=config.max_seq_len,
-        vocab_size=config.vocab_size,
-        no_bias=True,
-        attn_config=dict(clip_qkv=config.attn_clip_qkv, softmax_scale=config.softmax_scale, alibi_bias_max=8),
-        pad_token_id=2,
-        eos_token_id=1,
-        use_cache=True,
-    )
     torch.manual_seed(1234)
-    ref = MptForCausalLM(ref_config).eval()
+    ref = MptForCausalLM(mpt_config(config)).eval()
     if not spread_weights:
         return ref
     # MPT's default init is tiny (std 0.02): spread the weights so that differences would show in the logits.
