@@ -211,24 +211,28 @@ class Completer:
     def check_prompts(self, prompts: list[str], settings: Settings):
         """Raise CompletionError, saying why, unless every prompt can be completed with these settings."""
         reject_empty(prompts)
-        for number, prompt in enumerate(prompts, start=1):
-            length = len(self.tokenizer(prompt)["input_ids"])
+        self._check_lengths([len(ids) for ids in self.tokenizer(prompts)["input_ids"]], settings)
+
+    def _check_lengths(self, lengths: list[int], settings: Settings):
+        for number, length in enumerate(lengths, start=1):
             if length + settings.max_new_tokens > self.context_length:
-                which = "the prompt" if len(prompts) == 1 else f"prompt {number}"
+                which = "the prompt" if len(lengths) == 1 else f"prompt {number}"
                 raise CompletionError(
                     f"{which} is {length} tokens: with {settings.max_new_tokens} new tokens it exceeds the model's "
                     f"context of {self.context_length} tokens; shorten it or ask for fewer new tokens"
                 )
 
     def _encode(self, prompts: list[str], settings: Settings) -> _Prompts:
-        """The prompts as one left-padded batch, after checking that each can be completed."""
-        self.check_prompts(prompts, settings)
+        """The prompts as one left-padded batch, after checking that each can be completed (tokenized once)."""
+        reject_empty(prompts)
         encoded = self.tokenizer(prompts, padding=True, return_tensors="pt")
+        lengths = encoded["attention_mask"].sum(dim=1).tolist()
+        self._check_lengths(lengths, settings)
         return _Prompts(
             input_ids=encoded["input_ids"].to(self.model.device),
             attention_mask=encoded["attention_mask"].to(self.model.device),
             texts=[decode(self.tokenizer, ids) for ids in encoded["input_ids"].tolist()],
-            lengths=encoded["attention_mask"].sum(dim=1).tolist(),
+            lengths=lengths,
         )
 
     def _generate(self, batch: _Prompts, settings: Settings, streamer: BaseStreamer | None = None) -> torch.Tensor:
