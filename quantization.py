@@ -28,6 +28,7 @@ A quantized model cannot be saved (the oneDNN weight is an opaque tensor): save 
 """
 
 import ctypes
+import functools
 import sys
 
 import torch
@@ -225,26 +226,20 @@ def _unpack_int4(packed: torch.Tensor, n: int, k: int, block: int) -> torch.Tens
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-_INT4_LAYOUT: list = []
-
-
+@functools.cache
 def _int4_layout() -> int | None:
     """The block size of this torch's int4 packing, found once by a round trip through the packing kernel (the
     layout depends on the CPU's vector width), or None if it is none that `_unpack_int4` knows."""
-    if not _INT4_LAYOUT:
-        n, k = 80, 64  # a full 64-row block and a partial one
-        probe = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, INT4_INNER_K_TILES)
-        found = None
-        for block in (64, 32):
-            try:
-                if torch.equal(_unpack_int4(packed, n, k, block).to(torch.int32), probe):
-                    found = block
-                    break
-            except RuntimeError:  # sizes that do not fit this block size
-                continue
-        _INT4_LAYOUT.append(found)
-    return _INT4_LAYOUT[0]
+    n, k = 80, 64  # a full 64-row block and a partial one
+    probe = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, INT4_INNER_K_TILES)
+    for block in (64, 32):
+        try:
+            if torch.equal(_unpack_int4(packed, n, k, block).to(torch.int32), probe):
+                return block
+        except RuntimeError:  # sizes that do not fit this block size
+            continue
+    return None
 
 
 QUANTIZED_LINEAR = {"int8": Int8Linear, "int4": Int4Linear}
