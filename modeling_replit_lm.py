@@ -25,15 +25,25 @@ from .quantization import QuantizedLinear, quantize_linear_layers
 # transformers 4.x copies into its module cache only the files that this file imports itself, not their imports.
 from .triton_flash_attn import flash_attn_alibi  # noqa: F401
 
+# ----- Differences between transformers 4.57 and 5.x: every version check of this file is here. -----
 try:  # transformers 5: init functions that leave tensors already loaded from a checkpoint alone
     from transformers import initialization as init
 except ImportError:  # transformers 4
     from torch.nn import init
 
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
-# Newer transformers name the cache `cache` in model outputs (and pass it so to forward); older ones
-# `past_key_values`.
+# The field of model outputs (and the forward keyword) that holds the cache: `cache` in newer releases.
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+# The declaration of the LM head tied to the embedding, in the installed release's format.
+TIED_WEIGHTS_KEYS = {"lm_head.weight": "transformer.wte.weight"} if TRANSFORMERS_5 else ["lm_head.weight"]
+
+
+def cache_argument(past_key_values, kwargs: dict):
+    """The cache passed to forward, under either release's keyword."""
+    return kwargs.pop("cache", past_key_values)
+
+
+# ----- end of version differences -----
 
 # Release layout (May 2023) -> published (MPT) layout, as regular expressions on state-dict keys.
 RELEASE_TO_MPT_KEYS = {
@@ -65,13 +75,13 @@ class LayerNorm(nn.LayerNorm):
 SMALL_BATCH_ROWS = 64
 
 
-class Linear(nn.Linear):
-    """nn.Linear that sends a few rows of bfloat16 activations on the CPU through torch's faster matrix-vector routes.
+class MatVecLinear(nn.Linear):
+    """nn.Linear that multiplies a few rows of bfloat16 activations on the CPU as matrix-vector products.
 
-    Decoding multiplies every weight by one row per sequence, where F.linear is not torch's fastest route. Measured
-    on 2 AVX512 cores with this model's shapes (bfloat16 weights read per second): for one row, F.linear reaches 8-11.5
-    Gparam/s and torch.mv 12.5-14; for 8 to 64 rows, F.linear 7-12 and W @ x^T 11-14.7. Beyond SMALL_BATCH_ROWS rows
-    both are the same compute-bound GEMM. float32 keeps F.linear, which already reads at the memory's speed.
+    Decoding multiplies every weight by one row per sequence, and for that shape F.linear is not always torch's
+    fastest CPU route: torch.mv (one row) and W @ x^T (up to SMALL_BATCH_ROWS rows) can read the weights faster.
+    Beyond that many rows every route is the same compute-bound matrix product; float32 keeps F.linear. The measured
+    speeds, per CPU, are in docs/cpu.md.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,8 +105,8 @@ class ReplitAttention(nn.Module):
         self.softmax_scale = config.softmax_scale or 1.0 / math.sqrt(self.head_dim)
         self.clip_qkv = config.attn_clip_qkv
         self.config = config  # attn_impl is read per call, so that setting it on the config switches backends
-        self.Wqkv = Linear(config.d_model, 3 * config.d_model, bias=False)
-        self.out_proj = Linear(config.d_model, config.d_model, bias=False)
+        self.Wqkv = MatVecLinear(config.d_model, 3 * config.d_model, bias=False)
+        self.out_proj = MatVecLinear(config.d_model, config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, mask: AttentionMask, cache: Cache | None, output_attentions: bool):
         batch, q_len, d_model = x.shape
@@ -120,8 +130,8 @@ class ReplitAttention(nn.Module):
 class ReplitMLP(nn.Module):
     def __init__(self, config: ReplitLMConfig):
         super().__init__()
-        self.up_proj = Linear(config.d_model, config.mlp_ratio * config.d_model, bias=False)
-        self.down_proj = Linear(config.mlp_ratio * config.d_model, config.d_model, bias=False)
+        self.up_proj = MatVecLinear(config.d_model, config.mlp_ratio * config.d_model, bias=False)
+        self.down_proj = MatVecLinear(config.mlp_ratio * config.d_model, config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.gelu(self.up_proj(x)))
@@ -280,8 +290,7 @@ class ReplitLMModel(ReplitLMPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ):
-        # transformers 5 passes the cache as `cache`, 4.x as `past_key_values`.
-        past_key_values = kwargs.pop("cache", past_key_values)
+        past_key_values = cache_argument(past_key_values, kwargs)
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -380,13 +389,12 @@ class ReplitLMModel(ReplitLMPreTrainedModel):
 
 
 class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
-    # The declaration of the tied LM head in the format of the installed transformers.
-    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"} if TRANSFORMERS_5 else ["lm_head.weight"]
+    _tied_weights_keys = TIED_WEIGHTS_KEYS
 
     def __init__(self, config: ReplitLMConfig):
         super().__init__(config)
         self.transformer = ReplitLMModel(config)
-        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = MatVecLinear(config.d_model, config.vocab_size, bias=False)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -402,8 +410,7 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
         """GenerationMixin.generate with a preallocated KV cache by default (cache_implementation="static").
 
         transformers' default DynamicCache concatenates each layer's keys and values at every step, a copy that
-        grows with the sequence: measured on 2 cores (bfloat16, 4 layers), a decode step of 8 sequences after a
-        1024-token prompt took 135 ms with it and 52 ms with the static cache. A cache, cache_implementation or
+        grows with the sequence; the static cache writes in place. A cache, cache_implementation or
         generation_config that the caller passes is used as given."""
         config = kwargs.get("generation_config") or self.generation_config
         if (
@@ -467,7 +474,7 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.transformer(
             input_ids=input_ids,
-            past_key_values=kwargs.pop("cache", past_key_values),
+            past_key_values=cache_argument(past_key_values, kwargs),
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,

@@ -11,7 +11,7 @@ from model_helpers import VOCAB, model_pair
 from transformers import DynamicCache, GenerationConfig, GenerationMixin, StaticCache
 
 from replit_lm.attention import AttentionMask, additive_bias, alibi_bias_table, alibi_slopes
-from replit_lm.modeling_replit_lm import CACHE_FIELD, SMALL_BATCH_ROWS, Linear
+from replit_lm.modeling_replit_lm import CACHE_FIELD, SMALL_BATCH_ROWS, MatVecLinear
 
 ATOL = 1e-4
 
@@ -31,7 +31,7 @@ def left_padded(lengths, total, seed):
 @pytest.mark.parametrize("rows", [1, 3, SMALL_BATCH_ROWS, SMALL_BATCH_ROWS + 1])
 def test_bfloat16_linear_routes_match_f_linear(rows):
     torch.manual_seed(0)
-    layer = Linear(96, 80, bias=False).to(torch.bfloat16)
+    layer = MatVecLinear(96, 80, bias=False).to(torch.bfloat16)
     x = torch.randn(rows, 1, 96, dtype=torch.bfloat16)
     out = layer(x)
     expected = x.float() @ layer.weight.float().t()
@@ -45,7 +45,7 @@ def test_bfloat16_linear_routes_match_f_linear(rows):
 
 def test_bfloat16_linear_routes_have_gradients():
     torch.manual_seed(0)
-    layer = Linear(32, 16, bias=False).to(torch.bfloat16)
+    layer = MatVecLinear(32, 16, bias=False).to(torch.bfloat16)
     for rows in (1, 4):
         x = torch.randn(rows, 32, dtype=torch.bfloat16, requires_grad=True)
         layer(x).float().sum().backward()
