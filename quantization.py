@@ -5,23 +5,14 @@ bfloat16 and replaces every Linear layer, the LM head included, by one of the mo
 The token embedding stays bfloat16 (a lookup reads a few rows, not the matrix).
 
 Decoding a token reads every weight once, so speed is bytes per weight over memory bandwidth, unless the kernel
-cannot keep up with the memory. Measured on 2 cores of an AVX512/AMX Xeon, torch 2.13, matrices of the model's
-shapes (Gparam/s: weights consumed per second, for M rows of activations at once):
-
-    route                                           M=1    M=8    M=64   M=1024
-    bfloat16 F.linear (what nn.Linear does)          9.2   11.1    6.8    0.95
-    int8 weight-only, aten._weight_int8pack_mm      16.3    6.8    1.2    0.09
-    int8 weights + int8 activations, oneDNN         22.9   21.8   15.7    1.09
-    int4 groups, aten._weight_int4pack_mm_for_cpu   26.1   10.5    1.4    0.04
-
-Hence:
+cannot keep up with the memory. The routes, and why each is taken where it is (docs/cpu.md has the measurements,
+with the machines named):
 - "int8": int8 weights per output channel, and activations quantized to int8 per token on the fly, through
   oneDNN's int8 matmul (AMX/VNNI) at every batch size, `ONEDNN_INT8_CHUNK_ROWS` rows at a time. Where torch has no
   oneDNN int8 matmul (not an x86 build), the int8 weight-only kernel runs instead (more accurate, slower).
 - "int4": int4 weights in groups of `INT4_GROUP_SIZE` input channels, with a scale and a zero point per group,
   through the int4 kernel up to `INT4_KERNEL_MAX_ROWS` rows; a longer prompt instead dequantizes the weight to
-  bfloat16 and multiplies on the bfloat16 path (at 1024 rows 4x faster than the int4 kernel; 2.8x slower than
-  bfloat16 weights). The kernel is compute-bound on 2 cores: int4 decodes little faster than int8.
+  bfloat16 and multiplies on the bfloat16 path, since the kernel dequantizes the weight again for every few rows.
 
 A quantized model cannot be saved (the oneDNN weight is an opaque tensor): save the original checkpoint and pass
 `weight_quantization` again when loading it.
@@ -38,18 +29,16 @@ from torch import nn
 INT4_GROUP_SIZE = 128
 """Input channels sharing one int4 scale and zero point."""
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # what the kernel accepts
-INT4_INNER_K_TILES = 2  # the kernel's packing parameter; 2, 4 and 8 measured the same
+INT4_INNER_K_TILES = 2  # the kernel's packing parameter; the choice made no measurable difference
 QUANTIZE_ROWS = 1024
 """Output channels quantized at a time: bounds the float32 temporaries to QUANTIZE_ROWS x in_features (a multiple
 of the int4 packing's row blocks, 64 with AVX512 and 32 with AVX2, so that chunks pack independently)."""
 ONEDNN_INT8_CHUNK_ROWS = 256
-"""Rows that go through oneDNN's int8 matmul at a time. Measured on 2 cores over the model's four shapes, a prompt
-of 1024 rows took 179 ms in one call and 128 ms in chunks of 256 (4096 rows: 802 and 431 ms): the float32
-output and the per-row scaling stay in cache."""
+"""Rows that go through oneDNN's int8 matmul at a time, so that the float32 output and the per-row scaling of a long
+prompt stay in cache."""
 INT4_KERNEL_MAX_ROWS = 160
-"""Above this many rows (batch x new tokens) an int4 layer dequantizes its weight and runs in bfloat16: the kernel
-re-dequantizes the weight for every 4 rows (0.28 ms per row for a 10240 x 2560 matrix on 2 cores), dequantizing
-once costs 44 ms; they cross at about 170 rows."""
+"""Above this many rows (batch x new tokens) an int4 layer dequantizes its weight once and runs in bfloat16: the
+kernel dequantizes it again for every few rows, which costs more than one dequantization beyond about this many."""
 
 
 def _has_onednn_int8() -> bool:

@@ -462,7 +462,7 @@ def _forward(q, k, v, slopes_log2, kv_start, kv_end, softmax_scale):
     out = torch.empty_like(q)
     lse = torch.empty((batch, heads, q_len), dtype=torch.float32, device=q.device)
     meta = _meta(q, "fwd")
-    # Short query chunks (decoding, q_len == 1) would waste most of a 128-row block.
+    # Short query chunks (decoding, q_len == 1) would waste most of a tuned BLOCK_M-row block.
     meta["BLOCK_M"] = min(meta["BLOCK_M"], max(16, triton.next_power_of_2(q_len)))
     grid = (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)
     _fwd_kernel[grid](

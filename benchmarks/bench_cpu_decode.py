@@ -38,8 +38,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, MptForCausalLM
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import replit_lm_package  # noqa: E402,F401  (registers the package `replit_lm`)
-from mpt_reference import mpt_config  # noqa: E402
+from replit_tools.mpt_reference import mpt_config  # noqa: E402  (also registers the package `replit_lm`)
 from replit_lm.configuration_replit_lm import ReplitLMConfig  # noqa: E402
 from replit_lm.modeling_replit_lm import ReplitLM  # noqa: E402
 from replit_lm.quantization import QuantizedLinear  # noqa: E402

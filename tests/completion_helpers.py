@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from replit_lm.configuration_replit_lm import ReplitLMConfig
 from replit_lm.modeling_replit_lm import ReplitLM
-from sentencepiece_recipe import train_sentencepiece
+from replit_tools.sentencepiece_recipe import train_sentencepiece
 
 TINY_SHAPE = dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=128, vocab_size=1000)
 DEMO = ROOT / "demo"
@@ -46,7 +46,8 @@ def one_torch_thread():
 
 def train_vocabulary(folder: Path):
     """`folder`/spiece.model: the real model's recipe, trained on this repository's Python files (a second)."""
-    lines = [line for path in sorted(ROOT.glob("*.py")) for line in path.read_text().splitlines(keepends=True)]
+    sources = sorted(ROOT.glob("*.py")) + sorted((ROOT / "replit_tools").glob("*.py"))
+    lines = [line for path in sources for line in path.read_text().splitlines(keepends=True)]
     train_sentencepiece(iter(lines), folder / "spiece", TINY_SHAPE["vocab_size"], num_threads=1, minloglevel=2)
     (folder / "spiece.vocab").unlink()
 

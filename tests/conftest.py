@@ -15,6 +15,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "replit-code-v1-3b"
 sys.path.insert(0, str(ROOT))
 
-import replit_lm_package  # noqa: E402  (also registers the package `replit_lm`)
+import replit_tools  # noqa: E402  (also registers the model files as the package `replit_lm`)
 
-MODEL_CODE_FILES = replit_lm_package.CODE_FILES
+MODEL_CODE_FILES = replit_tools.CODE_FILES

@@ -5,7 +5,7 @@ import shutil
 
 import torch
 from conftest import MODEL_CODE_FILES, ROOT
-from mpt_reference import mpt_config
+from replit_tools.mpt_reference import mpt_config
 from transformers import MptForCausalLM
 
 from replit_lm.configuration_replit_lm import ReplitLMConfig

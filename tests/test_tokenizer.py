@@ -25,7 +25,7 @@ from transformers import AutoTokenizer
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from replit_lm_tokenizer import ReplitLMTokenizer, ReplitLMTokenizerFast
-from sentencepiece_recipe import train_sentencepiece
+from replit_tools.sentencepiece_recipe import train_sentencepiece
 
 
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "replit_lm_tokenizer.py")

@@ -1,11 +1,11 @@
 """Measure a model on code it never saw: held-out loss, and how often its completions of Python function headers
 parse as Python after the card's post-processing.
 
-    python evaluate_completions.py                   # the demo model, on its held-out standard-library files
-    python evaluate_completions.py --model PATH      # any model folder (the real weights too)
-    python evaluate_completions.py --original-code   # the same measure for the code that follows each header
+    python3 evaluate.py                   # the demo model, on its held-out standard-library files
+    python3 evaluate.py --model PATH      # any model folder (the real weights too)
+    python3 evaluate.py --original-code   # the same measure for the code that follows each header
 
-The held-out files are those train_demo.py set aside. Each prompt is the header of one module-level function
+The held-out files are those the demo's training (demo.py) set aside. Each prompt is the header of one module-level function
 (its `def` line(s)) after the module-level statements of its file that start at most CONTEXT_CHARS before it (whole
 statements, so that a prompt never starts inside a string), as an editor would send it; the model completes it
 with the card's sampling settings and post-processing (stop at <|endoftext|>, truncate at stop sequences, trim
@@ -26,11 +26,13 @@ from typing import NamedTuple
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from generate import Completer, Settings
-from postprocessing import finish_completion
-from train_demo import ROOT, read_text, stdlib_sources
+from . import DEMO_MODEL
+from .completion import Completer, Settings
+from .corpus import read_text, stdlib_sources
+from .loading import load_completer
+from .postprocessing import finish_completion
+from replit_lm.replit_lm_tokenizer import ReplitLMTokenizer
 
 CONTEXT_CHARS = 1000
 
@@ -125,10 +127,8 @@ def original_code_parse_rate(tokenizer, prompts, max_new_tokens: int) -> float:
 
 def evaluate(model_path: Path, held_out_files: list[Path], seed: int = 0, prompts: int = 100,
              max_new_tokens: int = 128) -> dict:  # fmt: skip
-    model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=True)
-    loss = held_out_loss(model, tokenizer, held_out_files)
-    completer = Completer(model, tokenizer)
+    completer = load_completer(model_path, device="cpu")
+    loss = held_out_loss(completer.model, completer.tokenizer, held_out_files)
     report = parse_rate(completer, function_prompts(held_out_files, prompts, seed), max_new_tokens=max_new_tokens,
                         batch_size=16, seed=seed)  # fmt: skip
     return {"held_out_loss": round(loss, 4), "held_out_perplexity": round(math.exp(loss), 2), **report}
@@ -136,7 +136,7 @@ def evaluate(model_path: Path, held_out_files: list[Path], seed: int = 0, prompt
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=ROOT / "demo")
+    parser.add_argument("--model", type=Path, default=DEMO_MODEL)
     parser.add_argument("--prompts", type=int, default=100, help="function headers to complete")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="the token budget of a completion")
     parser.add_argument("--original-code", action="store_true",
@@ -146,7 +146,7 @@ def main():
     args = parser.parse_args()
     _, held_out_files = stdlib_sources()
     if args.original_code:
-        tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
+        tokenizer = ReplitLMTokenizer.from_pretrained(args.model)
         prompts = function_prompts(held_out_files, args.prompts, args.seed)
         rate = original_code_parse_rate(tokenizer, prompts, args.max_new_tokens)
         report = {"original_code_parse_rate": rate, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens}
@@ -154,6 +154,3 @@ def main():
         report = evaluate(args.model, held_out_files, args.seed, args.prompts, args.max_new_tokens)
     print(json.dumps(report, indent=2))
 
-
-if __name__ == "__main__":
-    main()

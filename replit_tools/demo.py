@@ -1,11 +1,11 @@
 """Build the embedded demo model in demo/ from scratch: a few-million-parameter ReplitLM trained on this machine.
 
-    python train_demo.py                 # tokenizer + model + evaluation, about 22 minutes on 2 CPU cores
-    python train_demo.py --steps 50      # a quick smoke run
+    python3 -m replit_tools.demo                 # tokenizer + model + evaluation (docs/demo.md: how long it takes)
+    python3 -m replit_tools.demo --steps 50      # a quick smoke run
 
 The data is the standard library of the running Python (freely licensed, present on every machine), split by file
 into train and held-out parts. The tokenizer is a SentencePiece Unigram model trained with the real model's recipe
-(sentencepiece_recipe.py); the model is a small ReplitLM in the exact format of replit-code-v1-3b. Everything is
+(replit_tools/sentencepiece_recipe.py); the model is a small ReplitLM in the exact format of replit-code-v1-3b. Everything is
 seeded (the tokenizer's sampling, the initialisation, the data order); another Python (another standard library),
 torch or sentencepiece gives another model of about the same quality.
 """
@@ -17,37 +17,20 @@ import os
 import shutil
 import sysconfig
 import time
-import zlib
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-import replit_lm_package
+from . import CODE_FILES, DEMO_MODEL, ROOT
+from .corpus import read_text, stdlib_sources
+from .evaluation import evaluate
+from .sentencepiece_recipe import RECIPE, train_sentencepiece
 from replit_lm.configuration_replit_lm import ReplitLMConfig
 from replit_lm.modeling_replit_lm import ReplitLM
 from replit_lm.replit_lm_tokenizer import ReplitLMTokenizer
-from sentencepiece_recipe import RECIPE, train_sentencepiece
 
-ROOT = replit_lm_package.ROOT
 DEMO_SHAPE = dict(d_model=256, n_heads=8, n_layers=4, vocab_size=4096, max_seq_len=1024)
-HELD_OUT_PERCENT = 5
-
-
-def stdlib_sources() -> tuple[list[Path], list[Path]]:
-    """The .py files of the running Python's standard library, split by a hash of their path into train and
-    held-out (the split does not depend on the order files are found in)."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in stdlib.rglob("*.py") if "site-packages" not in p.parts and p.stat().st_size < 500_000)
-    train, held_out = [], []
-    for path in files:
-        bucket = zlib.crc32(str(path.relative_to(stdlib)).encode()) % 100
-        (held_out if bucket < HELD_OUT_PERCENT else train).append(path)
-    return train, held_out
-
-
-def read_text(path: Path) -> str:
-    return path.read_text(encoding="utf-8", errors="replace")
 
 
 def sentences(files: list[Path], max_chars: int = RECIPE["max_sentence_length"] // 4):
@@ -130,13 +113,13 @@ def write_demo_folder(model, tokenizer, out: Path) -> None:
     tokenizer_config["model_max_length"] = model.config.max_seq_len
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     shutil.copy(ROOT / "generation_config.json", out / "generation_config.json")
-    for name in replit_lm_package.CODE_FILES:
+    for name in CODE_FILES:
         (out / name).symlink_to(os.path.relpath(ROOT / name, out.resolve()))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "demo", help="folder to write (replaced)")
+    parser.add_argument("--out", type=Path, default=DEMO_MODEL, help="folder to write (replaced)")
     parser.add_argument("--steps", type=int, default=3000, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -163,8 +146,6 @@ def main():
     train(model, train_stream, args.steps, args.batch_size, args.seq_len, args.lr, args.seed)
     write_demo_folder(model, tokenizer, args.out)
     shutil.rmtree(work)
-
-    from evaluate_completions import evaluate  # it imports this module
 
     report = evaluate(args.out, held_out_files, seed=args.seed)
     report.update(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, train_tokens=len(train_stream))

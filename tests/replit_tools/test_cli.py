@@ -8,8 +8,9 @@ import pytest
 import torch
 from completion_helpers import DEMO, hub_folder, one_torch_thread, run_script, snapshot_folder  # noqa: F401
 
-from generate import Completer, Settings, StreamListener, load_completer
-from postprocessing import DEFAULT_STOP_SEQUENCES, find_stop, truncate
+from replit_tools.completion import Completer, Settings, StreamListener
+from replit_tools.loading import load_completer
+from replit_tools.postprocessing import DEFAULT_STOP_SEQUENCES, find_stop, truncate
 from replit_lm.modeling_replit_lm import ReplitLM
 from replit_lm.replit_lm_tokenizer import ReplitLMTokenizer
 

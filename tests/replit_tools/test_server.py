@@ -12,8 +12,9 @@ import pytest
 from completion_helpers import DEMO, SCRIPT_ENV, hub_folder, one_torch_thread  # noqa: F401
 from conftest import ROOT
 
-from generate import Settings, load_completer
-from postprocessing import DEFAULT_STOP_SEQUENCES
+from replit_tools.completion import Settings
+from replit_tools.loading import load_completer
+from replit_tools.postprocessing import DEFAULT_STOP_SEQUENCES
 
 openai = pytest.importorskip("openai")
 

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from postprocessing import (
+from replit_tools.postprocessing import (
     DEFAULT_STOP_SEQUENCES,
     STOP_EOS,
     STOP_LENGTH,

@@ -1,4 +1,4 @@
-"""evaluate_completions.py: the prompts it builds from held-out files and the measure's ceiling (the files' own
+"""replit_tools/evaluation.py: the prompts it builds from held-out files and the measure's ceiling (the files' own
 code as completions). The demo model's recorded numbers are checked in test_demo.py."""
 
 import ast
@@ -7,8 +7,8 @@ import pytest
 from conftest import ROOT
 from transformers import AutoTokenizer
 
-import evaluate_completions
-from evaluate_completions import function_prompts, original_code_parse_rate
+from replit_tools import evaluation
+from replit_tools.evaluation import function_prompts, original_code_parse_rate
 
 MODULE = '''"""A module docstring long enough to straddle the context limit.
 
@@ -51,7 +51,7 @@ def module_file(tmp_path):
 
 
 def test_prompts_end_with_the_header_and_start_where_a_statement_starts(module_file, monkeypatch):
-    monkeypatch.setattr(evaluate_completions, "CONTEXT_CHARS", 200)
+    monkeypatch.setattr(evaluation, "CONTEXT_CHARS", 200)
     source = module_file.read_text()
     assert "\f\n" in source  # a form feed line, which ast counts as part of a line and str.splitlines as two
     statement_lines = {node.lineno for node in ast.parse(source).body} | {

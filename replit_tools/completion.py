@@ -1,0 +1,234 @@
+"""Code completion with replit-code-v1-3b: the model card's sampling settings and post-processing, for prompts
+completed in one left-padded batch or streamed one after the other. The command line (cli.py), the server
+(server.py) and the evaluation (evaluation.py) all complete through `Completer`."""
+
+from dataclasses import dataclass, replace
+
+import torch
+import transformers
+from transformers import GenerationConfig, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from .postprocessing import (
+    DEFAULT_STOP_SEQUENCES,
+    FinishedCompletion,
+    StopSequenceCriteria,
+    StreamingPostprocessor,
+    completion_ids,
+    decode,
+    finish_completion,
+)
+
+
+class CompletionError(Exception):
+    """A request that cannot be served as given; the message tells the user what to change."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to complete: the model card's sampling settings by default. A temperature of 0 means greedy."""
+
+    max_new_tokens: int = 128
+    greedy: bool = False
+    temperature: float = 0.2
+    top_p: float = 0.95
+    top_k: int = 4
+    num_completions: int = 1
+    stop_sequences: tuple[str, ...] = DEFAULT_STOP_SEQUENCES
+    seed: int | None = None
+
+    def __post_init__(self):
+        checks = (
+            (self.max_new_tokens >= 1, "max new tokens must be at least 1"),
+            (self.num_completions >= 1, "the number of completions must be at least 1"),
+            (self.temperature >= 0, "temperature must be 0 (greedy) or more"),
+            (0 < self.top_p <= 1, "top-p must be in (0, 1]"),
+            (self.top_k >= 0, "top-k must be 0 (no top-k filtering) or more"),
+            (all(self.stop_sequences), "a stop sequence cannot be empty"),
+        )
+        for passed, message in checks:
+            if not passed:
+                raise CompletionError(message)
+
+    @property
+    def do_sample(self) -> bool:
+        return not self.greedy and self.temperature > 0
+
+    def generation_config(self, tokenizer) -> GenerationConfig:
+        sampling = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k) if self.do_sample else {}
+        return GenerationConfig(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=self.do_sample,
+            # Greedy completions of a prompt are all the same: one is computed.
+            num_return_sequences=self.num_completions if self.do_sample else 1,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            # Published snapshots say use_cache=false, a leftover of training; generation needs the cache.
+            use_cache=True,
+            **sampling,
+        )
+
+
+@dataclass(frozen=True)
+class Completion(FinishedCompletion):
+    prompt_index: int
+    index: int  # which of the prompt's completions
+    prompt_tokens: int
+
+
+def reject_empty(prompts: list[str]):
+    """Raise CompletionError unless there are prompts and each has some code."""
+    if not prompts:
+        raise CompletionError("no prompt: give PROMPT, --file PATH, or --file - to read standard input")
+    for number, prompt in enumerate(prompts, start=1):
+        if not prompt.strip():
+            which = "the prompt" if len(prompts) == 1 else f"prompt {number}"
+            raise CompletionError(f"{which} is empty or only whitespace: give the code to complete")
+
+
+@dataclass
+class _Prompts:
+    """Prompts tokenized as one left-padded batch."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    texts: list[str]  # the prompts as the tokenizer gives them back: what the stop rules read before a completion
+    lengths: list[int]  # tokens in each prompt
+
+
+class StreamListener:
+    """Receives streamed completions, one after the other; override what you need."""
+
+    def begin(self, prompt_index: int, index: int):
+        pass
+
+    def text(self, piece: str):
+        pass
+
+    def end(self, completion: Completion):
+        pass
+
+
+class _PostprocessedStreamer(BaseStreamer):
+    """A transformers streamer (batch of one) that passes on the text post-processing lets through, as it is
+    generated. The whole completion is decoded at each step, so spaces and newlines come out exactly."""
+
+    def __init__(self, tokenizer, postprocessor: StreamingPostprocessor, on_text):
+        self.tokenizer = tokenizer
+        self.postprocessor = postprocessor
+        self.on_text = on_text
+        self.generated_ids = None  # the first put() is the prompt
+
+    def put(self, value: torch.Tensor):
+        if self.generated_ids is None:
+            self.generated_ids = []
+            return
+        self.generated_ids.extend(value.reshape(-1).tolist())
+        text = decode(self.tokenizer, completion_ids(self.tokenizer, self.generated_ids))
+        piece = self.postprocessor.update(text)
+        if piece:
+            self.on_text(piece)
+
+    def end(self):
+        pass
+
+
+class Completer:
+    """A model and its tokenizer, completing prompts with the model card's post-processing."""
+
+    def __init__(self, model, tokenizer):
+        """model: a ReplitLM; tokenizer: its ReplitLMTokenizer (or the fast twin)."""
+        self.model = model
+        self.tokenizer = tokenizer
+        self.tokenizer.padding_side = "left"  # batched prompts must end where generation starts
+
+    @property
+    def context_length(self) -> int:
+        return self.model.config.max_seq_len
+
+    def complete(self, prompts: list[str], settings: Settings) -> list[Completion]:
+        """Every prompt completed `settings.num_completions` times, in one batch; prompt by prompt."""
+        self._seed(settings)
+        batch = self._encode(prompts, settings)
+        sequences = self._generate(batch, settings)
+        rows_per_prompt = len(sequences) // len(prompts)
+        completions = []
+        for prompt_index in range(len(prompts)):
+            for index in range(settings.num_completions):
+                generated_ids = sequences[prompt_index * rows_per_prompt + index % rows_per_prompt]
+                completions.append(self._finish(generated_ids, batch, prompt_index, settings, prompt_index, index))
+        return completions
+
+    def stream(self, prompts: list[str], settings: Settings, listener: StreamListener) -> list[Completion]:
+        """Like `complete`, but one completion after the other, its text handed to `listener` as it is generated
+        (sampled completions therefore differ from `complete`'s for the same seed; greedy ones do not)."""
+        self._seed(settings)
+        one_at_a_time = replace(settings, num_completions=1)
+        completions = []
+        for prompt_index, prompt in enumerate(prompts):
+            batch = self._encode([prompt], settings)
+            for index in range(settings.num_completions):
+                listener.begin(prompt_index, index)
+                postprocessor = StreamingPostprocessor(settings.stop_sequences, batch.texts[0])
+                streamer = _PostprocessedStreamer(self.tokenizer, postprocessor, listener.text)
+                sequences = self._generate(batch, one_at_a_time, streamer)
+                completion = self._finish(sequences[0], batch, 0, settings, prompt_index, index)
+                rest = postprocessor.finish(completion.text)
+                if rest:
+                    listener.text(rest)
+                listener.end(completion)
+                completions.append(completion)
+        return completions
+
+    @staticmethod
+    def _seed(settings: Settings):
+        if settings.seed is not None:
+            transformers.set_seed(settings.seed)
+
+    def check_prompts(self, prompts: list[str], settings: Settings):
+        """Raise CompletionError, saying why, unless every prompt can be completed with these settings."""
+        reject_empty(prompts)
+        self._check_lengths([len(ids) for ids in self.tokenizer(prompts)["input_ids"]], settings)
+
+    def _check_lengths(self, lengths: list[int], settings: Settings):
+        for number, length in enumerate(lengths, start=1):
+            if length + settings.max_new_tokens > self.context_length:
+                which = "the prompt" if len(lengths) == 1 else f"prompt {number}"
+                raise CompletionError(
+                    f"{which} is {length} tokens: with {settings.max_new_tokens} new tokens it exceeds the model's "
+                    f"context of {self.context_length} tokens; shorten it or ask for fewer new tokens"
+                )
+
+    def _encode(self, prompts: list[str], settings: Settings) -> _Prompts:
+        """The prompts as one left-padded batch, after checking that each can be completed (tokenized once)."""
+        reject_empty(prompts)
+        encoded = self.tokenizer(prompts, padding=True, return_tensors="pt")
+        lengths = encoded["attention_mask"].sum(dim=1).tolist()
+        self._check_lengths(lengths, settings)
+        return _Prompts(
+            input_ids=encoded["input_ids"].to(self.model.device),
+            attention_mask=encoded["attention_mask"].to(self.model.device),
+            texts=[decode(self.tokenizer, ids) for ids in encoded["input_ids"].tolist()],
+            lengths=lengths,
+        )
+
+    def _generate(self, batch: _Prompts, settings: Settings, streamer: BaseStreamer | None = None) -> torch.Tensor:
+        """The generated ids, (prompts * completions generated per prompt, new tokens), a prompt's rows together."""
+        prompt_length = batch.input_ids.shape[1]
+        stopping = StoppingCriteriaList()
+        if settings.stop_sequences:
+            stopping.append(StopSequenceCriteria(self.tokenizer, prompt_length, settings.stop_sequences))
+        with torch.inference_mode():
+            sequences = self.model.generate(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                generation_config=settings.generation_config(self.tokenizer),
+                stopping_criteria=stopping,
+                streamer=streamer,
+            )
+        return sequences[:, prompt_length:].cpu()
+
+    def _finish(self, generated_ids, batch: _Prompts, row: int, settings: Settings, prompt_index: int, index: int):
+        """The post-processed completion of the batch's prompt `row`, numbered (prompt_index, index)."""
+        finished = finish_completion(self.tokenizer, generated_ids, settings.stop_sequences, batch.texts[row])
+        return Completion(**vars(finished), prompt_index=prompt_index, index=index, prompt_tokens=batch.lengths[row])

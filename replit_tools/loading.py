@@ -1,0 +1,112 @@
+"""Loading a model folder for the tools: one path for the command line, the server and the evaluation.
+
+A folder laid out like the Hub repository, a downloaded snapshot of replit/replit-code-v1-3b as it is (either config
+schema; its own code files are never run: this repository's classes load it), or a Hub id when the Hub is reachable.
+"""
+
+import argparse
+import re
+from pathlib import Path
+
+import torch
+import transformers
+from huggingface_hub.utils import logging as hub_logging
+
+from . import DEMO_MODEL
+from .completion import Completer, CompletionError
+from replit_lm.modeling_replit_lm import ReplitLM
+from replit_lm.replit_lm_tokenizer import ReplitLMTokenizer
+
+# A Hub id (owner/name), tried on the Hub when no such local folder exists.
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_source(model: str | Path) -> Path | str:
+    """A local model folder, checked to hold a model, or a Hub id to load from the Hub (or its local cache)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        for required in ("config.json", "spiece.model"):
+            if not (path / required).is_file():
+                raise CompletionError(f"{model} is not a model folder: it has no {required}")
+        return path
+    if path.exists():
+        raise CompletionError(f"the model must be a folder: {model}")
+    if path == DEMO_MODEL:
+        raise CompletionError(f"the demo model is missing: {DEMO_MODEL} (python -m replit_tools.demo builds it)")
+    if not HUB_ID.fullmatch(str(model)):
+        raise CompletionError(f"model folder not found: {model}")
+    return str(model)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise CompletionError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise CompletionError(f"device {device!r} asked for, but CUDA is not available here")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise CompletionError(f"device {device!r} asked for, but MPS is not available here")
+    return resolved
+
+
+def load_completer(
+    model: str | Path = DEMO_MODEL,
+    device: str = "auto",
+    dtype: str = "auto",
+    attn_impl: str | None = None,
+    weight_quantization: str | None = None,
+) -> Completer:
+    """Load a model folder (or Hub id) with this repository's classes, whatever code and auto_map it ships."""
+    source = model_source(model)
+    torch_device = resolve_device(device)
+    if dtype == "auto":
+        dtype = "bfloat16" if torch_device.type == "cuda" else "float32"
+    # Config fields given to from_pretrained override config.json (None: keep the folder's).
+    overrides = {"attn_impl": attn_impl, "weight_quantization": weight_quantization}
+    overrides = {name: value for name, value in overrides.items() if value is not None}
+    # Our classes read the folder's config.json (ReplitLMConfig takes the published MPT schema and the May 2023
+    # release schema alike) and spiece.model; the code files and auto_map of a snapshot are never consulted.
+    try:
+        loaded = ReplitLM.from_pretrained(source, dtype=DTYPES[dtype], **overrides)
+        tokenizer = ReplitLMTokenizer.from_pretrained(source)
+    except OSError as error:
+        if isinstance(source, Path):
+            raise
+        message = f"model folder not found: {model} (nor on the Hugging Face Hub: {one_line(error)})"
+        raise CompletionError(message) from error
+    return Completer(loaded.to(torch_device).eval(), tokenizer)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser):
+    """The options that choose and load the model, shared with serve.py."""
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        default=str(DEMO_MODEL),
+        help="a model folder laid out like the Hub repository, a downloaded snapshot of replit/replit-code-v1-3b, "
+        "or a Hub id (default: the embedded demo model, demo/ beside this script)",
+    )
+    group.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N or mps")
+    group.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on CUDA, or float32")
+    group.add_argument("--attn-impl", choices=["torch", "triton"], help="attention implementation (default: config's)")
+    group.add_argument("--weight-quantization", choices=["int8", "int4"], help="quantize the weights as they load")
+
+
+def load_from_arguments(args: argparse.Namespace) -> Completer:
+    return load_completer(args.model, args.device, args.dtype, args.attn_impl, args.weight_quantization)
+
+
+def quiet_libraries():
+    """Only errors from transformers and the Hub client: no progress bars, no retry or deprecation warnings."""
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    hub_logging.set_verbosity_error()
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (transformers' messages often span several)."""
+    return " ".join(str(error).split()) or type(error).__name__
