@@ -20,7 +20,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .attention import ATTENTION_BACKENDS, AttentionMask, additive_bias, alibi_bias_table, alibi_slopes, key_ranges
 from .configuration_replit_lm import ReplitLMConfig
-from .quantization import QuantizedLinear, quantize_linear_layers
+from .quantization import QuantizedLinear, RoutedLinear, quantize_linear_layers
 
 # transformers 4.x copies into its module cache only the files that this file imports itself, not their imports.
 from .triton_flash_attn import flash_attn_alibi  # noqa: F401
@@ -72,30 +72,6 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x, self.normalized_shape, self.weight, None, self.eps)
 
 
-SMALL_BATCH_ROWS = 64
-
-
-class MatVecLinear(nn.Linear):
-    """nn.Linear that multiplies a few rows of bfloat16 activations on the CPU as matrix-vector products.
-
-    Decoding multiplies every weight by one row per sequence, and for that shape F.linear is not always torch's
-    fastest CPU route: torch.mv (one row) and W @ x^T (up to SMALL_BATCH_ROWS rows) can read the weights faster.
-    Beyond that many rows every route is the same compute-bound matrix product; float32 keeps F.linear. The measured
-    speeds, per CPU, are in docs/cpu.md.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == self.weight.dtype == torch.bfloat16 and x.device.type == "cpu" and self.bias is None:
-            rows = x.numel() // self.in_features
-            if rows == 1:
-                return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], self.out_features)
-            if rows <= SMALL_BATCH_ROWS:
-                # (out, rows) -> (rows, out), made contiguous: SDPA's fused CPU kernel needs unit stride in q.
-                out = torch.matmul(self.weight, x.reshape(rows, self.in_features).t()).t().contiguous()
-                return out.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight, self.bias)
-
-
 class ReplitAttention(nn.Module):
     def __init__(self, config: ReplitLMConfig, layer_idx: int):
         super().__init__()
@@ -105,8 +81,8 @@ class ReplitAttention(nn.Module):
         self.softmax_scale = config.softmax_scale or 1.0 / math.sqrt(self.head_dim)
         self.clip_qkv = config.attn_clip_qkv
         self.config = config  # attn_impl is read per call, so that setting it on the config switches backends
-        self.Wqkv = MatVecLinear(config.d_model, 3 * config.d_model, bias=False)
-        self.out_proj = MatVecLinear(config.d_model, config.d_model, bias=False)
+        self.Wqkv = RoutedLinear(config.d_model, 3 * config.d_model, bias=False)
+        self.out_proj = RoutedLinear(config.d_model, config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, mask: AttentionMask, cache: Cache | None, output_attentions: bool):
         batch, q_len, d_model = x.shape
@@ -130,8 +106,8 @@ class ReplitAttention(nn.Module):
 class ReplitMLP(nn.Module):
     def __init__(self, config: ReplitLMConfig):
         super().__init__()
-        self.up_proj = MatVecLinear(config.d_model, config.mlp_ratio * config.d_model, bias=False)
-        self.down_proj = MatVecLinear(config.mlp_ratio * config.d_model, config.d_model, bias=False)
+        self.up_proj = RoutedLinear(config.d_model, config.mlp_ratio * config.d_model, bias=False)
+        self.down_proj = RoutedLinear(config.mlp_ratio * config.d_model, config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.gelu(self.up_proj(x)))
@@ -394,7 +370,7 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
     def __init__(self, config: ReplitLMConfig):
         super().__init__(config)
         self.transformer = ReplitLMModel(config)
-        self.lm_head = MatVecLinear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = RoutedLinear(config.d_model, config.vocab_size, bias=False)
         self.post_init()
 
     def get_input_embeddings(self):

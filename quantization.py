@@ -1,26 +1,33 @@
-"""Weight quantization for CPU inference: ReplitLM's Linear layers as int8 or int4 weights on PyTorch's CPU kernels.
+"""CPU kernels for ReplitLM's Linear layers: each product goes through the route measured fastest on the machine at
+hand, and the weights can be quantized to int8 or int4.
+
+Decoding a token reads every weight once, so its speed is bytes per weight over memory bandwidth, unless the kernel
+cannot keep up with the memory; which of torch's CPU kernels keeps up differs between CPUs (AMX, AVX512-VNNI,
+AVX2) and with the number of rows (one per sequence when decoding, thousands in a prompt). So no route is fixed
+here: `ROUTES` times the routes of a layer's shape once per number-of-rows bucket (`ROW_BUCKETS`), the plain
+baseline first, and each layer of that shape then takes the fastest. The choices are kept per CPU model, torch
+version and thread count in a small JSON file (`ROUTE_CACHE_ENV`). docs/cpu.md has the measurements.
+
+- `RoutedLinear` (float weights): F.linear, torch.mv for one row, or W @ x^T for a few rows.
+- `Int8Linear`: int8 weights per output channel; oneDNN's int8 matmul with activations quantized per row on the
+  fly, the int8 weight-only kernel, or the weight dequantized to the activations' dtype.
+- `Int4Linear`: int4 weights in groups of `INT4_GROUP_SIZE` input channels with a scale and a zero point per
+  group; the int4 kernel, or the weight dequantized to bfloat16.
 
 `from_pretrained(path, trust_remote_code=True, weight_quantization="int8")` (or "int4") loads the checkpoint in
-bfloat16 and replaces every Linear layer, the LM head included, by one of the modules below, one layer at a time.
-The token embedding stays bfloat16 (a lookup reads a few rows, not the matrix).
-
-Decoding a token reads every weight once, so speed is bytes per weight over memory bandwidth, unless the kernel
-cannot keep up with the memory. The routes, and why each is taken where it is (docs/cpu.md has the measurements,
-with the machines named):
-- "int8": int8 weights per output channel, and activations quantized to int8 per token on the fly, through
-  oneDNN's int8 matmul (AMX/VNNI) at every batch size, `ONEDNN_INT8_CHUNK_ROWS` rows at a time. Where torch has no
-  oneDNN int8 matmul (not an x86 build), the int8 weight-only kernel runs instead (more accurate, slower).
-- "int4": int4 weights in groups of `INT4_GROUP_SIZE` input channels, with a scale and a zero point per group,
-  through the int4 kernel up to `INT4_KERNEL_MAX_ROWS` rows; a longer prompt instead dequantizes the weight to
-  bfloat16 and multiplies on the bfloat16 path, since the kernel dequantizes the weight again for every few rows.
-
-A quantized model cannot be saved (the oneDNN weight is an opaque tensor): save the original checkpoint and pass
-`weight_quantization` again when loading it.
+bfloat16 and replaces every Linear layer, the LM head included, one layer at a time. The token embedding stays
+bfloat16 (a lookup reads a few rows, not the matrix). A quantized model cannot be saved (the oneDNN weight is an
+opaque tensor): save the original checkpoint and pass `weight_quantization` again when loading it.
 """
 
 import ctypes
 import functools
+import json
+import os
+import platform
 import sys
+import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -36,9 +43,169 @@ of the int4 packing's row blocks, 64 with AVX512 and 32 with AVX2, so that chunk
 ONEDNN_INT8_CHUNK_ROWS = 256
 """Rows that go through oneDNN's int8 matmul at a time, so that the float32 output and the per-row scaling of a long
 prompt stay in cache."""
-INT4_KERNEL_MAX_ROWS = 160
-"""Above this many rows (batch x new tokens) an int4 layer dequantizes its weight once and runs in bfloat16: the
-kernel dequantizes it again for every few rows, which costs more than one dequantization beyond about this many."""
+
+
+ROW_BUCKETS = (1, 8, 64, 512)
+"""Rows (batch x new tokens) at which routes are timed; a product of r rows takes the choice of the first bucket
+of at least r rows (the last bucket's beyond it)."""
+ROUTE_CACHE_ENV = "REPLIT_LM_ROUTE_CACHE"
+"""The file that keeps route choices between runs (default ~/.cache/replit_lm/cpu_routes.json); "off" keeps them
+in memory only."""
+TIMING_REPEATS = 3
+LONG_CALL_SECONDS = 0.05
+
+
+def row_bucket(rows: int) -> int:
+    return next((bucket for bucket in ROW_BUCKETS if rows <= bucket), ROW_BUCKETS[-1])
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def _time_call(fn, x: torch.Tensor, repeats: int) -> float:
+    """The fastest of up to `repeats` calls of fn(x), in seconds; a call longer than LONG_CALL_SECONDS is not
+    repeated (its noise is small next to it, and the measurement stays short)."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(x)
+        best = min(best, time.perf_counter() - start)
+        if best > LONG_CALL_SECONDS:
+            break
+    return best
+
+
+class RouteChooser:
+    """Chooses, per layer shape, activation dtype and row bucket, the fastest route that computes a layer's product.
+
+    A layer offers `routes(rows)`: route names in order, its plain baseline first. The first time a shape is seen,
+    every bucket is timed on that layer with random activations: the baseline at the bucket's rows, then each other
+    route at growing row counts, dropped as soon as it is slower than the baseline already (so that a route that is
+    very slow on this CPU costs one short call, not a long one), else timed at the bucket's rows. A route that
+    raises is dropped. The baseline wins ties, so nothing is ever slower than it by more than the timing noise.
+    """
+
+    def __init__(self):
+        self.choices: dict[str, dict[int, str]] = {}  # shape key -> bucket -> route
+        self.timer = _time_call  # tests replace it with fake timings
+        self._loaded_from: Path | None = None
+
+    def plan(self, layer, dtype: torch.dtype) -> dict[int, str]:
+        """The route of each row bucket for `layer` with activations of `dtype`, measured on first use."""
+        key = f"{type(layer).__name__} {layer.out_features}x{layer.in_features} {str(dtype).removeprefix('torch.')}"
+        if key not in self.choices:
+            self._load()
+            if key not in self.choices:
+                self.choices[key] = {bucket: self.measure(layer, dtype, bucket) for bucket in ROW_BUCKETS}
+                self._save()
+        return self.choices[key]
+
+    @torch.no_grad()
+    def measure(self, layer, dtype: torch.dtype, bucket: int) -> str:
+        generator = torch.Generator().manual_seed(0)
+        inputs = {rows: torch.randn(rows, layer.in_features, generator=generator).to(dtype) for rows in ROW_BUCKETS}
+        baseline, *others = layer.routes(bucket)
+        limit = self.timer(layer.route_function(baseline), inputs[bucket], TIMING_REPEATS)
+        best, best_time = baseline, limit
+        for route in others:
+            function = layer.route_function(route)
+            try:
+                for rows in (r for r in ROW_BUCKETS if r < bucket and route in layer.routes(r)):
+                    if self.timer(function, inputs[rows], 1) > limit:  # more rows never take less time
+                        break
+                else:
+                    seconds = self.timer(function, inputs[bucket], TIMING_REPEATS)
+                    if seconds < best_time:
+                        best, best_time = route, seconds
+            except RuntimeError:  # not available in this torch build, or not for this shape
+                continue
+        return best
+
+    def _cache_file(self) -> Path | None:
+        setting = os.environ.get(ROUTE_CACHE_ENV, "")
+        if setting == "off":
+            return None
+        return Path(setting) if setting else Path.home() / ".cache" / "replit_lm" / "cpu_routes.json"
+
+    def _machine(self) -> str:
+        return f"{_cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+
+    def _load(self):
+        path = self._cache_file()
+        if path is None or path == self._loaded_from:
+            return
+        self._loaded_from = path
+        try:
+            stored = json.loads(path.read_text()).get(self._machine(), {})
+        except (OSError, ValueError, AttributeError):
+            return  # no file yet, or one that is not ours: measure again
+        for key, plan in stored.items():
+            self.choices.setdefault(key, {int(bucket): route for bucket, route in plan.items()})
+
+    def _save(self):
+        path = self._cache_file()
+        if path is None:
+            return
+        try:
+            stored = json.loads(path.read_text()) if path.exists() else {}
+        except ValueError:
+            stored = {}
+        stored[self._machine()] = self.choices
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_suffix(f".{os.getpid()}.tmp")
+            temporary.write_text(json.dumps(stored, indent=1, sort_keys=True))
+            temporary.replace(path)
+        except OSError:
+            pass  # a read-only home: the choices stay in memory
+
+
+ROUTES = RouteChooser()
+
+
+def _routed(layer, x: torch.Tensor) -> torch.Tensor:
+    """layer's product with x (..., in_features) through the route chosen for its shape and x's rows."""
+    x2d = x.reshape(-1, layer.in_features)
+    route = ROUTES.plan(layer, x.dtype)[row_bucket(x2d.shape[0])]
+    if route not in layer.routes(x2d.shape[0]):
+        route = layer.routes(x2d.shape[0])[0]
+    return layer.route_function(route)(x2d).reshape(*x.shape[:-1], layer.out_features)
+
+
+class RoutedLinear(nn.Linear):
+    """nn.Linear (no bias) whose bfloat16 and float16 CPU inference takes the route measured fastest for its shape
+    (see RouteChooser): F.linear, torch.mv for one row, or W @ x^T for a few rows. float32 (F.linear already reads
+    its weights at the memory's speed there, and stays bit for bit what the reference computes), training, other
+    devices and layers with a bias use F.linear."""
+
+    SMALL_ROWS = 64
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            x.device.type != "cpu"
+            or self.bias is not None
+            or x.dtype != self.weight.dtype
+            or x.dtype == torch.float32
+            or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+        ):
+            return F.linear(x, self.weight, self.bias)
+        return _routed(self, x)
+
+    def routes(self, rows: int) -> list[str]:
+        return ["linear"] + (["mv"] if rows == 1 else []) + (["matmul_t"] if rows <= self.SMALL_ROWS else [])
+
+    def route_function(self, route: str):
+        if route == "mv":
+            return lambda x: torch.mv(self.weight, x.view(-1)).view(1, -1)
+        if route == "matmul_t":
+            # (out, rows) -> (rows, out), made contiguous: SDPA's fused CPU kernel needs unit stride in q.
+            return lambda x: torch.matmul(self.weight, x.t()).t().contiguous()
+        return lambda x: F.linear(x, self.weight)
 
 
 def _has_onednn_int8() -> bool:
@@ -64,14 +231,16 @@ class QuantizedLinear(nn.Module):
 class Int8Linear(QuantizedLinear):
     """int8 weights with one float32 scale per output channel: weight ~= q * scale[:, None].
 
-    With oneDNN (`use_onednn`), activations are quantized too, symmetrically per row (token):
-    x ~= xq * x_scale, xq = round(x / x_scale) in [-127, 127], x_scale = max|x| / 127. The int32 products are then
-    exact, so the error is that of rounding the weights and the activations.
+    Routes: "dequantize" (the weight in the activations' dtype, then F.linear: the baseline), "weight_only" (torch's
+    int8 weight-only kernel) and, where torch has oneDNN's int8 matmul, "onednn": activations quantized too,
+    symmetrically per row (token), x ~= xq * x_scale, xq = round(x / x_scale) in [-127, 127], x_scale = max|x| / 127,
+    so that the int32 products are exact and the error is that of rounding the weights and the activations. Each
+    layer keeps only the weight layouts its chosen routes read: the plain int8 matrix, oneDNN's blocked copy, or both.
     """
 
-    def __init__(self, weight: torch.Tensor, use_onednn: bool | None = None):
+    def __init__(self, weight: torch.Tensor):
         super().__init__(weight.shape[1], weight.shape[0])
-        self.use_onednn = _has_onednn_int8() if use_onednn is None else use_onednn
+        self.onednn_available = _has_onednn_int8()
         scale = torch.empty(self.out_features)
         q = torch.empty(self.out_features, self.in_features, dtype=torch.int8)
         for rows in _row_chunks(self.out_features):
@@ -79,37 +248,64 @@ class Int8Linear(QuantizedLinear):
             scale[rows] = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
             q[rows] = w.div_(scale[rows, None]).round_().clamp_(-127, 127)
         self.register_buffer("scale", scale, persistent=False)  # (out,)
-        if self.use_onednn:
-            # Reordered into oneDNN's blocked layout once (an opaque MKLDNN tensor); the hint is the decode shape.
-            self.register_buffer("packed", torch.ops.onednn.qlinear_prepack(q, [1, self.in_features]), persistent=False)
-            self.register_buffer("zero_points", torch.zeros(self.out_features, dtype=torch.int64), persistent=False)
-            self._one, self._zero = torch.tensor(1.0), torch.tensor(0)
-        else:
-            self.register_buffer("qweight", q, persistent=False)
-            self._scale_cache = {}  # the weight-only kernel wants the scales in the activations' dtype
+        self.register_buffer("qweight", q, persistent=False)  # (out, in); None once no chosen route reads it
+        self.packed = None  # oneDNN's blocked layout of qweight, made when that route is first used
+        self._scale_cache = {}  # the weight-only kernel wants the scales in the activations' dtype
+        self._planned_dtypes = set()
+
+    def routes(self, rows: int) -> list[str]:
+        return ["dequantize", "weight_only"] + (["onednn"] if self.onednn_available else [])
+
+    def route_function(self, route: str):
+        if route == "onednn":
+            return self._onednn_in_chunks
+        if route == "weight_only":
+            return lambda x: torch.ops.aten._weight_int8pack_mm(x, self._plain(), self._scales_as(x.dtype))
+        # The per-channel scale commutes with the product.
+        return lambda x: F.linear(x, self._plain().to(x.dtype)) * self._scales_as(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, self.in_features).contiguous()  # (rows, in)
-        if self.use_onednn and x.shape[0] <= ONEDNN_INT8_CHUNK_ROWS:
-            out = self._onednn(x)
-        elif self.use_onednn:
-            out = torch.cat([self._onednn(rows) for rows in x.split(ONEDNN_INT8_CHUNK_ROWS)])
-        elif x.shape[0] == 1:
-            out = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self._scales_as(x.dtype))
-        else:
-            # The weight-only kernel is slower than bfloat16 beyond one row: dequantize instead (the per-channel
-            # scale commutes with the product).
-            out = F.linear(x, self.qweight.to(x.dtype)) * self._scales_as(x.dtype)
-        return out.view(*shape[:-1], self.out_features)
+        out = _routed(self, x.contiguous())
+        if x.dtype not in self._planned_dtypes:
+            self._planned_dtypes.add(x.dtype)
+            self._keep_layouts_of(ROUTES.plan(self, x.dtype).values())
+        return out
+
+    def _keep_layouts_of(self, routes):
+        """Drop the weight layout that none of the chosen routes reads (both are made again if ever needed)."""
+        if all(route == "onednn" for route in routes):
+            self._packed()
+            self.qweight = None
+        elif "onednn" not in routes:
+            self._plain()
+            self.packed = None
+
+    def _plain(self) -> torch.Tensor:
+        if self.qweight is None:
+            self.qweight = self.packed.to_dense().t().contiguous()
+        return self.qweight
+
+    def _packed(self) -> torch.Tensor:
+        if self.packed is None:
+            # Reordered into oneDNN's blocked layout once (an opaque MKLDNN tensor); the hint is the decode shape.
+            self.packed = torch.ops.onednn.qlinear_prepack(self.qweight, [1, self.in_features])
+            self._zero_points = torch.zeros(self.out_features, dtype=torch.int64)
+            self._one, self._zero = torch.tensor(1.0), torch.tensor(0)
+        return self.packed
+
+    def _onednn_in_chunks(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= ONEDNN_INT8_CHUNK_ROWS:
+            return self._onednn(x)
+        return torch.cat([self._onednn(rows) for rows in x.split(ONEDNN_INT8_CHUNK_ROWS)])
 
     def _onednn(self, x: torch.Tensor) -> torch.Tensor:
+        packed = self._packed()
         x_scale = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True, dtype=torch.float32)  # (rows, 1)
         x_scale = x_scale.clamp_(min=torch.finfo(torch.float32).tiny) / 127
         xq = torch.round(x / x_scale).to(torch.int8)  # (rows, in)
         # oneDNN takes one activation scale per tensor: pass 1 and apply the per-row scales to the output.
         out = torch.ops.onednn.qlinear_pointwise.tensor(
-            xq, self._one, self._zero, self.packed, self.scale, self.zero_points,
+            xq, self._one, self._zero, packed, self.scale, self._zero_points,
             None, 1.0, 0, torch.float32, "none", [], "",
         )  # fmt: skip
         return (out * x_scale).to(x.dtype)  # (rows, out)
@@ -120,8 +316,7 @@ class Int8Linear(QuantizedLinear):
         return self._scale_cache[dtype]
 
     def dequantized_weight(self) -> torch.Tensor:
-        q = self.packed.to_dense().t() if self.use_onednn else self.qweight  # (out, in) int8
-        return q.float() * self.scale[:, None]
+        return self._plain().float() * self.scale[:, None]
 
 
 class Int4Linear(QuantizedLinear):
@@ -129,6 +324,10 @@ class Int4Linear(QuantizedLinear):
     weight ~= (q - 8) * scale + zero with q in [0, 15], where [zero - 8 * scale, zero + 7 * scale] spans the group's
     range. scales_and_zeros: (in / group_size, padded out, 2) bfloat16, the kernel's layout; the kernel works in
     blocks of 16 output channels, so the weight gets zero rows up to a multiple of 16 (a small vocabulary's LM head).
+
+    Routes: "dequantize" (the weight unpacked to bfloat16, then F.linear: the baseline, where this torch's packed
+    layout is one `_unpack_int4` knows) and "kernel" (torch's int4 kernel, which dequantizes as it multiplies).
+    Both compute in bfloat16.
     """
 
     def __init__(self, weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE):
@@ -154,19 +353,23 @@ class Int4Linear(QuantizedLinear):
         self.register_buffer("packed", torch.cat(packed), persistent=False)  # (padded out, in / 2) uint8
         scales_and_zeros = torch.cat(scales_and_zeros).transpose(0, 1).contiguous()  # (groups, padded out, 2)
         self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)
-        # Whether this torch's packed layout is one `_unpack_int4` knows (else long prompts use the kernel too).
         self.can_unpack = _int4_layout() is not None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape, dtype = x.shape, x.dtype
-        x = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # vectorised for bfloat16 only
-        if x.shape[0] <= INT4_KERNEL_MAX_ROWS or not self.can_unpack:
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
+    def routes(self, rows: int) -> list[str]:
+        return ["dequantize", "kernel"] if self.can_unpack else ["kernel"]
+
+    def route_function(self, route: str):
+        if route == "kernel":
+            product = lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(  # noqa: E731
+                x, self.packed, self.group_size, self.scales_and_zeros
+            )
         else:
-            out = F.linear(x, self._dequantize(torch.bfloat16))
-        if self.padded_out != self.out_features:
-            out = out[:, : self.out_features]
-        return out.to(dtype).reshape(*shape[:-1], self.out_features)
+            product = lambda x: F.linear(x, self._dequantize(torch.bfloat16))  # noqa: E731
+        # Both are vectorised for bfloat16 only; padding rows of the weight are cut off the output.
+        return lambda x: product(x.to(torch.bfloat16))[:, : self.out_features].to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _routed(self, x.contiguous())
 
     def _dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight in `dtype`, padding rows included. (padded out, in)"""

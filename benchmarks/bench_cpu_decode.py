@@ -1,7 +1,7 @@
 """CPU generation speed of ReplitLM against transformers' MptForCausalLM, on the same random weights, in one run.
 
 Random weights of the real replit-code-v1-3b shape (2.6B parameters, 32 layers; `--layers N` for a quicker run),
-batch 1 and 8, prompts of 64 and 1024 tokens. For every model it prints the time to first token, the decode speed,
+batch 1 and 8, prompts of 64, 512 and 1024 tokens. For every model it prints the time to first token, the decode speed,
 the peak memory, and the weight bandwidth that decoding achieved (the bytes of every matrix a decode step reads,
 times steps per second) against a memory-read bandwidth measured in the same run.
 
@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from replit_tools.mpt_reference import mpt_config  # noqa: E402  (also registers the package `replit_lm`)
 from replit_lm.configuration_replit_lm import ReplitLMConfig  # noqa: E402
 from replit_lm.modeling_replit_lm import ReplitLM  # noqa: E402
-from replit_lm.quantization import QuantizedLinear  # noqa: E402
+from replit_lm.quantization import ROUTES, ROW_BUCKETS, QuantizedLinear  # noqa: E402
 
 GB = 1e9
 
@@ -190,14 +190,29 @@ def replit_sharing(model: ReplitLM, weight_quantization: str) -> ReplitLM:
 # --- the run ---------------------------------------------------------------------------------------------------
 
 
+# The instruction-set extensions that decide which CPU kernels are fast.
+KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+
+
 def machine_description() -> str:
-    cpu = platform.processor() or platform.machine()
+    cpu, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            lines = f.read().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+        flags = set(next(line.split(":", 1)[1].split() for line in lines if line.startswith("flags")))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    present = " ".join(flag for flag in KERNEL_FLAGS if flag in flags) or "unknown"
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; flags: {present}"
+
+
+def print_routes():
+    """The kernel route each layer shape took per row bucket (quantization.RouteChooser), measured in this run."""
+    print("\n| layer | " + " | ".join(f"{bucket} rows" for bucket in ROW_BUCKETS) + " |")
+    print("|---|" + "---|" * len(ROW_BUCKETS))
+    for key, plan in sorted(ROUTES.choices.items()):
+        print(f"| {key} | " + " | ".join(plan[bucket] for bucket in ROW_BUCKETS) + " |")
 
 
 def logits_of(model, windows: torch.Tensor, batch: int = 8) -> torch.Tensor:
@@ -243,7 +258,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=32, help="transformer blocks (32: the real model)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--prompt", type=int, nargs="+", default=[64, 1024], help="prompt lengths in tokens")
+    parser.add_argument("--prompt", type=int, nargs="+", default=[64, 512, 1024], help="prompt lengths in tokens")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per sequence")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved runs per model; the best is kept")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -284,6 +299,12 @@ def main():
             models[f"MptForCausalLM {str(dtype)[6:]}"] = mpt_sharing(base)
         for name in ours:
             models[f"ReplitLM {name}"] = base if name in ("float32", "bfloat16") else replit_sharing(base, name)
+        for name, model in models.items():
+            if name.startswith("ReplitLM"):  # the kernel routes are measured on first use: not in the timings
+                started = time.perf_counter()
+                with torch.inference_mode():
+                    model(torch.tensor([[5]]))
+                print(f"  {name}: kernel routes measured in {time.perf_counter() - started:.1f} s", file=sys.stderr)
         for batch in args.batch:
             for prompt in args.prompt:
                 generator = torch.Generator().manual_seed(batch * 10_000 + prompt)
@@ -311,6 +332,7 @@ def main():
         gc.collect()
 
     print_table(rows, bandwidth)
+    print_routes()
 
 
 def print_table(rows, bandwidth: float):

@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from .completion import Completion, CompletionError, Settings, StreamListener, reject_empty
+from .completion import CompletionError, Settings, StreamListener, reject_empty
 from .loading import add_model_arguments, load_from_arguments, one_line, quiet_libraries
 from .postprocessing import DEFAULT_STOP_SEQUENCES
 

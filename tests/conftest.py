@@ -11,6 +11,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# CPU kernel routes are measured per process (quantization.RouteChooser), never stored in the user's cache.
+os.environ.setdefault("REPLIT_LM_ROUTE_CACHE", "off")
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "replit-code-v1-3b"
 sys.path.insert(0, str(ROOT))

@@ -1,17 +1,16 @@
-"""The CPU decode path: faster matrix-vector routes, the preallocated generation cache, masks built once, logits only
-where generate needs them. Each fast path is checked against the float32 MptForCausalLM reference or against the
-plain path it replaces; nothing here times anything."""
+"""The CPU decode path: the preallocated generation cache, masks built once, logits only where generate needs them
+(the Linear layers' kernel routes are tested in test_quantization.py). Each fast path is checked against the
+float32 MptForCausalLM reference or against the plain path it replaces; nothing here times anything."""
 
 from unittest import mock
 
 import pytest
 import torch
-import torch.nn.functional as F
 from model_helpers import VOCAB, model_pair
 from transformers import DynamicCache, GenerationConfig, GenerationMixin, StaticCache
 
 from replit_lm.attention import AttentionMask, additive_bias, alibi_bias_table, alibi_slopes
-from replit_lm.modeling_replit_lm import CACHE_FIELD, SMALL_BATCH_ROWS, MatVecLinear
+from replit_lm.modeling_replit_lm import CACHE_FIELD
 
 ATOL = 1e-4
 
@@ -26,30 +25,6 @@ def left_padded(lengths, total, seed):
     for row, n in enumerate(lengths):
         mask[row, total - n :] = 1
     return ids.masked_fill(mask == 0, 2), mask
-
-
-@pytest.mark.parametrize("rows", [1, 3, SMALL_BATCH_ROWS, SMALL_BATCH_ROWS + 1])
-def test_bfloat16_linear_routes_match_f_linear(rows):
-    torch.manual_seed(0)
-    layer = MatVecLinear(96, 80, bias=False).to(torch.bfloat16)
-    x = torch.randn(rows, 1, 96, dtype=torch.bfloat16)
-    out = layer(x)
-    expected = x.float() @ layer.weight.float().t()
-    assert out.shape == (rows, 1, 80) and out.dtype == torch.bfloat16 and out.is_contiguous()
-    # Both sum in float32 and round once to bfloat16.
-    torch.testing.assert_close(out.float(), expected, atol=0.02, rtol=0.01)
-    # float32 keeps F.linear exactly.
-    layer32 = layer.float()
-    assert torch.equal(layer32(x.float()), F.linear(x.float(), layer32.weight))
-
-
-def test_bfloat16_linear_routes_have_gradients():
-    torch.manual_seed(0)
-    layer = MatVecLinear(32, 16, bias=False).to(torch.bfloat16)
-    for rows in (1, 4):
-        x = torch.randn(rows, 32, dtype=torch.bfloat16, requires_grad=True)
-        layer(x).float().sum().backward()
-        torch.testing.assert_close(x.grad.float(), layer.weight.float().sum(0).expand(rows, -1), atol=0.05, rtol=0.02)
 
 
 @pytest.mark.parametrize("q_len,kv_len", [(1, 1), (1, 9), (4, 9), (9, 9)])

@@ -1,12 +1,15 @@
-"""int8 and int4 weight quantization (quantization.py): the layers against float math, the packed int4 layout, the
-whole model against bfloat16, and loading with from_pretrained(..., weight_quantization=...)."""
+"""CPU kernels of the Linear layers (quantization.py): every route against float math, the choice of routes by
+measurement (fake timings), int8 and int4 weights, the packed int4 layout, the whole model against bfloat16, and
+loading with from_pretrained(..., weight_quantization=...)."""
 
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import ROOT
 from model_helpers import VOCAB, model_pair, write_hub_folder
 from test_loading import mpt_config, published_state_dict
@@ -16,13 +19,15 @@ import replit_lm.quantization as quantization
 from replit_lm.configuration_replit_lm import ReplitLMConfig
 from replit_lm.modeling_replit_lm import ReplitLM
 from replit_lm.quantization import (
-    INT4_KERNEL_MAX_ROWS,
     Int4Linear,
     Int8Linear,
     QuantizedLinear,
+    RouteChooser,
+    RoutedLinear,
     _int4_layout,
     _unpack_int4,
     int4_group_size,
+    row_bucket,
 )
 
 
@@ -43,26 +48,191 @@ def gaussian(out_features, in_features, seed=0):
 
 # --- layers ----------------------------------------------------------------------------------------------------
 
-# Relative error of the layer output against float32 math, for Gaussian weights and activations: int8 rounds each
-# weight to 1/254 of its row's range (about 0.7%), plus about 0.8% for the activations on oneDNN's route; int4
-# rounds to 1/15 of its group's range (about 9%).
-LAYER_BOUNDS = {"int8": 0.012, "int8 weight-only": 0.009, "int4": 0.11}
+# Relative error of a route's output against float32 math, for Gaussian weights and activations: bfloat16 rounds
+# the output once; int8 rounds each weight to 1/254 of its row's range (about 0.7%), plus about 0.8% for the
+# activations on oneDNN's route; int4 rounds to 1/15 of its group's range (about 9%).
+ROUTE_BOUNDS = {"bfloat16": 0.01, "int8": 0.009, "int8 onednn": 0.012, "int4": 0.11}
+
+
+def make_layer(kind: str, weight: torch.Tensor):
+    if kind == "bfloat16":
+        layer = RoutedLinear(weight.shape[1], weight.shape[0], bias=False).to(torch.bfloat16)
+        layer.weight.data.copy_(weight)
+        return layer.requires_grad_(False)
+    return Int4Linear(weight, group_size=64) if kind == "int4" else Int8Linear(weight)
+
+
+def every_route(kind: str, rows: int):
+    layer = make_layer(kind, gaussian(8, 64).to(torch.bfloat16))
+    return [(kind, route) for route in layer.routes(rows)]
 
 
 @pytest.mark.parametrize("shape", [(144, 64), (80, 128), (256, 256)])
-@pytest.mark.parametrize("rows", [1, 3, INT4_KERNEL_MAX_ROWS + 8])
-@pytest.mark.parametrize("kind", LAYER_BOUNDS)
-def test_layers_against_float_math(shape, rows, kind, monkeypatch):
-    if kind == "int8 weight-only":
-        monkeypatch.setattr(quantization, "_has_onednn_int8", lambda: False)
+@pytest.mark.parametrize("rows", [1, 3, 70])
+@pytest.mark.parametrize("kind", ["bfloat16", "int8", "int4"])
+def test_every_route_against_float_math(shape, rows, kind):
     weight = gaussian(*shape).to(torch.bfloat16)
-    layer = Int4Linear(weight, group_size=64) if kind == "int4" else Int8Linear(weight)
-    x = torch.randn(2, rows, shape[1], dtype=torch.bfloat16, generator=torch.Generator().manual_seed(1))
+    layer = make_layer(kind, weight)
+    x = torch.randn(rows, shape[1], dtype=torch.bfloat16, generator=torch.Generator().manual_seed(1))
+    expected = x.float() @ weight.float().t()
+    for route in layer.routes(rows):
+        out = layer.route_function(route)(x)
+        assert out.shape == (rows, shape[0]) and out.dtype == torch.bfloat16 and out.is_contiguous(), route
+        bound = ROUTE_BOUNDS["int8 onednn" if route == "onednn" else kind]
+        assert relative_error(out, expected) < bound, route
+        if kind != "bfloat16":  # what the kernels compute is the product with the weight as quantized
+            assert relative_error(out, x.float() @ layer.dequantized_weight().t()) < 0.01, route
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "int8", "int4"])
+def test_layers_route_by_rows_and_keep_the_input_shape(kind):
+    weight = gaussian(96, 64).to(torch.bfloat16)
+    layer = make_layer(kind, weight)
+    for rows in (1, 5, 70):
+        x = torch.randn(2, rows, 64, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(rows))
+        out = layer(x)
+        assert out.shape == (2, rows, 96) and out.dtype == torch.bfloat16
+        assert relative_error(out, x.float() @ weight.float().t()) < ROUTE_BOUNDS["int8 onednn" if kind == "int8" else kind]
+
+
+def test_float32_and_training_keep_f_linear():
+    layer = RoutedLinear(64, 48, bias=False)
+    x = torch.randn(1, 64)
+    assert torch.equal(layer(x), F.linear(x, layer.weight))
+    bf16 = RoutedLinear(32, 16, bias=False).to(torch.bfloat16)
+    for rows in (1, 4):
+        x = torch.randn(rows, 32, dtype=torch.bfloat16, requires_grad=True)
+        bf16(x).float().sum().backward()
+        torch.testing.assert_close(x.grad.float(), bf16.weight.float().sum(0).expand(rows, -1), atol=0.05, rtol=0.02)
+
+
+# --- the choice of routes ----------------------------------------------------------------------------------------
+
+
+class FakeTimer:
+    """Timings from a table: seconds per row for each route (a fixed cost per call where given as a pair)."""
+
+    def __init__(self, per_row: dict, failing=()):
+        self.per_row, self.failing, self.calls = per_row, set(failing), []
+
+    def __call__(self, function, x, repeats):
+        route = function.route
+        self.calls.append((route, x.shape[0]))
+        if route in self.failing:
+            raise RuntimeError(f"{route} is not available")
+        fixed, per_row = self.per_row[route] if isinstance(self.per_row[route], tuple) else (0.0, self.per_row[route])
+        return fixed + per_row * x.shape[0]
+
+
+class NamedRoutes:
+    """A stand-in layer whose routes are named functions, for the chooser alone."""
+
+    in_features, out_features = 16, 8
+
+    def __init__(self, names):
+        self.names = names
+
+    def routes(self, rows):
+        return [name for name in self.names if name != "mv" or rows == 1]
+
+    def route_function(self, route):
+        function = lambda x: x  # noqa: E731
+        function.route = route
+        return function
+
+
+def tag_routes(monkeypatch, layer):
+    """Make a real layer's route functions carry their names, for FakeTimer."""
+    original = layer.route_function
+
+    def tagged(route):
+        function = original(route)
+        named = lambda x: function(x)  # noqa: E731
+        named.route = route
+        return named
+
+    monkeypatch.setattr(layer, "route_function", tagged)
+    return layer
+
+
+def chooser_with(timer) -> RouteChooser:
+    chooser = RouteChooser()
+    chooser.timer = timer
+    return chooser
+
+
+def test_the_fastest_route_is_chosen_per_row_bucket():
+    # "mv" wins one row; "matmul_t" has a fixed cost but the lower cost per row, and wins from 64 rows on.
+    timer = FakeTimer({"linear": 1.0, "mv": 0.5, "matmul_t": (20.0, 0.1)})
+    plan = chooser_with(timer).plan(NamedRoutes(["linear", "mv", "matmul_t"]), torch.bfloat16)
+    assert plan == {1: "mv", 8: "linear", 64: "matmul_t", 512: "matmul_t"}
+
+
+def test_the_baseline_wins_ties_and_a_route_slower_than_it_is_dropped_after_one_short_call():
+    timer = FakeTimer({"linear": 1.0, "slow": 100.0, "tie": 1.0})
+    plan = chooser_with(timer).plan(NamedRoutes(["linear", "slow", "tie"]), torch.bfloat16)
+    assert set(plan.values()) == {"linear"}
+    # Each bucket stops timing the slow route at the first probe slower than the baseline's whole bucket: for the
+    # 512-row bucket that is 8 rows (800 s > 512 s), for the others its first row.
+    assert [rows for route, rows in timer.calls if route == "slow"] == [1, 1, 1, 1, 8]
+
+
+def test_a_failing_route_falls_back():
+    timer = FakeTimer({"linear": 1.0, "broken": 0.01}, failing={"broken"})
+    plan = chooser_with(timer).plan(NamedRoutes(["linear", "broken"]), torch.bfloat16)
+    assert set(plan.values()) == {"linear"}
+
+
+def test_choices_are_kept_per_machine_in_the_cache_file(tmp_path, monkeypatch):
+    monkeypatch.setenv(quantization.ROUTE_CACHE_ENV, str(tmp_path / "routes.json"))
+    first = chooser_with(FakeTimer({"linear": 1.0, "mv": 0.5}))
+    plan = first.plan(NamedRoutes(["linear", "mv"]), torch.bfloat16)
+    stored = json.loads((tmp_path / "routes.json").read_text())
+    assert list(stored) == [first._machine()]
+
+    def no_timing(*args):
+        raise AssertionError("a stored choice was measured again")
+
+    assert chooser_with(no_timing).plan(NamedRoutes(["linear", "mv"]), torch.bfloat16) == plan
+    # Another dtype is another choice.
+    assert chooser_with(FakeTimer({"linear": 0.1, "mv": 0.5})).plan(NamedRoutes(["linear", "mv"]), torch.float32)[1] == "linear"
+
+
+def test_row_buckets():
+    assert [row_bucket(rows) for rows in (1, 2, 8, 9, 64, 65, 512, 4096)] == [1, 8, 8, 64, 64, 512, 512, 512]
+
+
+def test_a_chosen_route_drives_the_layer(monkeypatch):
+    """With fake timings that make each route win somewhere, the layer computes through the chosen one."""
+    monkeypatch.setattr(quantization, "ROUTES", chooser_with(FakeTimer({"linear": 1.0, "mv": 0.5, "matmul_t": 2.0})))
+    layer = tag_routes(monkeypatch, make_layer("bfloat16", gaussian(48, 32).to(torch.bfloat16)))
+    used = []
+    tagged = layer.route_function
+
+    def spying(route):
+        function = tagged(route)
+        spy = lambda x: used.append(route) or function(x)  # noqa: E731
+        spy.route = route
+        return spy
+
+    monkeypatch.setattr(layer, "route_function", spying)
+    layer(torch.randn(1, 32, dtype=torch.bfloat16))
+    layer(torch.randn(4, 32, dtype=torch.bfloat16))
+    assert used[-2:] == ["mv", "linear"]
+
+
+@pytest.mark.skipif(not quantization._has_onednn_int8(), reason="needs oneDNN's int8 matmul")
+@pytest.mark.parametrize("winner", ["onednn", "weight_only"])
+def test_int8_keeps_only_the_weight_layout_its_routes_read(monkeypatch, winner):
+    timings = {"dequantize": 1.0, "weight_only": 2.0, "onednn": 2.0, winner: 0.5}
+    monkeypatch.setattr(quantization, "ROUTES", chooser_with(FakeTimer(timings)))
+    weight = gaussian(96, 64).to(torch.bfloat16)
+    layer = tag_routes(monkeypatch, Int8Linear(weight))
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
     out = layer(x)
-    assert out.shape == (2, rows, shape[0]) and out.dtype == torch.bfloat16
-    assert relative_error(out, x.float() @ weight.float().t()) < LAYER_BOUNDS[kind]
-    # What the kernels compute is the product with the weight as quantized (up to bfloat16 rounding).
-    assert relative_error(out, x.float() @ layer.dequantized_weight().t()) < (0.01 if kind == "int8" else 0.005)
+    assert (layer.qweight is None, layer.packed is None) == ((True, False) if winner == "onednn" else (False, True))
+    assert relative_error(out, x.float() @ weight.float().t()) < ROUTE_BOUNDS["int8 onednn"]
+    assert relative_error(layer.dequantized_weight(), weight.float()) < 0.01
 
 
 @pytest.mark.skipif(not quantization._has_onednn_int8(), reason="needs oneDNN's int8 matmul")
@@ -79,7 +249,7 @@ def test_int8_long_inputs_run_in_chunks_with_the_same_result():
         return original(chunk)
 
     layer._onednn = spy
-    out = layer(x)
+    out = layer.route_function("onednn")(x)
     assert calls == [quantization.ONEDNN_INT8_CHUNK_ROWS] * 2 + [5]
     assert torch.equal(out, original(x))
 
@@ -91,13 +261,9 @@ def test_layers_keep_float32_activations():
         assert layer(x).dtype == torch.float32
 
 
-def test_int4_kernel_and_dequantized_route_agree():
-    """Up to INT4_KERNEL_MAX_ROWS rows run the int4 kernel; more dequantize the weight to bfloat16."""
+def test_int4_dequantized_weight_agrees_with_the_kernel():
     layer = Int4Linear(gaussian(80, 128).to(torch.bfloat16), group_size=32)
-    x = torch.randn(INT4_KERNEL_MAX_ROWS + 1, 128, dtype=torch.bfloat16)
-    assert layer.can_unpack
-    kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(x, layer.packed, layer.group_size, layer.scales_and_zeros)
-    assert relative_error(layer(x), kernel[:, :80]) < 0.01
+    assert layer.can_unpack and layer.routes(1) == ["dequantize", "kernel"]
     torch.testing.assert_close(layer._dequantize(torch.float32)[:80], layer.dequantized_weight(), atol=4e-3, rtol=0)
 
 
@@ -130,7 +296,7 @@ def test_int4_pads_output_channels_to_the_kernels_blocks():
     assert layer.padded_out == 112
     x = torch.randn(3, 64, dtype=torch.bfloat16)
     assert layer(x).shape == (3, 101)
-    assert relative_error(layer(x), x.float() @ weight.float().t()) < LAYER_BOUNDS["int4"]
+    assert relative_error(layer(x), x.float() @ weight.float().t()) < ROUTE_BOUNDS["int4"]
 
 
 def test_int4_group_size_and_shape_errors():
@@ -191,9 +357,8 @@ def test_int8_model_generates_like_bfloat16(mode, monkeypatch):
 def test_int4_model_runs_prompt_and_decode_routes():
     _, model = quantized_pair("int4")
     ids = torch.randint(3, VOCAB, (4, 48), generator=torch.Generator().manual_seed(3))
-    # A prompt of more rows than the kernel takes (dequantized weights), then single tokens (the kernel): the
-    # cached decode agrees with one forward pass over everything.
-    assert 4 * 46 > INT4_KERNEL_MAX_ROWS
+    # A prompt of many rows, then single tokens (routes chosen per row bucket): the cached decode agrees with one
+    # forward pass over everything.
     full = model(ids).logits
     first = model(ids[:, :-2], use_cache=True)
     cache = first.past_key_values
@@ -226,7 +391,13 @@ def test_from_pretrained_quantizes_on_load(hub_folder, mode):
     bf16 = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.bfloat16)
     ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(4))
     direct = model_pair("pow2_heads")[0].to(torch.bfloat16).quantize_weights(mode)
-    torch.testing.assert_close(model(ids).logits, direct(ids).logits, atol=0, rtol=0)
+    # The same quantized weights; the products may take other routes (each module copy measures its own).
+    loaded_layers = [m for m in model.modules() if type(m).__name__ == layer_class]
+    direct_layers = [m for m in direct.modules() if isinstance(m, QuantizedLinear)]
+    assert len(loaded_layers) == len(direct_layers)
+    for loaded_layer, direct_layer in zip(loaded_layers, direct_layers):
+        assert torch.equal(loaded_layer.dequantized_weight(), direct_layer.dequantized_weight())
+    assert relative_error(model(ids).logits, direct(ids).logits) < 0.02
     assert relative_error(model(ids).logits, bf16(ids).logits) < (0.12 if mode == "int8" else 0.6)
 
 

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 from conftest import ROOT
-from model_helpers import VOCAB, model_pair
+from model_helpers import model_pair
 from test_model import left_padding_mask, random_ids
 
 pytest.importorskip("triton")
