@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-INT4_GROUP_SIZE = 128
-"""Input channels sharing one int4 scale and zero point."""
+INT4_GROUP_SIZE = 32
+"""Input channels sharing one int4 scale and zero point: as llama.cpp's q4_0 blocks, whose top-1 agreement with
+float32 larger groups do not reach."""
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # what the kernel accepts
 INT4_INNER_K_TILES = 2  # the kernel's packing parameter; the choice made no measurable difference
 QUANTIZE_ROWS = 1024

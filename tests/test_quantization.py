@@ -300,8 +300,8 @@ def test_int4_pads_output_channels_to_the_kernels_blocks():
 
 
 def test_int4_group_size_and_shape_errors():
-    assert int4_group_size(2560) == 128 and int4_group_size(10240) == 128
-    assert int4_group_size(64) == 64 and int4_group_size(96) == 32
+    assert int4_group_size(2560) == 32 and int4_group_size(10240) == 32 and int4_group_size(2560, 128) == 128
+    assert int4_group_size(64, 128) == 64 and int4_group_size(96, 128) == 32
     with pytest.raises(ValueError, match="divisible"):
         Int4Linear(gaussian(64, 48))
 
