@@ -37,12 +37,14 @@ pytest.importorskip("parameterized", reason="transformers' test files import the
 # empty, and test_optional_mixins_ran names it as skipped in the summary. (The export tests need exporters, ONNX,
 # OpenVINO and others, that the model does not claim.)
 OPTIONAL_MIXINS = {"exporters/test_export.py": "ExportTesterMixin", "generation/test_utils.py": "GenerationTesterMixin"}
-for path, mixin in OPTIONAL_MIXINS.items():
+# The keyword arguments of every config, which ConfigTester checks; where absent, test_config is skipped.
+CONFIG_KWARGS = "utils/test_configuration_utils.py"
+for path, name in [*OPTIONAL_MIXINS.items(), (CONFIG_KWARGS, "config_common_kwargs")]:
     if not (SUITE / path).exists():
         package, module = "transformers_suite." + path.split("/")[0], "transformers_suite." + path[:-3].replace("/", ".")
-        for name in (package, module):
-            sys.modules.setdefault(name, types.ModuleType(name))
-        setattr(sys.modules[module], mixin, type(mixin, (), {}))
+        for module_name in (package, module):
+            sys.modules.setdefault(module_name, types.ModuleType(module_name))
+        setattr(sys.modules[module], name, type(name, (), {}) if name in OPTIONAL_MIXINS.values() else None)
 
 import torch  # noqa: E402
 from transformers.models.auto import configuration_auto, modeling_auto  # noqa: E402
@@ -187,6 +189,8 @@ class ReplitLMTest(ModelTesterMixin, GenerationTesterMixin, unittest.TestCase):
         self.config_tester = ConfigTester(self, config_class=ReplitLMConfig, d_model=48, n_heads=4)
 
     def test_config(self):
+        if not (SUITE / CONFIG_KWARGS).exists():
+            self.skipTest(f"tests/transformers_suite/{CONFIG_KWARGS} is absent")
         self.config_tester.run_common_tests()
 
     @unittest.skip(reason=ATTENTION_WIDTH)
