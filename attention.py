@@ -6,9 +6,12 @@ Every backend computes, per head h, causal attention with the ALiBi bias
 
 with the causal diagonal aligned bottom-right so that q_len < kv_len (decoding against a KV cache) works.
 The model prepares the masking once per forward pass as an `AttentionMask` and every layer hands it to the
-backend that `config.attn_impl` names: "torch" (PyTorch: scaled_dot_product_attention, or the explicit
-softmax when attention weights are asked for) or "triton" (the FlashAttention kernel in triton_flash_attn.py,
-which builds no (q_len x kv_len) tensor at all).
+backend of ATTENTION_BACKENDS that `attention_backend(config)` names:
+    "sdpa"    PyTorch's scaled_dot_product_attention (attn_impl='torch', transformers' default attn_implementation);
+    "eager"   the explicit matmul + softmax (attn_impl='torch' with attn_implementation='eager');
+    "triton"  the FlashAttention kernel of triton_flash_attn.py, which builds no (q_len x kv_len) tensor at all
+              (attn_impl='triton').
+"sdpa" and "eager" take any 0/1 attention mask; "triton" masks a range of keys per sequence (left or right padding).
 """
 
 import math
@@ -36,15 +39,19 @@ def alibi_slopes(n_heads: int, alibi_bias_max: int = 8) -> torch.Tensor:
 class AttentionMask:
     """What every layer of one forward pass needs to mask and bias its attention, built once per pass.
 
-    kv_start, kv_end: (batch,) int64, the keys [kv_start, kv_end) are real tokens, or None where all are.
+    backend: the key of ATTENTION_BACKENDS that every layer of this pass calls.
+    kv_start, kv_end: (batch,) int64, the keys [kv_start, kv_end) are real tokens, or None where all are; built for
+        the triton backend only.
     additive: (batch or 1, heads, q_len or 1, kv_len) float, ALiBi bias plus a large negative number where a key
-        is hidden; built for the torch backend only (the triton kernel derives all of it from the slopes and ranges).
+        is hidden; built for the sdpa and eager backends only (the triton kernel derives all of it from the slopes
+        and ranges).
     cache_position: (q_len,) int64, the positions of the new tokens, where a preallocated cache stores their keys.
     """
 
     q_len: int
     kv_len: int
     slopes: torch.Tensor
+    backend: str = "sdpa"
     kv_start: torch.Tensor | None = None
     kv_end: torch.Tensor | None = None
     additive: torch.Tensor | None = None
@@ -54,16 +61,20 @@ class AttentionMask:
 def key_ranges(attention_mask: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The range [start, end) of real keys per row of a (batch, kv_len) padding mask, or None where unpadded.
 
-    Raises where the real tokens of a row are not one contiguous run (padding inside a sequence), since neither
-    left nor right padding produces that and the triton kernel only takes ranges.
+    Raises where the real tokens of a row are not one contiguous run (a hole: padding between real tokens), which a
+    range cannot describe.
     """
     mask = attention_mask.bool()
     kv_len = mask.shape[1]
     positions = torch.arange(kv_len, device=mask.device)
     start = torch.where(mask, positions, kv_len).amin(dim=1)
     end = torch.where(mask, positions + 1, 0).amax(dim=1)
-    if bool(((end - start).clamp(min=0) != mask.sum(dim=1)).any()):
-        raise ValueError("attention_mask has padding between real tokens; only left or right padding is supported")
+    holes = ((end - start).clamp(min=0) != mask.sum(dim=1)).nonzero()
+    if len(holes):
+        raise ValueError(
+            f"attention_mask has padding between real tokens (row {int(holes[0])}): attn_impl='triton' masks one range "
+            "of keys per sequence, so it takes left or right padding only; attn_impl='torch' takes any mask"
+        )
     start = None if bool((start == 0).all()) else start
     end = None if bool((end == kv_len).all()) else end
     return start, end
@@ -84,7 +95,7 @@ def alibi_bias_table(slopes: torch.Tensor, length: int) -> torch.Tensor:
 def additive_bias(
     mask: AttentionMask, attention_mask: torch.Tensor | None, dtype: torch.dtype, alibi_table: torch.Tensor
 ) -> torch.Tensor:
-    """ALiBi bias plus masking as one additive tensor, for the torch backend; alibi_table from `alibi_bias_table`
+    """ALiBi bias plus masking as one additive tensor, for the sdpa and eager backends; alibi_table from `alibi_bias_table`
     with at least kv_len columns. (batch or 1, heads, q_len or 1, kv_len)
 
     The bias of query i and key j is slope * (j - i), relative to the query: small and exactly rounded near the
@@ -111,15 +122,21 @@ def additive_bias(
     return bias.masked_fill(hidden, torch.finfo(dtype).min)
 
 
-def torch_attention(q, k, v, mask: AttentionMask, softmax_scale: float, dropout_p: float, output_attentions: bool):
-    """q: (batch, heads, q_len, head_dim); k, v: (batch, heads, kv_len, head_dim). Returns (output, weights or None)."""
-    if not output_attentions:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.additive, dropout_p=dropout_p, scale=softmax_scale)
-        return out, None
+def sdpa_attention(q, k, v, mask: AttentionMask, softmax_scale: float, dropout_p: float, output_attentions: bool):
+    """q: (batch, heads, q_len, head_dim); k, v: (batch, heads, kv_len, head_dim). Returns (output, weights or None).
+    scaled_dot_product_attention never forms the weights: asked for them, the eager computation runs instead."""
+    if output_attentions:
+        return eager_attention(q, k, v, mask, softmax_scale, dropout_p, output_attentions)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.additive, dropout_p=dropout_p, scale=softmax_scale)
+    return out, None
+
+
+def eager_attention(q, k, v, mask: AttentionMask, softmax_scale: float, dropout_p: float, output_attentions: bool):
+    """The explicit computation: scores, softmax in float32, weighted sum. Shapes as `sdpa_attention`."""
     scores = torch.matmul(q, k.transpose(-1, -2)) * softmax_scale + mask.additive
     weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     out = torch.matmul(F.dropout(weights, p=dropout_p), v)
-    return out, weights
+    return out, weights if output_attentions else None
 
 
 def triton_attention(q, k, v, mask: AttentionMask, softmax_scale: float, dropout_p: float, output_attentions: bool):
@@ -129,4 +146,12 @@ def triton_attention(q, k, v, mask: AttentionMask, softmax_scale: float, dropout
     return out, None
 
 
-ATTENTION_BACKENDS = {"torch": torch_attention, "triton": triton_attention}
+ATTENTION_BACKENDS = {"sdpa": sdpa_attention, "eager": eager_attention, "triton": triton_attention}
+
+
+def attention_backend(config) -> str:
+    """The key of ATTENTION_BACKENDS that a ReplitLMConfig selects: "triton" where attn_impl='triton' (the card's
+    switch), else transformers' attn_implementation of the torch path, "eager" or "sdpa" (also where unset)."""
+    if config.attn_impl == "triton":
+        return "triton"
+    return "eager" if config._attn_implementation == "eager" else "sdpa"

@@ -6,6 +6,8 @@ Two schemas describe the same model. The release of May 2023 wrote flat fields (
 either and keeps the flat release fields, so `config.json` files of both eras load and save the same way.
 """
 
+import math
+
 from transformers import PretrainedConfig
 
 ATTN_IMPLS = ("torch", "triton")
@@ -70,25 +72,70 @@ def _normalise_mpt_schema(kwargs: dict) -> dict:
 
 
 class _AttnConfigView(dict):
-    """MPT's nested `attn_config`, as a view on the flat fields: writing a key sets (and checks) the field, so the
-    card's `config.attn_config['attn_impl'] = 'triton'` works on a config loaded from either schema."""
+    """MPT's nested `attn_config`, as a view on the flat fields: every way of writing keys (`[...] =`, update,
+    setdefault, |=) sets and checks the fields, so the card's `config.attn_config['attn_impl'] = 'triton'` works on a
+    config loaded from either schema. Keys cannot be removed, since each is a field the model reads."""
 
     def __init__(self, config: "ReplitLMConfig"):
         super().__init__({key: getattr(config, field) for key, field in _MPT_ATTN_FIELDS.items()})
         self._config = config
 
-    def __setitem__(self, key, value):
-        if key not in _MPT_ATTN_FIELDS:
-            raise KeyError(f"attn_config has no field {key!r}; known: {sorted(_MPT_ATTN_FIELDS)}")
-        field = _MPT_ATTN_FIELDS[key]
-        previous = getattr(self._config, field)
-        setattr(self._config, field, value)
+    def _write(self, values: dict):
+        """Set all of `values` or, where the result does not validate, none."""
+        unknown = [key for key in values if key not in _MPT_ATTN_FIELDS]
+        if unknown:
+            raise KeyError(f"attn_config has no field {unknown[0]!r}; known: {sorted(_MPT_ATTN_FIELDS)}")
+        previous = {key: getattr(self._config, _MPT_ATTN_FIELDS[key]) for key in values}
+        for key, value in values.items():
+            setattr(self._config, _MPT_ATTN_FIELDS[key], value)
         try:
             self._config.validate()
         except ValueError:
-            setattr(self._config, field, previous)
+            for key, value in previous.items():
+                setattr(self._config, _MPT_ATTN_FIELDS[key], value)
             raise
-        super().__setitem__(key, value)
+        super().update(values)
+
+    def __setitem__(self, key, value):
+        self._write({key: value})
+
+    def update(self, other=(), /, **kwargs):
+        self._write(dict(other, **kwargs))
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self._write({key: default})
+        return self[key]
+
+    def __ior__(self, other):
+        self._write(dict(other))
+        return self
+
+    def _refuse_removal(self, *args):
+        raise TypeError("attn_config's keys are fields of the config and cannot be removed; set them instead")
+
+    __delitem__ = pop = popitem = clear = _refuse_removal
+
+
+# Fields that must be finite numbers (None allowed for the optional ones), checked before their ranges.
+NUMBER_FIELDS = (
+    "attn_pdrop",
+    "resid_pdrop",
+    "emb_pdrop",
+    "embedding_fraction",
+    "layer_norm_epsilon",
+    "init_std",
+    "init_gain",
+    "alibi_bias_max",
+    "attn_clip_qkv",
+    "softmax_scale",
+    "emb_init_std",
+)
+OPTIONAL_NUMBER_FIELDS = ("attn_clip_qkv", "softmax_scale", "emb_init_std")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class ReplitLMConfig(PretrainedConfig):
@@ -198,7 +245,24 @@ class ReplitLMConfig(PretrainedConfig):
         return self.d_model // self.n_heads
 
     def validate(self):
-        """Reject values the model cannot run, naming the field; called on construction."""
+        """Reject values the model cannot run, naming the field; called on construction and by the model."""
+        for name in NUMBER_FIELDS:
+            value = getattr(self, name)
+            if value is None and name in OPTIONAL_NUMBER_FIELDS:
+                continue
+            if not _is_number(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        for name in ("layer_norm_epsilon", "init_std", "alibi_bias_max"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.emb_init_std is not None and self.emb_init_std <= 0:
+            raise ValueError(f"emb_init_std must be positive or None, got {self.emb_init_std!r}")
+        lim = self.emb_init_uniform_lim
+        if lim is not None and not (
+            (_is_number(lim) and lim > 0)
+            or (isinstance(lim, (list, tuple)) and len(lim) == 2 and all(map(_is_number, lim)) and lim[0] < lim[1])
+        ):
+            raise ValueError(f"emb_init_uniform_lim must be a positive number, a pair [low, high] or None, got {lim!r}")
         for name in ("d_model", "n_heads", "n_layers", "mlp_ratio", "max_seq_len", "vocab_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -223,8 +287,6 @@ class ReplitLMConfig(PretrainedConfig):
                 "alibi=False is not supported: replit-code-v1-3b has no position embedding and gets positions "
                 "from ALiBi only"
             )
-        if self.alibi_bias_max <= 0:
-            raise ValueError(f"alibi_bias_max must be positive, got {self.alibi_bias_max!r}")
         for name in ("prefix_lm", "attn_qk_ln", "attn_uses_sequence_id"):
             if getattr(self, name):
                 raise ValueError(f"{name}=True is not implemented (replit-code-v1-3b was trained without it)")
@@ -234,7 +296,7 @@ class ReplitLMConfig(PretrainedConfig):
             raise ValueError(f"attn_clip_qkv must be positive or None, got {self.attn_clip_qkv!r}")
         if self.softmax_scale is not None and self.softmax_scale <= 0:
             raise ValueError(f"softmax_scale must be positive or None, got {self.softmax_scale!r}")
-        if isinstance(self.logit_scale, str) and self.logit_scale != "inv_sqrt_d_model":
+        if self.logit_scale is not None and self.logit_scale != "inv_sqrt_d_model" and not _is_number(self.logit_scale):
             raise ValueError(f"logit_scale must be a number, 'inv_sqrt_d_model' or None, got {self.logit_scale!r}")
         if self.param_init_fn not in PARAM_INIT_FNS:
             raise ValueError(f"param_init_fn={self.param_init_fn!r} is not supported; expected one of {PARAM_INIT_FNS}")

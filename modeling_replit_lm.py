@@ -18,7 +18,15 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .attention import ATTENTION_BACKENDS, AttentionMask, additive_bias, alibi_bias_table, alibi_slopes, key_ranges
+from .attention import (
+    ATTENTION_BACKENDS,
+    AttentionMask,
+    additive_bias,
+    alibi_bias_table,
+    alibi_slopes,
+    attention_backend,
+    key_ranges,
+)
 from .configuration_replit_lm import ReplitLMConfig
 from .quantization import QuantizedLinear, RoutedLinear, quantize_linear_layers
 
@@ -80,9 +88,11 @@ class ReplitAttention(nn.Module):
         self.head_dim = config.head_dim
         self.softmax_scale = config.softmax_scale or 1.0 / math.sqrt(self.head_dim)
         self.clip_qkv = config.attn_clip_qkv
-        self.config = config  # attn_impl is read per call, so that setting it on the config switches backends
+        self.config = config
         self.Wqkv = RoutedLinear(config.d_model, 3 * config.d_model, bias=False)
+        self.Wqkv.fused_matrices = 3  # q, k and v side by side (see _init_weights)
         self.out_proj = RoutedLinear(config.d_model, config.d_model, bias=False)
+        self.out_proj.residual_projection = True
 
     def forward(self, x: torch.Tensor, mask: AttentionMask, cache: Cache | None, output_attentions: bool):
         batch, q_len, d_model = x.shape
@@ -97,7 +107,7 @@ class ReplitAttention(nn.Module):
             # A preallocated (static) cache returns its whole length; only the first kv_len entries are filled.
             k, v = k[:, :, : mask.kv_len], v[:, :, : mask.kv_len]
         dropout_p = self.config.attn_pdrop if self.training else 0.0
-        attend = ATTENTION_BACKENDS[self.config.attn_impl]
+        attend = ATTENTION_BACKENDS[mask.backend]
         out, weights = attend(q, k, v, mask, self.softmax_scale, dropout_p, output_attentions)
         out = out.transpose(1, 2).reshape(batch, q_len, d_model)
         return self.out_proj(out), weights
@@ -108,6 +118,7 @@ class ReplitMLP(nn.Module):
         super().__init__()
         self.up_proj = RoutedLinear(config.d_model, config.mlp_ratio * config.d_model, bias=False)
         self.down_proj = RoutedLinear(config.mlp_ratio * config.d_model, config.d_model, bias=False)
+        self.down_proj.residual_projection = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.gelu(self.up_proj(x)))
@@ -132,30 +143,80 @@ class ReplitBlock(GradientCheckpointingLayer):
         return x, weights
 
 
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "triton")
+
+
+def check_attn_implementation(value: str):
+    if value not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attn_implementation={value!r} is not supported by ReplitLM; expected one of {ATTN_IMPLEMENTATIONS} "
+            "('triton' is the same as attn_impl='triton')"
+        )
+
+
 class ReplitLMPreTrainedModel(PreTrainedModel):
+    """transformers' attention switch, attn_implementation, selects a backend of attention.py's ATTENTION_BACKENDS:
+    "sdpa" (the default) and "eager" compute the torch path (attn_impl='torch') with scaled_dot_product_attention or
+    with an explicit softmax, and "triton" is the card's attn_impl='triton'."""
+
     config_class = ReplitLMConfig
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
     _no_split_modules = ["ReplitBlock"]
     _supports_sdpa = True
+    # Attention runs through ATTENTION_BACKENDS, not transformers' attention interface, so none of its other
+    # implementations (FlashAttention, flex attention, kernels from the Hub) applies.
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = False
+    # The forward reads the cache length and the mask's contents on the host (graph breaks under torch.compile).
+    _can_compile_fullgraph = False
     _supports_cache_class = True
 
     def __init__(self, config: ReplitLMConfig, *args, **kwargs):
+        # attn_implementation="triton" given to the config or to from_config is the card's switch.
+        if config._attn_implementation == "triton":
+            config.attn_impl, config._attn_implementation = "triton", None
         # from_pretrained sets overrides such as attn_impl='triton' after the config was built: check them now.
         config.validate()
         super().__init__(config, *args, **kwargs)
 
     @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        """Every forward pass picks its backend from the config, so set_attn_implementation takes effect at once
+        (transformers guesses otherwise from the source, which has no AttentionInterface)."""
+        return True
+
+    def set_attn_implementation(self, attn_implementation: str, *args, **kwargs):
+        """transformers' switch at run time: "sdpa" or "eager" for the torch path, or "triton"."""
+        if attn_implementation == "triton":
+            self.config.attn_impl = "triton"
+            return
+        super().set_attn_implementation(attn_implementation, *args, **kwargs)  # refuses what is not supported
+        self.config.attn_impl = "torch"
+
+    @classmethod
     def from_pretrained(cls, *args, **kwargs):
         # Checkpoints of the May 2023 release use other names; rename them on load, whatever the format.
         kwargs.setdefault("key_mapping", RELEASE_TO_MPT_KEYS)
-        # transformers' own attention switch means nothing here: attention is chosen by attn_impl.
-        kwargs.pop("attn_implementation", None)
         config = kwargs.get("config")
-        if isinstance(config, PretrainedConfig) and "weight_quantization" in kwargs:
-            # With a config object, transformers would hand the keyword to __init__ instead of the config.
+        attn_implementation = kwargs.pop("attn_implementation", None)
+        if attn_implementation is None and isinstance(config, PretrainedConfig):
+            # The Auto classes hand attn_implementation to the config they load.
+            attn_implementation = config._attn_implementation
+        if attn_implementation is not None:
+            check_attn_implementation(attn_implementation)
+            kwargs["attn_impl"] = "triton" if attn_implementation == "triton" else "torch"
+            if attn_implementation != "triton":
+                kwargs["attn_implementation"] = attn_implementation
+        overrides = {name: kwargs.pop(name) for name in ("weight_quantization", "attn_impl") if name in kwargs}
+        if isinstance(config, PretrainedConfig) and overrides:
+            # With a config object, transformers would hand these keywords to __init__ instead of the config.
             config = kwargs["config"] = copy.deepcopy(config)
-            config.weight_quantization = kwargs.pop("weight_quantization")
+            for name, value in overrides.items():
+                setattr(config, name, value)
+        else:
+            kwargs.update(overrides)
         quantization = kwargs.get("weight_quantization", getattr(config, "weight_quantization", None))
         if quantization is not None and "dtype" not in kwargs and "torch_dtype" not in kwargs:
             # The quantized layers compute in bfloat16, and loading straight into bfloat16 (converting tensor by
@@ -202,8 +263,9 @@ class ReplitLMPreTrainedModel(PreTrainedModel):
         projections scaled down by sqrt(2 * n_layers), LayerNorm weights one."""
         config = self.config
         if isinstance(module, nn.Linear):
-            fused = 3 if module.out_features == 3 * config.d_model and module.in_features == config.d_model else 1
-            residual = module.out_features == config.d_model and module.in_features != 3 * config.d_model
+            # The layers mark themselves: a shape can match another layer's (mlp_ratio=3 makes up_proj as wide as Wqkv).
+            fused = getattr(module, "fused_matrices", 1)
+            residual = getattr(module, "residual_projection", False)
             self._init_matrix(module.weight, fused, residual and config.init_div_is_residual)
         elif isinstance(module, nn.Embedding):
             if config.emb_init_std is not None:
@@ -232,6 +294,23 @@ class ReplitLMPreTrainedModel(PreTrainedModel):
             init.uniform_(weight, -bound, bound)
         else:
             init.normal_(weight, mean=0.0, std=std)
+
+
+def float_ids_to_long(input_ids: torch.Tensor) -> torch.LongTensor:
+    """Token ids that came as floats (the card's snippet casts them to bfloat16 with the model), as int64 where that
+    is surely what they were: whole numbers below the range in which the float type holds every integer exactly
+    (256 for bfloat16, 2048 for float16); a larger one may be an id rounded to its neighbour."""
+    exact_below = int(2 / torch.finfo(input_ids.dtype).eps)
+    if input_ids.numel():
+        fractional = input_ids != input_ids.round()
+        if bool(fractional.any()):
+            raise ValueError(f"input_ids must be token ids (integers), got {input_ids[fractional][0].item()}")
+        if bool((input_ids.abs() >= exact_below).any()):
+            raise ValueError(
+                f"input_ids are {input_ids.dtype}, which cannot hold ids of {exact_below} and above exactly (got "
+                f"{input_ids.abs().max().item():.0f}, which may be a rounded id): pass them as torch.long"
+            )
+    return input_ids.long()
 
 
 class ReplitLMModel(ReplitLMPreTrainedModel):
@@ -318,6 +397,8 @@ class ReplitLMModel(ReplitLMPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
+            if input_ids.is_floating_point():
+                input_ids = float_ids_to_long(input_ids)
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
             if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
@@ -356,10 +437,11 @@ class ReplitLMModel(ReplitLMPreTrainedModel):
             self._slopes = self._slopes.to(x.device)
         if self._alibi.device != x.device or self._alibi.shape[1] < kv_len:  # moved, or max_seq_len was raised
             self._alibi = alibi_bias_table(self._slopes, max(kv_len, self.config.max_seq_len))
-        mask = AttentionMask(q_len=q_len, kv_len=kv_len, slopes=self._slopes)
-        if attention_mask is not None:
-            mask.kv_start, mask.kv_end = key_ranges(attention_mask)
-        if self.config.attn_impl == "torch" or output_attentions:
+        mask = AttentionMask(q_len=q_len, kv_len=kv_len, slopes=self._slopes, backend=attention_backend(self.config))
+        if mask.backend == "triton":
+            if attention_mask is not None:
+                mask.kv_start, mask.kv_end = key_ranges(attention_mask)
+        else:
             mask.additive = additive_bias(mask, attention_mask, x.dtype, self._alibi)
         return mask
 
@@ -369,6 +451,9 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: ReplitLMConfig):
         super().__init__(config)
+        # transformers finds the loss by the class name, which names none here. Trainer reads it too: a causal LM
+        # loss counts the targets of labels[:, 1:] in num_items_in_batch.
+        self.loss_type = "ForCausalLM"
         self.transformer = ReplitLMModel(config)
         self.lm_head = RoutedLinear(config.d_model, config.vocab_size, bias=False)
         self.post_init()
@@ -387,8 +472,11 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
 
         transformers' default DynamicCache concatenates each layer's keys and values at every step, a copy that
         grows with the sequence; the static cache writes in place. A cache, cache_implementation or
-        generation_config that the caller passes is used as given."""
+        generation_config that the caller passes is used as given.
+
+        Raises before any work where the prompt and the new tokens would not fit in config.max_seq_len."""
         config = kwargs.get("generation_config") or self.generation_config
+        self._check_generation_length(args, kwargs, config)
         if (
             config.cache_implementation is None
             and kwargs.get("cache_implementation") is None
@@ -397,6 +485,9 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
             and self._generation_uses_cache(kwargs.get("use_cache"), config)
             and kwargs.get("assistant_model") is None  # assisted decoding rolls back its cache: dynamic only
             and kwargs.get("prompt_lookup_num_tokens", config.prompt_lookup_num_tokens) is None
+            # As the assistant (draft model) of assisted decoding, generate is called once per drafting round with
+            # the cache of the last round, which grows past what a static cache sized for one round holds.
+            and not getattr(config, "is_assistant", False)
         ):
             if kwargs.get("generation_config") is not None:
                 # transformers 5 warns when a generation_config comes with generation arguments: set it there.
@@ -405,6 +496,27 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
             else:
                 kwargs["cache_implementation"] = "static"
         return super().generate(*args, **kwargs)
+
+    def _check_generation_length(self, args, kwargs, config):
+        prompt = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
+        if prompt is None:
+            prompt = kwargs.get("inputs_embeds")
+        if not isinstance(prompt, torch.Tensor) or prompt.dim() < 2:
+            return
+        max_new_tokens = kwargs.get("max_new_tokens")
+        if max_new_tokens is None and "max_length" not in kwargs:
+            max_new_tokens = config.max_new_tokens
+        if max_new_tokens is not None:
+            total, asked = prompt.shape[1] + max_new_tokens, f"max_new_tokens={max_new_tokens}"
+        else:
+            total = kwargs.get("max_length", config.max_length)
+            asked = f"max_length={total}"
+        if total > self.config.max_seq_len:
+            raise ValueError(
+                f"a prompt of {prompt.shape[1]} tokens with {asked} reaches {total} tokens, past max_seq_len="
+                f"{self.config.max_seq_len}; ask for fewer tokens, or pass max_seq_len=... to from_pretrained to let "
+                "ALiBi extrapolate to longer sequences"
+            )
 
     def _generation_uses_cache(self, use_cache: bool | None, config) -> bool:
         """Whether generate will use a cache: the argument, else the generation config's field, else the model's
@@ -430,6 +542,28 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    def _loss(
+        self, logits, labels, attention_mask, shift_labels=None, num_items_in_batch=None, ignore_index=-100, **kwargs
+    ):
+        """transformers' causal LM loss (self.loss_function) on the targets of each position."""
+        if shift_labels is None:
+            shift_labels = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
+        elif shift_labels.shape != labels.shape:
+            raise ValueError(f"shift_labels must have the shape of labels {tuple(labels.shape)}")
+        if attention_mask is not None:
+            # A padding position predicts nothing: with left padding it would otherwise be asked for the first real
+            # token, from a position that saw no token at all.
+            padding = ~attention_mask[:, -labels.shape[1] :].bool().to(shift_labels.device)
+            shift_labels = shift_labels.masked_fill(padding, ignore_index)
+        return self.loss_function(
+            logits,
+            labels,
+            self.config.vocab_size,
+            shift_labels=shift_labels,
+            num_items_in_batch=num_items_in_batch,
+            ignore_index=ignore_index,
+        )
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -446,7 +580,10 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
     ):
         """labels: (batch, seq_len) token ids, -100 where no loss is taken; shifted inside, as usual. Positions that
             attention_mask marks as padding predict nothing.
-        logits_to_keep: compute logits for the last N positions only (0: all), or for the given positions."""
+        logits_to_keep: compute logits for the last N positions only (0: all), or for the given positions.
+        kwargs: also transformers' loss arguments: shift_labels (targets already shifted, which then replace the
+            shifted labels), num_items_in_batch (the loss is the sum over that many targets, as transformers'
+            Trainer asks for with gradient accumulation) and ignore_index."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.transformer(
             input_ids=input_ids,
@@ -472,12 +609,7 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
                 raise ValueError(f"labels must have shape {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}")
             if logits.shape[1] != labels.shape[1]:
                 raise ValueError("labels need the logits of every position: do not combine them with logits_to_keep")
-            targets = labels[:, 1:].to(logits.device)
-            if attention_mask is not None:
-                # A padding position predicts nothing: with left padding it would otherwise be asked for the
-                # first real token, from a position that saw no token at all.
-                targets = targets.masked_fill(~attention_mask[:, -labels.shape[1] : -1].bool(), -100)
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            loss = self._loss(logits, labels, attention_mask, **kwargs)
 
         cache = getattr(outputs, CACHE_FIELD)
         if not return_dict:

@@ -6,11 +6,11 @@ from unittest import mock
 
 import pytest
 import torch
-from model_helpers import VOCAB, model_pair
+from model_helpers import VOCAB, model_pair, replit_config
 from transformers import DynamicCache, GenerationConfig, GenerationMixin, StaticCache
 
 from replit_lm.attention import AttentionMask, additive_bias, alibi_bias_table, alibi_slopes
-from replit_lm.modeling_replit_lm import CACHE_FIELD
+from replit_lm.modeling_replit_lm import CACHE_FIELD, ReplitLM
 
 ATOL = 1e-4
 
@@ -164,3 +164,19 @@ def test_bfloat16_generation_is_as_accurate_as_the_reference(batch_lengths):
     for row, n in enumerate(batch_lengths):
         alone = ours.generate(ids[row : row + 1, 7 - n :], max_new_tokens=6, do_sample=False, eos_token_id=None)
         assert torch.equal(alone[0, n:], generated[row, 7:])
+
+
+@pytest.mark.parametrize("main_is_reference", [False, True])
+def test_replit_lm_as_the_assistant_model_of_assisted_decoding(main_is_reference):
+    """As the draft model, ReplitLM's generate runs once per drafting round on the cache of the last round: it keeps
+    the dynamic cache that assisted decoding rolls back, and greedy assisted decoding gives greedy decoding's tokens."""
+    model, ref = model_pair("pow2_heads")
+    main = ref if main_is_reference else model
+    ids = torch.randint(3, VOCAB, (1, 7), generator=torch.Generator().manual_seed(40))
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=2, eos_token_id=None)
+    expected = main.generate(ids, **kwargs)
+    # A different draft model, so that some drafted tokens are rejected and its cache is cropped.
+    assistant = ReplitLM(replit_config(n_layers=1)).eval()
+    assistant.generation_config.num_assistant_tokens = 3
+    assistant.generation_config.num_assistant_tokens_schedule = "constant"
+    assert torch.equal(main.generate(ids, assistant_model=assistant, **kwargs), expected)

@@ -131,6 +131,30 @@ def test_the_cards_attn_config_assignment_sets_the_flat_field(tmp_path, referenc
         config.attn_config["attn_implementation"] = "eager"
 
 
+def test_attn_config_writes_through_every_dict_method(tmp_path, reference):
+    """update, setdefault and |= set the flat fields as `[...] =` does, all or nothing; keys cannot be removed."""
+    model = reference[0]
+    folder = write_hub_folder(tmp_path / "repo", mpt_config(model.config), published_state_dict(model))
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    config.attn_config.update(attn_impl="triton")
+    assert config.attn_impl == "triton"
+    config.attn_config.update({"attn_impl": "torch", "softmax_scale": 0.5})
+    assert (config.attn_impl, config.softmax_scale) == ("torch", 0.5)
+    view = config.attn_config
+    view |= {"attn_pdrop": 0.1}
+    assert config.attn_pdrop == 0.1 and view["attn_pdrop"] == 0.1
+    assert config.attn_config.setdefault("attn_impl", "triton") == "torch"
+    with pytest.raises(ValueError, match="attn_pdrop"):
+        config.attn_config.update(attn_impl="triton", attn_pdrop=2.0)
+    assert (config.attn_impl, config.attn_pdrop) == ("torch", 0.1)
+    with pytest.raises(KeyError, match="no field 'flash'"):
+        config.attn_config.setdefault("flash", True)
+    with pytest.raises(TypeError, match="cannot be removed"):
+        config.attn_config.pop("attn_impl")
+    with pytest.raises(TypeError, match="cannot be removed"):
+        del config.attn_config["attn_impl"]
+
+
 def test_save_pretrained_writes_safetensors_that_load_back(tmp_path, reference):
     model, ids, expected = reference
     folder = write_hub_folder(tmp_path / "repo", mpt_config(model.config), published_state_dict(model))
@@ -161,14 +185,31 @@ def test_from_pretrained_overrides_config_fields(tmp_path, reference):
 
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
-def test_transformers_attn_implementation_keyword_is_ignored(tmp_path, reference, attn_implementation):
+def test_transformers_attn_implementation_keyword_selects_the_torch_backend(tmp_path, reference, attn_implementation):
+    """sdpa and eager are two computations of the torch path, also over a config that said attn_impl='triton'."""
     model, ids, expected = reference
     folder = write_hub_folder(tmp_path / "repo", mpt_config(model.config), published_state_dict(model))
     loaded = AutoModelForCausalLM.from_pretrained(
         folder, trust_remote_code=True, attn_implementation=attn_implementation
     )
-    assert loaded.config.attn_impl == "torch"
-    torch.testing.assert_close(loaded.eval()(ids).logits, expected, atol=0, rtol=0)
+    assert (loaded.config.attn_impl, loaded.config._attn_implementation) == ("torch", attn_implementation)
+    torch.testing.assert_close(loaded.eval()(ids).logits, expected, atol=1e-4, rtol=0)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    config.attn_config["attn_impl"] = "triton"
+    loaded = AutoModelForCausalLM.from_pretrained(
+        folder, config=config, trust_remote_code=True, attn_implementation=attn_implementation
+    )
+    assert (loaded.config.attn_impl, loaded.config._attn_implementation) == ("torch", attn_implementation)
+    assert config.attn_impl == "triton", "the caller's config object is left as it was"
+
+
+def test_attn_implementation_triton_is_attn_impl_triton_and_others_are_refused(tmp_path, reference):
+    model = reference[0]
+    folder = write_hub_folder(tmp_path / "repo", mpt_config(model.config), published_state_dict(model))
+    loaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, attn_implementation="triton")
+    assert loaded.config.attn_impl == "triton"
+    with pytest.raises(ValueError, match="attn_implementation='flash_attention_2' is not supported"):
+        AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, attn_implementation="flash_attention_2")
 
 
 def test_load_in_bfloat16(tmp_path, reference):

@@ -3,11 +3,14 @@
 Tolerance: logits within 1e-4 absolute of the reference (float32, weights of std ~0.3 so that errors would show).
 """
 
+from unittest import mock
+
 import pytest
 import torch
 from model_helpers import TINY_CONFIGS, VOCAB, model_pair, replit_config
 from transformers import DynamicCache
 
+from replit_lm import attention
 from replit_lm.attention import alibi_slopes
 from replit_lm.configuration_replit_lm import ReplitLMConfig
 from replit_lm.modeling_replit_lm import ReplitLM
@@ -231,6 +234,86 @@ def test_bf16_autocast_training_step_on_cpu():
     assert torch.isfinite(loss) and model.transformer.wte.weight.grad is not None
 
 
+def random_mask_with_holes(batch, length, seed):
+    """A random 0/1 mask whose rows have padding between real tokens; the last position is real in every row."""
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.randint(0, 2, (batch, length), generator=generator)
+    mask[:, -1] = 1
+    mask[:, length // 2] = 0
+    return mask
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_masks_with_holes_match_reference(seed, attn_implementation):
+    """The torch path takes any 0/1 mask, as MptForCausalLM does: at every real position the logits are the
+    reference's, and so are the next token's against a cache filled under that mask."""
+    model, ref = model_pair("six_heads")
+    model.set_attn_implementation(attn_implementation)
+    ids, mask = random_ids(4, 12, seed=seed), random_mask_with_holes(4, 12, seed=seed)
+    real = mask.bool()
+    torch.testing.assert_close(
+        model(ids, attention_mask=mask).logits[real], ref(ids, attention_mask=mask).logits[real], atol=ATOL, rtol=0
+    )
+    cache = model(ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True).past_key_values
+    step = model(ids[:, -1:], attention_mask=mask, past_key_values=cache).logits[:, 0]
+    torch.testing.assert_close(step, ref(ids, attention_mask=mask).logits[:, -1], atol=ATOL, rtol=0)
+
+
+def test_attn_implementation_selects_the_backend():
+    """"sdpa" and "eager" are two computations of the torch path that agree; "triton" is attn_impl='triton'; other
+    values are refused by name."""
+    model, _ = model_pair("pow2_heads")
+    ids, mask = random_ids(2, 9, seed=30), left_padding_mask([9, 5], 9)
+    assert model.config._attn_implementation == "sdpa"
+    sdpa = model(ids, attention_mask=mask).logits
+    calls = []
+    with mock.patch.dict(attention.ATTENTION_BACKENDS, eager=lambda *a: calls.append(1) or attention.eager_attention(*a)):
+        model.set_attn_implementation("eager")
+        eager = model(ids, attention_mask=mask).logits
+    assert model.config._attn_implementation == "eager" and len(calls) == model.config.n_layers
+    torch.testing.assert_close(eager, sdpa, atol=ATOL, rtol=0)
+    model.set_attn_implementation("triton")
+    assert model.config.attn_impl == "triton"
+    model.set_attn_implementation("sdpa")
+    assert (model.config.attn_impl, model.config._attn_implementation) == ("torch", "sdpa")
+    with pytest.raises(ValueError, match="Flash Attention"):
+        model.set_attn_implementation("flash_attention_2")
+    assert model.config.attn_impl == "torch"
+    config = replit_config(attn_implementation="triton")
+    assert ReplitLM(config).config.attn_impl == "triton"
+
+
+def test_triton_path_names_a_mask_with_holes():
+    model, _ = model_pair("pow2_heads")
+    model.config.attn_impl = "triton"
+    with pytest.raises(ValueError, match="padding between real tokens.*attn_impl='torch'"):
+        model(random_ids(1, 5, seed=0), attention_mask=torch.tensor([[1, 0, 1, 1, 1]]))
+
+
+def test_loss_takes_transformers_loss_arguments():
+    """shift_labels replace the shifted labels, num_items_in_batch turns the mean into a sum over that many targets,
+    ignore_index is honoured, and padding positions still predict nothing."""
+    model, _ = model_pair("pow2_heads")
+    ids, mask = random_ids(2, 10, seed=31), left_padding_mask([10, 6], 10)
+    labels = ids.masked_fill(mask == 0, -100)
+    mean = model(ids, attention_mask=mask, labels=labels).loss
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    torch.testing.assert_close(model(ids, attention_mask=mask, labels=labels, shift_labels=shifted).loss, mean)
+    other = torch.randint(3, VOCAB, shifted.shape, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(model(ids, attention_mask=mask, labels=labels, shift_labels=other).loss, mean)
+    targets = 9 + 5  # each real position but the last predicts the next token
+    total = model(ids, attention_mask=mask, labels=labels, num_items_in_batch=torch.tensor(2 * targets)).loss
+    torch.testing.assert_close(total, mean / 2)
+    # Padding positions predict nothing even where their labels are real ids.
+    torch.testing.assert_close(model(ids, attention_mask=mask, labels=ids).loss, mean)
+    ignored = labels.masked_fill(labels == labels[0, 3], -7)
+    torch.testing.assert_close(
+        model(ids, attention_mask=mask, labels=ignored, ignore_index=-7).loss,
+        model(ids, attention_mask=mask, labels=ignored.masked_fill(ignored == -7, -100)).loss,
+    )
+
+
 def test_init_follows_the_original_recipe():
     config = replit_config(d_model=256, n_heads=4, n_layers=4, vocab_size=512)
     torch.manual_seed(0)
@@ -247,6 +330,18 @@ def test_init_follows_the_original_recipe():
     assert model.transformer.wte.weight.std().item() == pytest.approx(kaiming, rel=0.05)
     assert torch.equal(block.norm_1.weight, torch.ones(config.d_model))
     assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_init_scales_the_residual_projections_whatever_the_mlp_ratio():
+    """With mlp_ratio=3, up_proj has Wqkv's shape: the layers are told apart by what they are, not by shape."""
+    config = replit_config(d_model=256, n_heads=4, n_layers=8, vocab_size=512, mlp_ratio=3)
+    torch.manual_seed(0)
+    block = ReplitLM(config).transformer.blocks[0]
+    kaiming = (2.0 / config.d_model) ** 0.5
+    assert block.ffn.up_proj.weight.std().item() == pytest.approx(kaiming, rel=0.05)
+    down = (2.0 / (3 * config.d_model)) ** 0.5 / (2 * config.n_layers) ** 0.5
+    assert block.ffn.down_proj.weight.std().item() == pytest.approx(down, rel=0.05)
+    assert block.attn.out_proj.weight.std().item() == pytest.approx(kaiming / (2 * config.n_layers) ** 0.5, rel=0.05)
 
 
 # --- bad input ---------------------------------------------------------------------------------------------
@@ -269,6 +364,18 @@ def test_init_follows_the_original_recipe():
         (dict(norm_type="rmsnorm"), "norm_type"),
         (dict(attn_config={"attn_type": "multiquery_attention"}), "multiquery"),
         (dict(weight_quantization="int3"), "weight_quantization"),
+        (dict(layer_norm_epsilon=-1.0), "layer_norm_epsilon"),
+        (dict(layer_norm_epsilon=0), "layer_norm_epsilon"),
+        (dict(layer_norm_epsilon="1e-5"), "layer_norm_epsilon"),
+        (dict(init_std=0.0), "init_std"),
+        (dict(init_std=float("nan")), "init_std"),
+        (dict(alibi_bias_max="8"), "alibi_bias_max"),
+        (dict(alibi_bias_max=-8), "alibi_bias_max"),
+        (dict(attn_pdrop="0.1"), "attn_pdrop"),
+        (dict(softmax_scale=True), "softmax_scale"),
+        (dict(emb_init_std=-0.1), "emb_init_std"),
+        (dict(emb_init_uniform_lim=[0.1, -0.1]), "emb_init_uniform_lim"),
+        (dict(logit_scale="large"), "logit_scale"),
     ],
 )
 def test_config_validation(overrides, message):
@@ -297,14 +404,42 @@ def test_bad_inputs_raise_clear_errors():
         model(torch.zeros((2, 0), dtype=torch.long))
     with pytest.raises(ValueError, match="attention_mask must have shape"):
         model(random_ids(2, 5, seed=0), attention_mask=torch.ones(2, 4))
-    with pytest.raises(ValueError, match="padding between real tokens"):
-        model(random_ids(1, 5, seed=0), attention_mask=torch.tensor([[1, 0, 1, 1, 1]]))
     with pytest.raises(ValueError, match="exactly one"):
         model()
     with pytest.raises(ValueError, match="tuple caches"):
         model(random_ids(1, 2, seed=0), past_key_values=((torch.zeros(1),),))
     with pytest.raises(ValueError, match="labels must have shape"):
         model(random_ids(1, 5, seed=0), labels=random_ids(1, 4, seed=0))
+
+
+def test_float_token_ids():
+    """The card casts its ids to the model's dtype: whole numbers that the dtype holds exactly are taken as ids;
+    fractions, and numbers from where the dtype starts rounding integers, are refused by name."""
+    model, _ = model_pair("pow2_heads")
+    ids = random_ids(1, 10, seed=32)
+    expected = model(ids).logits
+    torch.testing.assert_close(model(ids.to(torch.bfloat16)).logits, expected, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="integers.*2.5"):
+        model(torch.tensor([[1.0, 2.5]], dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="bfloat16.*256"):
+        model(torch.tensor([[1.0, 300.0]], dtype=torch.bfloat16))
+    big = ReplitLM(replit_config(vocab_size=4096)).eval()
+    assert big(torch.tensor([[1000.0, 2047.0]], dtype=torch.float16)).logits.shape == (1, 2, 4096)
+    with pytest.raises(ValueError, match="float16.*2048"):
+        big(torch.tensor([[1.0, 2048.0]], dtype=torch.float16))
+
+
+def test_generate_checks_the_length_before_starting():
+    model, _ = model_pair("pow2_heads")
+    ids = random_ids(1, 60, seed=33)
+    forward = mock.Mock(wraps=model.forward)
+    with mock.patch.object(model, "forward", forward):
+        with pytest.raises(ValueError, match="60 tokens with max_new_tokens=5 reaches 65.*max_seq_len=64"):
+            model.generate(ids, max_new_tokens=5)
+        with pytest.raises(ValueError, match="max_length=70.*max_seq_len=64"):
+            model.generate(ids, max_length=70)
+    assert not forward.called
+    assert model.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 64)
 
 
 def test_long_sequences_with_a_raised_max_seq_len():

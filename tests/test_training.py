@@ -4,7 +4,7 @@ import pytest
 import torch
 from model_helpers import VOCAB, replit_config
 
-from replit_lm.modeling_replit_lm import ReplitLM
+from replit_lm.modeling_replit_lm import TRANSFORMERS_5, ReplitLM
 
 LORA_TARGETS = ["Wqkv", "out_proj", "up_proj", "down_proj"]
 
@@ -127,3 +127,37 @@ def test_lora_with_gradient_checkpointing_needs_inputs_embeds_grads():
     grads = [p.grad for n, p in lora.named_parameters() if "lora_B" in n]
     assert len(grads) == len(LORA_TARGETS) * model.config.n_layers
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_trainer_with_gradient_accumulation_logs_the_mean_loss(tmp_path):
+    """transformers' Trainer hands the model num_items_in_batch and then leaves the loss undivided by the accumulation
+    steps: the logged loss of one optimizer step is the token-weighted mean over its micro-batches, not their sum."""
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_model(seed=10, attn_pdrop=0.0, resid_pdrop=0.0, emb_pdrop=0.0)
+    batch = repetitive_batch(4, 24, seed=11)
+    dataset = [{"input_ids": row, "labels": row, "attention_mask": torch.ones_like(row)} for row in batch]
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=1,
+        learning_rate=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_drop_last=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=dataset)
+    with torch.no_grad():
+        micro_losses = [model(batch[i : i + 2], labels=batch[i : i + 2]).loss.item() for i in (0, 2)]
+    trainer.train()
+    logged = next(entry["loss"] for entry in trainer.state.log_history if "loss" in entry)
+    # Equal-length micro-batches: the token-weighted mean is the plain mean; the order of the rows does not matter.
+    expected = sum(micro_losses) / 2
+    if not TRANSFORMERS_5:
+        # transformers 4's Trainer counts every label in num_items_in_batch, the first position's too, which no
+        # causal LM predicts: 24 per row where there are 23 targets (its own models log the same).
+        expected *= 23 / 24
+    assert logged == pytest.approx(expected, rel=1e-4), (logged, micro_losses)
