@@ -16,6 +16,7 @@ Codex paper's unbiased estimator over its n samples, and the score is the mean o
 
 import argparse
 import json
+import os
 import platform
 import random
 import sys
@@ -33,6 +34,9 @@ from .postprocessing import DEFAULT_STOP_SEQUENCES
 from .sandbox import Limits, isolation_summary, run_programs
 
 HUMANEVAL_PROBLEMS = 164
+# The longest canonical solution is 294 tokens with the real tokenizer; the longest prompt (523 tokens with the
+# demo's tokenizer, 440 with the real one) still fits the demo's context of 1024 with this budget.
+MAX_NEW_TOKENS = 384
 REPORTED_K = (1, 10, 100)
 
 
@@ -164,11 +168,14 @@ def problem_reports(problems, completions: dict[str, list], outcomes: dict[str, 
 def format_table(report: dict) -> str:
     """The report's summary as a Markdown table, then the timing."""
     summary, settings = report["summary"], report["settings"]
-    how = "canonical solutions" if settings.get("canonical") else (
-        "greedy" if settings["greedy"] else
-        f"temperature {settings['temperature']}, top-p {settings['top_p']}, top-k {settings['top_k']}")  # fmt: skip
-    lines = [f"HumanEval, {report['model']}: {summary['problems']} problems, {settings['samples_per_problem']} "
-             f"sample(s) each, {how}", "", "| measure | value |", "| --- | ---: |"]  # fmt: skip
+    if settings["canonical"]:
+        title = f"HumanEval, the canonical solutions: {summary['problems']} problems"
+    else:
+        how = "greedy" if settings["greedy"] else (
+            f"temperature {settings['temperature']}, top-p {settings['top_p']}, top-k {settings['top_k']}")  # fmt: skip
+        title = (f"HumanEval, {report['model']}: {summary['problems']} problems, {settings['samples_per_problem']} "
+                 f"sample(s) each, {how}, at most {settings['max_new_tokens']} new tokens")  # fmt: skip
+    lines = [title, "", "| measure | value |", "| --- | ---: |"]
     for key, value in summary.items():
         if key.startswith("pass@"):
             lines.append(f"| {key} | {100 * value:.2f}% |")
@@ -255,8 +262,9 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     generation.add_argument("--temperature", type=float, default=card.temperature, help=f"default {card.temperature}")
     generation.add_argument("--top-p", type=float, default=card.top_p, help=f"default {card.top_p}")
     generation.add_argument("--top-k", type=int, default=card.top_k, help=f"default {card.top_k}")
-    generation.add_argument("--max-new-tokens", type=int, default=512, metavar="N",
-                            help="token budget of a completion; most stop earlier, at a stop sequence (default 512)")  # fmt: skip
+    generation.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, metavar="N",
+                            help="token budget of a completion; most stop earlier, at a stop sequence (default "
+                                 f"{MAX_NEW_TOKENS})")  # fmt: skip
     generation.add_argument("--stop", action="append", default=[], metavar="TEXT",
                             help="a stop sequence to add to the card's defaults (repeatable; \\n, \\t, \\r, \\\\ "
                                  "are read as the characters they name)")  # fmt: skip
@@ -271,7 +279,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
                         help="run the problems' canonical solutions instead of a model: the harness's own check, "
                              "which scores 100%%")  # fmt: skip
     execution = parser.add_argument_group("execution (replit_tools/sandbox.py)")
-    execution.add_argument("--workers", type=int, default=4, help="programs run at a time (default 4)")
+    execution.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                           help="programs run at a time (default: the number of CPUs)")  # fmt: skip
     execution.add_argument("--timeout", type=float, default=Limits.timeout,
                            help=f"seconds of wall-clock and CPU time per program (default {Limits.timeout:g})")  # fmt: skip
     execution.add_argument("--memory-mb", type=int, default=Limits.memory_mb,

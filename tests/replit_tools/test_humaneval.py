@@ -199,3 +199,11 @@ def test_evaluate_py_dispatches_commands_and_runs_held_out_without_one(monkeypat
                      ("default", [])]  # fmt: skip
     assert evaluate.main(["humaneva"]) == 2 and "unknown command" in capsys.readouterr().err
     assert evaluate.main(["--help"]) == 0 and "humaneval" in capsys.readouterr().out
+
+
+def test_every_prompt_fits_the_demo_s_context_with_the_default_budget(problems):
+    from replit_lm.replit_lm_tokenizer import ReplitLMTokenizer
+
+    tokenizer = ReplitLMTokenizer.from_pretrained(DEMO)
+    longest = max(len(ids) for ids in tokenizer([p["prompt"] for p in problems])["input_ids"])
+    assert longest + humaneval.MAX_NEW_TOKENS <= json.loads((DEMO / "config.json").read_text())["max_seq_len"]
