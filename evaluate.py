@@ -1,6 +1,30 @@
-"""Evaluate a model folder on code it never saw: `python3 evaluate.py --model PATH` (see docs/demo.md)."""
+"""Evaluate a model folder (docs/evaluation.md):
 
-from replit_tools.evaluation import main
+    python3 evaluate.py humaneval --model PATH [options]   HumanEval pass@k, candidates run in a sandbox
+    python3 evaluate.py held-out --model PATH [options]    held-out loss and parse rate of completions (docs/demo.md)
+    python3 evaluate.py [--model PATH] [options]           no command: held-out, as before evaluate.py had commands
+
+`python3 evaluate.py COMMAND --help` lists a command's options. Without --model: the embedded demo model.
+"""
+
+import sys
+
+from replit_tools import evaluation, humaneval
+
+COMMANDS = {"humaneval": humaneval.main, "held-out": evaluation.main}
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]](argv[1:])
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0
+    if argv and not argv[0].startswith("-"):
+        print(f"error: unknown command {argv[0]!r}: use {' or '.join(COMMANDS)} (see --help)", file=sys.stderr)
+        return 2
+    return evaluation.main(argv)
+
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(sys.argv[1:]))

@@ -1,9 +1,12 @@
 """Measure a model on code it never saw: held-out loss, and how often its completions of Python function headers
 parse as Python after the card's post-processing.
 
-    python3 evaluate.py                   # the demo model, on its held-out standard-library files
-    python3 evaluate.py --model PATH      # any model folder (the real weights too)
-    python3 evaluate.py --original-code   # the same measure for the code that follows each header
+    python3 evaluate.py held-out                   # the demo model, on its held-out standard-library files
+    python3 evaluate.py held-out --model PATH      # any model folder (the real weights too)
+    python3 evaluate.py held-out --original-code   # the same measure for the code that follows each header
+
+`held-out` is also what `python3 evaluate.py` runs without a command (with the same options), as it did before
+evaluate.py had commands; HumanEval is `python3 evaluate.py humaneval` (replit_tools/humaneval.py).
 
 The held-out files are those the demo's training (demo.py) set aside. Each prompt is the header of one module-level function
 (its `def` line(s)) after the module-level statements of its file that start at most CONTEXT_CHARS before it (whole
@@ -134,8 +137,8 @@ def evaluate(model_path: Path, held_out_files: list[Path], seed: int = 0, prompt
     return {"held_out_loss": round(loss, 4), "held_out_perplexity": round(math.exp(loss), 2), **report}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="evaluate.py held-out", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=DEMO_MODEL)
     parser.add_argument("--prompts", type=int, default=100, help="function headers to complete")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="the token budget of a completion")
@@ -143,7 +146,7 @@ def main():
                         help="measure the code that follows each header in its file instead of the model (with the "
                              "model's tokenizer)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     _, held_out_files = stdlib_sources()
     if args.original_code:
         tokenizer = ReplitLMTokenizer.from_pretrained(args.model)
@@ -153,4 +156,5 @@ def main():
     else:
         report = evaluate(args.model, held_out_files, args.seed, args.prompts, args.max_new_tokens)
     print(json.dumps(report, indent=2))
+    return 0
 

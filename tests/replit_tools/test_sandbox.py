@@ -1,0 +1,123 @@
+"""replit_tools/sandbox.py: each program in a process of its own, with limits. A runaway (endless loop, huge
+allocation), a shell command, a subprocess or a network connection is contained and reported as a failure with
+its reason, and the test process goes on."""
+
+import os
+import socket
+import time
+
+import pytest
+
+from replit_tools import sandbox
+from replit_tools.sandbox import Limits, run_program, run_programs
+
+FAST = Limits(timeout=1.5, memory_mb=256)
+
+
+def test_a_program_that_runs_to_its_end_passes_and_an_exception_fails_with_its_message():
+    assert run_program("assert sum([1, 2]) == 3\nprint('output is swallowed')", FAST) == sandbox.Outcome(True, "passed")
+    outcome = run_program("def f():\n    return None\nassert f() == 1, 'wrong answer'", FAST)
+    assert not outcome.passed and outcome.result == "failed: AssertionError: wrong answer"
+    outcome = run_program("def f(:\n    pass", FAST)
+    assert not outcome.passed and outcome.result.startswith("failed: SyntaxError")
+
+
+def test_an_endless_loop_is_stopped_at_the_time_limit():
+    started = time.perf_counter()
+    outcome = run_program("while True:\n    pass", Limits(timeout=1.0))
+    assert not outcome.passed and outcome.result.startswith("timed out")
+    assert time.perf_counter() - started < 5
+
+
+def test_a_sleeping_program_is_stopped_by_the_wall_clock_and_its_children_with_it():
+    outcome = run_program("import time\ntime.sleep(60)", Limits(timeout=1.0))
+    assert outcome == sandbox.Outcome(False, "timed out (wall clock, 1 s)")
+
+
+def test_a_huge_allocation_is_a_memory_error_and_the_test_process_survives():
+    outcome = run_program("x = bytearray(64 * 2**30)", FAST)
+    assert outcome == sandbox.Outcome(False, "failed: memory limit: MemoryError")
+    outcome = run_program("x = []\nwhile True:\n    x.append(' ' * 2**20)", FAST)  # grows until the limit
+    assert outcome == sandbox.Outcome(False, "failed: memory limit: MemoryError")
+    assert run_program("x = bytearray(64 * 2**20)", FAST).passed  # 64 MB fits under 256 MB
+
+
+@pytest.mark.parametrize(
+    "code, blocked",
+    [
+        ("import os\nos.system('touch {marker}')", "os.system"),
+        ("import subprocess\nsubprocess.run(['touch', '{marker}'])", "subprocess.run"),
+        ("import subprocess\nsubprocess.Popen(['touch', '{marker}']).wait()", "subprocess.Popen"),
+        ("import os\nos.execv('/usr/bin/touch', ['touch', '{marker}'])", "os.execv"),
+        ("import os\nif os.fork() == 0:\n    open('{marker}', 'w').close()", "os.fork"),
+        # An `except Exception:` in the candidate does not hide the block.
+        ("import os\ntry:\n    os.system('touch {marker}')\nexcept Exception:\n    pass", "os.system"),
+    ],
+)
+def test_shell_commands_and_subprocesses_are_blocked(tmp_path, code, blocked):
+    marker = tmp_path / "created-by-the-candidate"
+    outcome = run_program(code.format(marker=marker), FAST)
+    assert outcome == sandbox.Outcome(False, f"failed: blocked: {blocked} is disabled in the sandbox")
+    assert not marker.exists()
+
+
+@pytest.fixture
+def listening_server():
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.5)
+    yield server
+    server.close()
+
+
+def assert_no_connection_arrived(server):
+    with pytest.raises(socket.timeout):
+        server.accept()
+
+
+def test_a_network_connection_to_localhost_is_blocked(listening_server):
+    port = listening_server.getsockname()[1]
+    code = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1).sendall(b'x')"
+    outcome = run_program(code, FAST)
+    assert outcome == sandbox.Outcome(False, "failed: blocked: network access is disabled in the sandbox")
+    code = f"import urllib.request\nurllib.request.urlopen('http://127.0.0.1:{port}/', timeout=1)"
+    assert run_program(code, FAST).result == "failed: blocked: network access is disabled in the sandbox"
+    assert_no_connection_arrived(listening_server)
+
+
+def test_without_the_socket_guard_the_network_namespace_still_has_no_network(listening_server):
+    """The guard can be undone (the original socket type is in the replacement's MRO); the network namespace,
+    where this system allows one, cannot be left."""
+    if not sandbox.network_isolation():
+        pytest.skip("unshare --net is not available here: the socket guard is the only network protection")
+    port = listening_server.getsockname()[1]
+    code = (f"import socket\nraw = socket.socket.__mro__[2](socket.AF_INET, socket.SOCK_STREAM)\nraw.settimeout(1)\n"
+            f"raw.connect(('127.0.0.1', {port}))\nraw.sendall(b'x')")  # fmt: skip
+    outcome = run_program(code, FAST)
+    assert not outcome.passed and outcome.result.startswith("failed: OSError"), outcome
+    assert_no_connection_arrived(listening_server)
+
+
+def test_each_program_runs_in_a_fresh_temporary_directory_that_is_removed(tmp_path):
+    code = ("import os\nassert os.listdir('.') == [], os.listdir('.')\nopen('left-behind', 'w').write('x')\n"
+            "os.mkdir('sub')\nraise RuntimeError(os.getcwd())")  # fmt: skip
+    first, second = run_program(code, FAST), run_program(code, FAST)
+    directories = [outcome.result.removeprefix("failed: RuntimeError: ") for outcome in (first, second)]
+    assert directories[0] != directories[1]
+    for directory in directories:
+        assert os.path.basename(directory).startswith("replit-sandbox-") and not os.path.exists(directory)
+    assert os.getcwd() not in directories
+
+
+def test_a_program_that_ends_its_process_early_does_not_pass():
+    assert run_program("import os\nos._exit(0)", FAST) == sandbox.Outcome(
+        False, "failed: the program ended the process without a result"
+    )
+    assert run_program("import sys\nsys.exit(0)", FAST) == sandbox.Outcome(False, "failed: SystemExit: 0")
+
+
+def test_programs_run_in_parallel_and_come_back_in_order():
+    programs = [f"import time\ntime.sleep(1)\nassert {i} % 2 == 0" for i in range(4)]
+    started = time.perf_counter()
+    outcomes = run_programs(programs, FAST, workers=4)
+    assert [outcome.passed for outcome in outcomes] == [True, False, True, False]
+    assert time.perf_counter() - started < 3.5  # not one after the other (4 s at least)
