@@ -6,11 +6,16 @@ import json
 import os
 import random
 import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
-from completion_helpers import DEMO, hub_folder, one_torch_thread, run_script, snapshot_folder  # noqa: F401
+from completion_helpers import DEMO, SCRIPT_ENV, hub_folder, one_torch_thread, run_script, snapshot_folder  # noqa: F401
 from conftest import SHARED
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, MptConfig, MptForCausalLM
@@ -342,3 +347,67 @@ def test_gguf_quantized_types_load_and_complete(llama_cpp, tmp_path, ours, qtype
     agree = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
     assert agree >= 0.75, agree
     assert (got - expected).abs().max() < {"bf16": 0.2, "q8_0": 0.5, "q4_0": 2.0}[qtype]
+
+
+# ----- transformers serve --------------------------------------------------------------------------------------------
+
+SERVE_STARTUP_SECONDS = 180
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def transformers_serve():
+    """`transformers serve --trust-remote-code` on 127.0.0.1 (no model preloaded: each request names its folder)."""
+    for module in ("fastapi", "uvicorn", "openai"):
+        pytest.importorskip(module)
+    executable = Path(sys.executable).with_name("transformers")
+    port = free_port()
+    server = subprocess.Popen(
+        [str(executable), "serve", "--trust-remote-code", "--host", "127.0.0.1", "--port", str(port),
+         "--device", "cpu", "--log-level", "error"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=SCRIPT_ENV,
+    )  # fmt: skip
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + SERVE_STARTUP_SECONDS
+        while True:
+            try:
+                urllib.request.urlopen(base_url + "/health", timeout=5).close()
+                break
+            except OSError:
+                assert server.poll() is None, f"transformers serve exited with status {server.returncode}"
+                assert time.monotonic() < deadline, f"transformers serve did not start in {SERVE_STARTUP_SECONDS} s"
+                time.sleep(1)
+        yield base_url + "/v1"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+@pytest.mark.parametrize("layout", ["demo", "hub", "mpt"])
+def test_transformers_serve_completes_plain_and_streamed(transformers_serve, demo_mpt, tmp_path, layout):
+    import openai
+
+    folder = {"demo": lambda: DEMO, "hub": lambda: hub_folder(tmp_path / "hub"), "mpt": lambda: demo_mpt}[layout]()
+    model_class = MptForCausalLM if layout == "mpt" else ReplitLM
+    model = model_class.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = ReplitLMTokenizer.from_pretrained(DEMO if layout == "mpt" else folder)
+    ids = tokenizer.encode(PROMPTS[0], return_tensors="pt")
+    generated = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=1, pad_token_id=2)
+    expected = tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
+
+    client = openai.OpenAI(base_url=transformers_serve, api_key="unused", timeout=120, max_retries=0)
+    request = dict(model=str(folder), prompt=PROMPTS[0], max_tokens=24, temperature=0)
+    plain = client.completions.create(**request).choices[0].text
+    streamed = "".join(chunk.choices[0].text for chunk in client.completions.create(**request, stream=True)
+                       if chunk.choices)  # fmt: skip
+    assert plain == streamed == expected
