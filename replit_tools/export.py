@@ -128,6 +128,8 @@ def tokenizer_files(source, model_max_length: int, folder: Path):
         "clean_up_tokenization_spaces": False,
         "model_max_length": model_max_length,
         "padding_side": "left",  # batched generation pads on the left
+        # Without it, transformers 4 returns token_type_ids too, which MptForCausalLM.generate refuses.
+        "model_input_names": ["input_ids", "attention_mask"],
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
     (folder / "special_tokens_map.json").write_text(

@@ -100,6 +100,7 @@ def test_mpt_folder_loads_without_remote_code(demo_mpt):
     assert type(AutoModelForCausalLM.from_pretrained(demo_mpt)) is MptForCausalLM  # no trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(demo_mpt)
     assert (tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.bos_token_id) == (1, 2, 0, None)
+    assert set(tokenizer("def f():")) == {"input_ids", "attention_mask"}  # transformers 4 would add token_type_ids
     config = json.loads((demo_mpt / "config.json").read_text())
     assert config["architectures"] == ["MptForCausalLM"] and config["model_type"] == "mpt"
     assert json.loads((demo_mpt / "generation_config.json").read_text())["use_cache"] is True
@@ -170,7 +171,7 @@ def check_vllm_mpt_assertions(config: MptConfig, tensor_parallel_size: int):
     assert config.tie_word_embeddings  # MPTForCausalLM: the head is the embedding
     assert attention.alibi and not attention.prefix_lm  # MPTAttention
     assert config.n_heads % tensor_parallel_size == 0  # MPTAttention: heads split across GPUs
-    kv_heads = getattr(attention, "kv_n_heads", None) or config.n_heads
+    kv_heads = attention.kv_n_heads if "kv_n_heads" in attention else config.n_heads  # MPTAttention's lookup
     assert kv_heads % tensor_parallel_size == 0 or tensor_parallel_size % kv_heads == 0
     # Fields vLLM ignores, so they must hold what it assumes: no biases (else it builds bias parameters the
     # checkpoint lacks), no QK LayerNorm (it would build q_ln/k_ln), 1/sqrt(head_dim) softmax scale, LayerNorm eps
