@@ -256,7 +256,9 @@ def test_an_interrupted_export_leaves_nothing(tmp_path, monkeypatch, to, name):
 
 # ----- GGUF in llama.cpp ---------------------------------------------------------------------------------------------
 
-GGUF_LOGITS_ATOL = 1e-3  # f32; see docs/export.md
+# f32 weights, llama.cpp's default f16 KV cache and its tanh-approximated GELU against float32 PyTorch with the exact
+# GELU: 7.2e-3 at most measured on the demo's logits (of size up to 17); see docs/export.md.
+GGUF_LOGITS_ATOL = 2e-2
 
 
 @pytest.fixture(scope="module")
@@ -265,10 +267,24 @@ def llama_cpp():
 
 
 def llama(llama_cpp, path: Path, vocab_only: bool = False):
-    return llama_cpp.Llama(
-        model_path=str(path), n_ctx=512, n_threads=1, n_batch=512, logits_all=not vocab_only,
-        vocab_only=vocab_only, verbose=False,
-    )  # fmt: skip
+    """The file in llama.cpp, without its extra CPU buffer types: on this machine llama.cpp's build finds AMX and
+    repacks q8_0/q4_0 weights for it, and the AMX kernels then die with SIGILL (the sandbox does not grant AMX's tile
+    state). The repacking only changes speed; `use_extra_bufts` is not a Llama() argument, hence the patch."""
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def without_extra_buffer_types():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama_cpp.llama_model_default_params = without_extra_buffer_types
+    try:
+        return llama_cpp.Llama(
+            model_path=str(path), n_ctx=512, n_threads=1, n_batch=512, logits_all=not vocab_only,
+            vocab_only=vocab_only, verbose=False,
+        )  # fmt: skip
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = defaults
 
 
 @pytest.fixture(scope="module")
