@@ -60,7 +60,8 @@ def load(model: str | Path, dtype: torch.dtype):
     missing = [name for name in info["missing_keys"] if name != "lm_head.weight"]
     if missing or info["unexpected_keys"] or info.get("mismatched_keys"):
         problems = missing or info["unexpected_keys"] or info["mismatched_keys"]
-        raise ExportError(f"{model} is not a replit-code-v1-3b checkpoint: its weights do not match ({problems[0]}, ...)")
+        mismatch = f"its weights do not match ({next(iter(problems))}, ...)"
+        raise ExportError(f"{model} is not a replit-code-v1-3b checkpoint: {mismatch}")
     config = loaded.config
     if config.prefix_lm or config.attn_qk_ln or config.attn_uses_sequence_id or not config.alibi:
         raise ExportError(f"{model}: only causal ALiBi models without QK LayerNorm export (as replit-code-v1-3b)")

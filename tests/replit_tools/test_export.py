@@ -99,7 +99,8 @@ def test_mpt_folder_loads_without_remote_code(demo_mpt):
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
     assert type(AutoModelForCausalLM.from_pretrained(demo_mpt)) is MptForCausalLM  # no trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(demo_mpt)
-    assert (tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.bos_token_id) == (1, 2, 0, None)
+    special_ids = (tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.bos_token_id)
+    assert special_ids == (1, 2, 0, None)
     assert set(tokenizer("def f():")) == {"input_ids", "attention_mask"}  # transformers 4 would add token_type_ids
     config = json.loads((demo_mpt / "config.json").read_text())
     assert config["architectures"] == ["MptForCausalLM"] and config["model_type"] == "mpt"
