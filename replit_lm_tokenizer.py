@@ -178,6 +178,15 @@ class ReplitLMTokenizer(_TextInputCheck, _FastBatchTensors, PreTrainedTokenizer)
     def vocab_size(self):
         return len(self._pieces)
 
+    @property
+    def _tokenizer(self):
+        """The `tokenizers` twin's backend, for code that decodes a stream of ids with it (`transformers serve` reads
+        `tokenizer._tokenizer`); encoding stays SentencePiece's. Built on first use."""
+        if "_twin_backend" not in self.__dict__:
+            twin = ReplitLMTokenizerFast(vocab_file=self.vocab_file, **self.special_tokens_map)
+            self.__dict__["_twin_backend"] = twin.backend_tokenizer
+        return self.__dict__["_twin_backend"]
+
     def get_vocab(self):
         return {**self._piece_ids, **self.added_tokens_encoder}
 

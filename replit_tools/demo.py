@@ -105,8 +105,12 @@ def write_demo_folder(model, tokenizer, out: Path) -> None:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     model.config.auto_map = json.loads((ROOT / "config.json").read_text())["auto_map"]
-    model.config.architectures = ["ReplitLM"]
     model.save_pretrained(out, safe_serialization=True)
+    # save_pretrained names the class (ReplitLM), which tools outside transformers' Auto classes cannot find
+    # (`transformers serve` builds getattr(transformers, architectures[0])); the Auto class finds it via auto_map.
+    config = json.loads((out / "config.json").read_text())
+    config["architectures"] = json.loads((ROOT / "config.json").read_text())["architectures"]
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tokenizer.save_pretrained(out)
     # The root's tokenizer_config.json carries the auto_map and the real model's settings; keep them.
     tokenizer_config = json.loads((ROOT / "tokenizer_config.json").read_text())

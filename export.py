@@ -1,0 +1,9 @@
+"""Export replit-code-v1-3b for other engines: `python3 export.py --to mpt OUT_DIR` (transformers' MptForCausalLM,
+vLLM, TGI) or `python3 export.py --to gguf OUT.gguf --type q8_0` (llama.cpp, Ollama); see --help, docs/export.md."""
+
+import sys
+
+from replit_tools.export import main
+
+if __name__ == "__main__":
+    sys.exit(main())

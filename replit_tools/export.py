@@ -1,0 +1,371 @@
+"""Export replit-code-v1-3b for the engines users already run: `python3 export.py` at the repository root runs `main`.
+
+    python3 export.py --model replit-code-v1-3b --to mpt replit-code-v1-3b-mpt        # transformers, vLLM, TGI
+    python3 export.py --model replit-code-v1-3b --to gguf replit-code-v1-3b.q8_0.gguf --type q8_0   # llama.cpp
+
+mpt: a model folder in transformers' own MPT format (`MptForCausalLM`, no remote code), with a `tokenizers`
+tokenizer.json; vLLM and TGI serve it as it is. gguf: one file for llama.cpp (and Ollama, llama-cpp-python), arch
+"mpt", with the model's exact Unigram vocabulary. The guide, with what was checked: docs/export.md.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import DEMO_MODEL
+from .loading import model_source, one_line, quiet_libraries
+from .mpt_reference import mpt_config
+from replit_lm.modeling_replit_lm import ReplitLM
+from replit_lm.replit_lm_tokenizer import ReplitLMTokenizer, ReplitLMTokenizerFast, _as_trained, _read_model
+
+FORMATS = {"mpt": ("f32", "bf16"), "gguf": ("f32", "bf16", "q8_0", "q4_0")}
+DEFAULT_TYPE = {"mpt": "f32", "gguf": "bf16"}
+# save_pretrained's default shard size: the 10 GB float32 checkpoint becomes 3 files.
+MAX_SHARD_SIZE = "5GB"
+# MPT's initialisation settings as the published config.json spells them; TGI's MPT code reads `init_config`.
+INIT_CONFIG_FIELDS = (
+    "emb_init_std", "emb_init_uniform_lim", "fan_mode", "init_div_is_residual", "init_gain", "init_nonlinearity",
+    "init_std", "verbose",
+)  # fmt: skip
+
+
+# The attention settings of MPT's config.json (TGI reads them from a plain dict, without defaults).
+MPT_ATTENTION_FIELDS = (
+    "alibi", "alibi_bias_max", "attn_impl", "attn_pdrop", "attn_type", "attn_uses_sequence_id", "clip_qkv",
+    "prefix_lm", "qk_ln", "softmax_scale",
+)  # fmt: skip
+
+
+class ExportError(Exception):
+    """An export that cannot be done as asked; the message says what to change."""
+
+
+# ----- loading ---------------------------------------------------------------------------------------------------
+
+
+def load(model: str | Path, dtype: torch.dtype):
+    """ReplitLM and the exact tokenizer of a model folder (or Hub id), checked to be replit-code-v1-3b's kind."""
+    source = model_source(model)
+    try:
+        loaded, info = ReplitLM.from_pretrained(source, dtype=dtype, output_loading_info=True)
+        tokenizer = ReplitLMTokenizer.from_pretrained(source)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+        raise ExportError(f"{model} is not a replit-code-v1-3b model folder: {one_line(error)}") from error
+    missing = [name for name in info["missing_keys"] if name != "lm_head.weight"]
+    if missing or info["unexpected_keys"] or info.get("mismatched_keys"):
+        problems = missing or info["unexpected_keys"] or info["mismatched_keys"]
+        mismatch = f"its weights do not match ({next(iter(problems))}, ...)"
+        raise ExportError(f"{model} is not a replit-code-v1-3b checkpoint: {mismatch}")
+    config = loaded.config
+    if config.prefix_lm or config.attn_qk_ln or config.attn_uses_sequence_id or not config.alibi:
+        raise ExportError(f"{model}: only causal ALiBi models without QK LayerNorm export (as replit-code-v1-3b)")
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ExportError(f"{model}: the vocabulary ({tokenizer.vocab_size}) exceeds the model's ({config.vocab_size})")
+    return loaded.eval(), tokenizer
+
+
+def state_dict(model) -> dict:
+    """The checkpoint's tensors as MPT names them: no lm_head (it is the embedding)."""
+    return {name: tensor.contiguous() for name, tensor in model.state_dict().items() if name != "lm_head.weight"}
+
+
+# ----- mpt ---------------------------------------------------------------------------------------------------------
+
+
+def mpt_config_dict(config, dtype: torch.dtype) -> dict:
+    """config.json of the MPT folder: transformers' MptConfig, plus the fields of MPT's own config.json that TGI reads
+    as a plain dict (attn_config with attn_impl, init_config, init_device, verbose)."""
+    mpt = mpt_config(config)
+    mpt.architectures = ["MptForCausalLM"]
+    mpt.dtype = dtype
+    out = mpt.to_dict()
+    attention = out["attn_config"] if isinstance(out["attn_config"], dict) else out["attn_config"].to_dict()
+    # MptAttentionConfig.to_dict() carries every PretrainedConfig field (id2label, ...): keep MPT's own, with the
+    # types transformers 5 checks (attn_pdrop is an int there).
+    out["attn_config"] = {key: attention[key] for key in sorted(MPT_ATTENTION_FIELDS)}
+    expected = dict(alibi=True, prefix_lm=False, qk_ln=False, attn_uses_sequence_id=False, attn_impl="torch",
+                    attn_type="multihead_attention", clip_qkv=config.attn_clip_qkv,
+                    softmax_scale=config.softmax_scale, alibi_bias_max=config.alibi_bias_max)  # fmt: skip
+    assert all(out["attn_config"][key] == value for key, value in expected.items()), out["attn_config"]
+    for field in ("id2label", "label2id", "problem_type", "chunk_size_feed_forward", "output_hidden_states",
+                  "output_attentions", "return_dict", "is_encoder_decoder", "_name_or_path"):  # fmt: skip
+        out.pop(field, None)
+    out.update(
+        bos_token_id=None,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        learned_pos_emb=False,  # ALiBi: there is no position embedding
+        norm_type="low_precision_layernorm",
+        embedding_fraction=1.0,
+        logit_scale=None,
+        no_bias=True,
+        tie_word_embeddings=True,
+        init_device="cpu",
+        init_config={"name": config.param_init_fn, **{name: getattr(config, name) for name in INIT_CONFIG_FIELDS}},
+        verbose=0,
+        use_cache=True,
+        torch_dtype=str(dtype).removeprefix("torch."),  # the field's name before transformers 5 (TGI, vLLM)
+    )
+    return dict(sorted(out.items()))
+
+
+def tokenizer_files(source, model_max_length: int, folder: Path):
+    """tokenizer.json (the `tokenizers` twin of spiece.model), and a tokenizer_config.json naming transformers' own
+    PreTrainedTokenizerFast: no remote code. spiece.model too, for the exact SentencePiece tokenizer and re-export."""
+    fast = ReplitLMTokenizerFast.from_pretrained(source)
+    fast.backend_tokenizer.save(str(folder / "tokenizer.json"))
+    special = {"bos_token": None, "eos_token": "<|endoftext|>", "unk_token": "<|unk|>", "pad_token": "<|pad|>"}
+    settings = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **special,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": model_max_length,
+        "padding_side": "left",  # batched generation pads on the left
+        # Without it, transformers 4 returns token_type_ids too, which MptForCausalLM.generate refuses.
+        "model_input_names": ["input_ids", "attention_mask"],
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps({k: v for k, v in special.items() if v}, indent=2) + "\n"
+    )
+    shutil.copy(fast.vocab_file, folder / "spiece.model")
+
+
+MPT_README = """\
+# {name}: replit-code-v1-3b in transformers' MPT format
+
+Exported by `export.py` from `{source}` ({dtype}). Everything here loads without remote code:
+`MptForCausalLM` (transformers 4.57 and 5.x), vLLM and TGI read it as it is. The model is a base code model: give it
+code to complete (no chat template); it was trained without a BOS token and ends a completion with `<|endoftext|>`.
+
+```bash
+vllm serve {out} --tensor-parallel-size N          # N divides {n_heads} (the number of heads): 1, 2, 4, 8
+text-generation-launcher --model-id {out}          # TGI
+transformers serve                                 # then ask for model "{out}" in /v1/completions
+```
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("{out}")
+tokenizer = AutoTokenizer.from_pretrained("{out}")
+```
+
+`tokenizer.json` is the `tokenizers` twin of `spiece.model`: it gives SentencePiece's ids except among
+segmentations of equal score; `spiece.model` is the model's own vocabulary (CC BY-SA 4.0, as the weights).
+"""
+
+
+def export_mpt(model, tokenizer, source, out: Path, dtype: torch.dtype, folder: Path):
+    from huggingface_hub import save_torch_state_dict
+
+    save_torch_state_dict(state_dict(model), folder, max_shard_size=MAX_SHARD_SIZE, metadata={"format": "pt"})
+    config = model.config
+    (folder / "config.json").write_text(json.dumps(mpt_config_dict(config, dtype), indent=2) + "\n")
+    generation = {"eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id, "use_cache": True}
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    tokenizer_files(source, config.max_seq_len, folder)
+    readme = MPT_README.format(name=out.name, source=source, dtype=str(dtype).removeprefix("torch."), out=out,
+                               n_heads=config.n_heads)  # fmt: skip
+    (folder / "README.md").write_text(readme)
+
+
+# ----- gguf --------------------------------------------------------------------------------------------------------
+
+
+def gguf_vocabulary(tokenizer: ReplitLMTokenizer, vocab_size: int):
+    """The pieces, scores and types llama.cpp's Unigram ("t5") tokenizer needs to segment as SentencePiece did in
+    training, and the character map. User-defined pieces (runs of spaces, tabs, newlines) were scored -0.1 then;
+    llama.cpp would score them 0, so they are written as the ordinary pieces scored -0.1 that `_as_trained` makes of
+    them, with their exemption from normalisation moved into the character map."""
+    proto = _as_trained(_read_model(tokenizer.vocab_file))
+    pieces = [piece.piece.encode("utf-8") for piece in proto.pieces]
+    scores = [piece.score for piece in proto.pieces]
+    types = [int(piece.type) for piece in proto.pieces]  # SentencePiece's numbering is GGUF's TokenType
+    for i in range(len(pieces), vocab_size):  # embedding rows past the vocabulary: never produced
+        pieces.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(5)  # UNUSED
+    return pieces, scores, types, proto.normalizer_spec.precompiled_charsmap, proto.trainer_spec
+
+
+def gguf_tensors(model):
+    """(GGUF name, float32 array) in llama.cpp's MPT layout; GGUF reverses numpy's shape, as llama.cpp expects."""
+    names = {
+        "transformer.wte.weight": "token_embd.weight",
+        "transformer.norm_f.weight": "output_norm.weight",
+    }
+    per_block = {
+        "norm_1.weight": "attn_norm.weight",
+        "attn.Wqkv.weight": "attn_qkv.weight",
+        "attn.out_proj.weight": "attn_output.weight",
+        "norm_2.weight": "ffn_norm.weight",
+        "ffn.up_proj.weight": "ffn_up.weight",
+        "ffn.down_proj.weight": "ffn_down.weight",
+    }
+    for name, tensor in state_dict(model).items():
+        if name in names:
+            gguf_name = names[name]
+        else:
+            _, _, block, rest = name.split(".", 3)  # transformer.blocks.N.rest
+            gguf_name = f"blk.{block}.{per_block[rest]}"
+        # No output.weight: llama.cpp's MPT loader uses token_embd for the head when it is absent (tied).
+        yield gguf_name, tensor.detach().float().numpy()
+
+
+def export_gguf(model, tokenizer, source, out: Path, qtype: str, path: Path):
+    try:
+        import gguf
+    except ImportError as error:
+        raise ExportError("the GGUF export needs the gguf package: pip install gguf") from error
+    from gguf import GGMLQuantizationType as Q
+
+    config = model.config
+    if config.softmax_scale is not None:
+        raise ExportError("llama.cpp's MPT graph scales attention by 1/sqrt(head_dim): softmax_scale must be null")
+    writer = gguf.GGUFWriter(str(path), "mpt")
+    writer.add_name(Path(str(source)).name)
+    writer.add_context_length(config.max_seq_len)
+    writer.add_embedding_length(config.d_model)
+    writer.add_block_count(config.n_layers)
+    writer.add_feed_forward_length(config.mlp_ratio * config.d_model)
+    writer.add_head_count(config.n_heads)
+    writer.add_layer_norm_eps(config.layer_norm_epsilon)
+    if config.attn_clip_qkv is not None:
+        writer.add_clamp_kqv(config.attn_clip_qkv)
+    writer.add_max_alibi_bias(config.alibi_bias_max)
+    file_type = {"f32": "ALL_F32", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}[qtype]
+    writer.add_file_type(getattr(gguf.LlamaFileType, file_type))
+
+    pieces, scores, types, charsmap, trainer = gguf_vocabulary(tokenizer, config.vocab_size)
+    writer.add_tokenizer_model("t5")  # llama.cpp's name for SentencePiece's Unigram model
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(pieces)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_add_space_prefix(False)  # the model was trained without SentencePiece's dummy prefix
+    writer.add_remove_extra_whitespaces(False)
+    if charsmap:
+        writer.add_precompiled_charsmap(charsmap)
+    writer.add_unk_token_id(trainer.unk_id)
+    writer.add_eos_token_id(config.eos_token_id)
+    writer.add_pad_token_id(config.pad_token_id)
+    writer.add_add_bos_token(False)  # trained on raw text: no BOS (the vocabulary has none)
+    writer.add_add_eos_token(False)
+
+    matrix_type = {"f32": Q.F32, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[qtype]
+    for name, array in gguf_tensors(model):
+        if array.ndim == 1:
+            kind = Q.F32  # LayerNorm weights stay float32, as llama.cpp's converter keeps them
+        elif name == "token_embd.weight" and matrix_type == Q.Q4_0:
+            # The embedding is also the output layer; llama.cpp's own q4_0 keeps it at higher precision (q6_K).
+            kind = Q.Q8_0
+        else:
+            kind = matrix_type
+        if kind == Q.F32:
+            writer.add_tensor(name, array)
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(array, kind), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+# ----- command line ------------------------------------------------------------------------------------------------
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(1, f"error: {message}\n")
+
+
+def parse_arguments(argv=None) -> argparse.Namespace:
+    parser = _OneLineErrorParser(
+        description="Export replit-code-v1-3b as a transformers MPT folder (vLLM, TGI) or a GGUF file (llama.cpp).",
+        epilog="Exit status: 0 on success, 1 on any error (one line on stderr). See docs/export.md.",
+    )
+    parser.add_argument(
+        "--model",
+        default=str(DEMO_MODEL),
+        help="a model folder as generate.py --model takes it (either checkpoint layout), or a Hub id "
+        "(default: the embedded demo model)",
+    )
+    parser.add_argument("--to", required=True, choices=sorted(FORMATS), help="mpt: a folder; gguf: one file")
+    parser.add_argument("output", type=Path, help="the folder (mpt) or file (gguf) to write; must not exist")
+    parser.add_argument(
+        "--type",
+        help="weights: f32 or bf16 for mpt (default f32); f32, bf16, q8_0 or q4_0 for gguf (default bf16)",
+    )
+    args = parser.parse_args(argv)
+    args.type = (args.type or DEFAULT_TYPE[args.to]).lower()
+    if args.type not in FORMATS[args.to]:
+        parser.error(f"--type {args.type} is not available for {args.to}: use one of {', '.join(FORMATS[args.to])}")
+    return args
+
+
+def readable_by_all(path: Path):
+    """The permissions a new file or folder gets from the umask (the temporary ones are private to the user)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def export(model, to: str, output: Path, type_: str) -> Path:
+    """Write the export to a temporary name beside `output` and rename it at the end: an interrupted export leaves
+    nothing under the output's name."""
+    output = Path(output)
+    if output.exists() or output.is_symlink():
+        raise ExportError(f"{output} already exists: choose a new name, or remove it first")
+    parent = output.parent.resolve()
+    if not parent.is_dir():
+        raise ExportError(f"the folder {output.parent} does not exist")
+    if to == "gguf" and output.suffix != ".gguf":
+        raise ExportError(f"a GGUF file's name ends in .gguf: {output}")
+    dtype = torch.bfloat16 if (to, type_) == ("mpt", "bf16") else torch.float32
+    loaded, tokenizer = load(model, dtype)
+    source = model_source(model)
+    if to == "mpt":
+        temporary = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=parent))
+        try:
+            export_mpt(loaded, tokenizer, source, output, dtype, temporary)
+            for path in (temporary, *temporary.iterdir()):
+                readable_by_all(path)
+            temporary.rename(output)
+        except BaseException:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise
+    else:
+        handle, name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".partial", dir=parent)
+        os.close(handle)
+        temporary = Path(name)
+        try:
+            export_gguf(loaded, tokenizer, source, output, type_, temporary)
+            readable_by_all(temporary)
+            temporary.rename(output)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+    return output
+
+
+def main(argv=None) -> int:
+    args = parse_arguments(argv)
+    quiet_libraries()
+    try:
+        written = export(args.model, args.to, args.output, args.type)
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 1
+    except Exception as error:  # every failure is one line for the user, never a traceback
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 1
+    print(f"wrote {written}")
+    return 0

@@ -1,0 +1,431 @@
+"""export.py: the MPT folder against ReplitLM in transformers' own MptForCausalLM (weights, logits, greedy tokens,
+tokenizer ids), its config against vLLM's assertions, the GGUF file in llama.cpp (through llama-cpp-python, skipped
+when it is not installed), and the command line's errors."""
+
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from completion_helpers import DEMO, SCRIPT_ENV, hub_folder, one_torch_thread, run_script, snapshot_folder  # noqa: F401
+from conftest import SHARED
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, MptConfig, MptForCausalLM
+
+from replit_lm.configuration_replit_lm import ReplitLMConfig
+from replit_lm.modeling_replit_lm import ReplitLM
+from replit_lm.replit_lm_tokenizer import ReplitLMTokenizer, _as_trained, _read_model
+from replit_tools import export as exporter
+
+PROMPTS = [
+    "def fibonacci(n):\n",
+    "import os\nimport sys\n\n\nclass Stack:\n    def __init__(self):\n",
+    "for i in range(10):\n\tprint(i)",
+]
+SNIPPETS = 1000
+
+
+def code_snippets(count: int = SNIPPETS, seed: int = 0) -> list[str]:
+    """`count` windows of 1-12 lines from the standard library's Python files: real code, always the same ones."""
+    files = sorted(Path(os.__file__).parent.glob("*.py"))
+    rng = random.Random(seed)
+    snippets = []
+    while len(snippets) < count:
+        lines = rng.choice(files).read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+        start = rng.randrange(len(lines))
+        text = "".join(lines[start : start + rng.randint(1, 12)])
+        if text.strip() and "<|" not in text:  # no literal special tokens: engines differ on parsing them
+            snippets.append(text)
+    return snippets
+
+
+def tie_checker(spiece_model: Path, tokenizer: ReplitLMTokenizer):
+    """check(ids, expected) -> "same", "tie" (another segmentation of the same text with the same score, up to
+    float32 rounding: SentencePiece's choice among them follows its rounding) or "different"."""
+    scores = [piece.score for piece in _as_trained(_read_model(spiece_model)).pieces]
+
+    def check(ids, expected):
+        if ids == expected:
+            return "same"
+        same_text = tokenizer.decode(ids) == tokenizer.decode(expected)
+        same_score = abs(sum(scores[i] for i in ids) - sum(scores[i] for i in expected)) < 1e-3
+        return "tie" if same_text and same_score else "different"
+
+    return check
+
+
+def real_vocabulary_folder(folder: Path) -> Path:
+    """A tiny model (random weights) with the real spiece.model and vocabulary size, laid out like the Hub repo."""
+    if not (SHARED / "spiece.model").exists():
+        pytest.skip(f"needs the real spiece.model in {SHARED}")
+    folder.mkdir(parents=True)
+    torch.manual_seed(0)
+    model = ReplitLM(ReplitLMConfig(d_model=64, n_heads=4, n_layers=2, max_seq_len=128, vocab_size=32768))
+    model.config.save_pretrained(folder)
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(SHARED / "spiece.model", folder / "spiece.model")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def demo_mpt(tmp_path_factory):
+    return exporter.export(DEMO, "mpt", tmp_path_factory.mktemp("mpt") / "demo-mpt", "f32")
+
+
+@pytest.fixture(scope="module")
+def ours():
+    return ReplitLM.from_pretrained(DEMO, dtype=torch.float32).eval(), ReplitLMTokenizer.from_pretrained(DEMO)
+
+
+# ----- MPT -----------------------------------------------------------------------------------------------------------
+
+
+def test_mpt_folder_loads_without_remote_code(demo_mpt):
+    names = {path.name for path in demo_mpt.iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "special_tokens_map.json", "spiece.model", "README.md"} <= names  # fmt: skip
+    assert not any(name.endswith(".py") for name in names)
+    model, info = MptForCausalLM.from_pretrained(demo_mpt, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    assert type(AutoModelForCausalLM.from_pretrained(demo_mpt)) is MptForCausalLM  # no trust_remote_code
+    tokenizer = AutoTokenizer.from_pretrained(demo_mpt)
+    special_ids = (tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.bos_token_id)
+    assert special_ids == (1, 2, 0, None)
+    assert set(tokenizer("def f():")) == {"input_ids", "attention_mask"}  # transformers 4 would add token_type_ids
+    config = json.loads((demo_mpt / "config.json").read_text())
+    assert config["architectures"] == ["MptForCausalLM"] and config["model_type"] == "mpt"
+    assert json.loads((demo_mpt / "generation_config.json").read_text())["use_cache"] is True
+    assert f"vllm serve {demo_mpt} --tensor-parallel-size" in (demo_mpt / "README.md").read_text()
+
+
+def test_mpt_logits_equal_replit_lm_on_padded_batches(demo_mpt, ours):
+    model, tokenizer = ours
+    mpt = MptForCausalLM.from_pretrained(demo_mpt, dtype=torch.float32).eval()
+    for side in ("left", "right"):
+        tokenizer.padding_side = side
+        batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            expected, got = model(**batch).logits, mpt(**batch).logits
+        real = batch["attention_mask"].bool()
+        torch.testing.assert_close(got[real], expected[real], atol=1e-4, rtol=0)
+    tokenizer.padding_side = "right"
+
+
+def test_mpt_greedy_tokens_equal_replit_lm(demo_mpt, ours):
+    model, tokenizer = ours
+    mpt = MptForCausalLM.from_pretrained(demo_mpt, dtype=torch.float32).eval()
+    tokenizer.padding_side = "left"
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    tokenizer.padding_side = "right"
+    settings = dict(max_new_tokens=32, do_sample=False, pad_token_id=2, eos_token_id=1)
+    assert torch.equal(mpt.generate(**batch, **settings), model.generate(**batch, **settings))
+
+
+def exported_tokenizer_agrees(folder: Path, spiece_model: Path):
+    exported = AutoTokenizer.from_pretrained(folder)
+    exact = ReplitLMTokenizer(vocab_file=str(spiece_model))
+    check = tie_checker(spiece_model, exact)
+    outcomes = [check(exported.encode(text), exact.encode(text)) for text in code_snippets()]
+    assert "different" not in outcomes
+    assert outcomes.count("tie") <= SNIPPETS // 100, outcomes.count("tie")
+    for text in PROMPTS:
+        assert exported.decode(exported.encode(text)) == text
+
+
+def test_mpt_tokenizer_ids_equal_on_the_demo(demo_mpt):
+    exported_tokenizer_agrees(demo_mpt, DEMO / "spiece.model")
+
+
+def test_mpt_tokenizer_ids_equal_on_the_real_vocabulary(tmp_path):
+    out = exporter.export(real_vocabulary_folder(tmp_path / "real"), "mpt", tmp_path / "real-mpt", "f32")
+    exported_tokenizer_agrees(out, SHARED / "spiece.model")
+
+
+def test_mpt_export_of_the_release_checkpoint_layout(tmp_path):
+    """A snapshot in the May 2023 layout (other tensor names, pytorch_model.bin, poisoned code files), in bfloat16."""
+    tiny = hub_folder(tmp_path / "tiny")
+    snapshot = snapshot_folder(tmp_path / "snapshot", tiny, "release")
+    out = exporter.export(snapshot, "mpt", tmp_path / "mpt", "bf16")
+    mpt = MptForCausalLM.from_pretrained(out).eval()
+    assert mpt.dtype == torch.bfloat16 and json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    expected = ReplitLM.from_pretrained(tiny).state_dict()
+    for name, tensor in mpt.state_dict().items():
+        assert torch.equal(tensor, expected[name].bfloat16()), name
+
+
+# vLLM's MPT implementation, vllm/model_executor/models/mpt.py (vllm-project/vllm at commit 02d799bc, vLLM 0.11
+# era), read for its assertions and for the config fields it reads; restated here, not copied.
+def check_vllm_mpt_assertions(config: MptConfig, tensor_parallel_size: int):
+    attention = config.attn_config
+    assert config.embedding_fraction == 1.0  # MPTModel
+    assert config.norm_type == "low_precision_layernorm"  # MPTModel
+    assert config.tie_word_embeddings  # MPTForCausalLM: the head is the embedding
+    assert attention.alibi and not attention.prefix_lm  # MPTAttention
+    assert config.n_heads % tensor_parallel_size == 0  # MPTAttention: heads split across GPUs
+    kv_heads = attention.kv_n_heads if "kv_n_heads" in attention else config.n_heads  # MPTAttention's lookup
+    assert kv_heads % tensor_parallel_size == 0 or tensor_parallel_size % kv_heads == 0
+    # Fields vLLM ignores, so they must hold what it assumes: no biases (else it builds bias parameters the
+    # checkpoint lacks), no QK LayerNorm (it would build q_ln/k_ln), 1/sqrt(head_dim) softmax scale, LayerNorm eps
+    # 1e-5, no logit scale, gelu MLP of expansion_ratio * d_model.
+    assert config.no_bias and not attention.qk_ln
+    assert attention.softmax_scale is None and config.layer_norm_epsilon == 1e-5 and config.logit_scale is None
+
+
+@pytest.mark.parametrize("shape", ["demo", "real"])
+def test_exported_config_passes_vllms_mpt_assertions(demo_mpt, tmp_path, shape):
+    if shape == "real":  # the real model's config: the root config.json, exported without weights
+        real = ReplitLMConfig.from_pretrained(Path(exporter.__file__).parents[1])
+        config_dict = exporter.mpt_config_dict(real, torch.float32)
+        assert (config_dict["d_model"], config_dict["n_layers"], config_dict["n_heads"]) == (2560, 32, 32)
+    else:
+        config_dict = json.loads((demo_mpt / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config_dict))
+    config = MptConfig.from_pretrained(tmp_path)
+    for tensor_parallel_size in (1, 2, 4, 8):
+        check_vllm_mpt_assertions(config, tensor_parallel_size)
+    # TGI's MPT code (server/.../custom_modeling/mpt_modeling.py) reads these from config.json without defaults.
+    for key in ("attn_impl", "attn_type", "clip_qkv", "qk_ln", "softmax_scale", "attn_pdrop", "prefix_lm",
+                "attn_uses_sequence_id", "alibi", "alibi_bias_max"):  # fmt: skip
+        assert key in config_dict["attn_config"], key
+    assert config_dict["attn_config"]["attn_type"] == "multihead_attention"
+    assert "verbose" in config_dict["init_config"] and config_dict["init_device"] == "cpu"
+
+
+# ----- command line --------------------------------------------------------------------------------------------------
+
+
+def test_command_line_writes_the_export(tmp_path):
+    written = run_script("export.py", "--to", "mpt", str(tmp_path / "out"))
+    assert written.returncode == 0, written.stderr.decode()
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "{tmp}", "--to", "mpt", "{tmp}/x"], "is not a model folder"),
+        (["--to", "gguf", "{tmp}/x.gguf", "--type", "q5_k"], "--type q5_k is not available for gguf"),
+        (["--to", "mpt", "{tmp}/x", "--type", "q8_0"], "--type q8_0 is not available for mpt"),
+        (["--to", "mpt", "{tmp}/exists"], "already exists"),
+        (["--to", "gguf", "{tmp}/x.bin"], "ends in .gguf"),
+        (["--to", "onnx", "{tmp}/x"], "invalid choice"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_1(tmp_path, capsys, args, message):
+    (tmp_path / "exists").mkdir()
+    try:
+        status = exporter.main([arg.format(tmp=tmp_path) for arg in args])
+    except SystemExit as exit_:  # argparse's errors
+        status = exit_.code
+    stderr = capsys.readouterr().err
+    assert status == 1 and stderr.startswith("error: ") and message in stderr, stderr
+    assert stderr.count("\n") == 1, stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["exists"]
+
+
+def test_not_this_model_is_one_error(tmp_path):
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1}))
+    shutil.copy(DEMO / "spiece.model", folder / "spiece.model")
+    with pytest.raises(exporter.ExportError, match="is not a replit-code-v1-3b model folder"):
+        exporter.export(folder, "mpt", tmp_path / "out", "f32")
+
+
+@pytest.mark.parametrize("to, name", [("mpt", "out"), ("gguf", "out.gguf")])
+def test_an_interrupted_export_leaves_nothing(tmp_path, monkeypatch, to, name):
+    def interrupted(*args):
+        target = args[-1]  # the temporary folder or file
+        (target / "model.safetensors" if to == "mpt" else target).write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(exporter, f"export_{to}", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        exporter.export(DEMO, to, tmp_path / name, "f32")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----- GGUF in llama.cpp ---------------------------------------------------------------------------------------------
+
+# f32 weights, llama.cpp's default f16 KV cache and its tanh-approximated GELU against float32 PyTorch with the exact
+# GELU: 7.2e-3 at most measured on the demo's logits (of size up to 17); see docs/export.md.
+GGUF_LOGITS_ATOL = 2e-2
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    return pytest.importorskip("llama_cpp")
+
+
+def llama(llama_cpp, path: Path, vocab_only: bool = False):
+    """The file in llama.cpp, without its extra CPU buffer types: on this machine llama.cpp's build finds AMX and
+    repacks q8_0/q4_0 weights for it, and the AMX kernels then die with SIGILL (the sandbox does not grant AMX's tile
+    state). The repacking only changes speed; `use_extra_bufts` is not a Llama() argument, hence the patch."""
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def without_extra_buffer_types():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama_cpp.llama_model_default_params = without_extra_buffer_types
+    try:
+        return llama_cpp.Llama(
+            model_path=str(path), n_ctx=512, n_threads=1, n_batch=512, logits_all=not vocab_only,
+            vocab_only=vocab_only, verbose=False,
+        )  # fmt: skip
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = defaults
+
+
+@pytest.fixture(scope="module")
+def demo_gguf(tmp_path_factory):
+    pytest.importorskip("gguf")
+    return exporter.export(DEMO, "gguf", tmp_path_factory.mktemp("gguf") / "demo.f32.gguf", "f32")
+
+
+def gguf_ids_agree(llama_cpp, gguf_path: Path, spiece_model: Path) -> float:
+    """Token ids of llama.cpp and ReplitLMTokenizer on SNIPPETS pieces of code: the same, or an equal-score tie.
+    Returns the rate of ties."""
+    engine = llama(llama_cpp, gguf_path, vocab_only=True)
+    exact = ReplitLMTokenizer(vocab_file=str(spiece_model))
+    check = tie_checker(spiece_model, exact)
+    outcomes = [
+        check(engine.tokenize(text.encode("utf-8"), add_bos=False, special=False), exact.encode(text))
+        for text in code_snippets()
+    ]
+    different = [text for text, outcome in zip(code_snippets(), outcomes) if outcome == "different"]
+    assert not different, different[:3]
+    ties = outcomes.count("tie") / len(outcomes)
+    assert ties <= 0.01, ties
+    return ties
+
+
+def test_gguf_token_ids_equal_on_the_demo(llama_cpp, demo_gguf):
+    gguf_ids_agree(llama_cpp, demo_gguf, DEMO / "spiece.model")
+
+
+def test_gguf_token_ids_equal_on_the_real_vocabulary(llama_cpp, tmp_path):
+    pytest.importorskip("gguf")
+    out = exporter.export(real_vocabulary_folder(tmp_path / "real"), "gguf", tmp_path / "real.gguf", "f32")
+    gguf_ids_agree(llama_cpp, out, SHARED / "spiece.model")
+
+
+def llama_greedy(engine, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    engine.reset()
+    engine.eval(prompt_ids)
+    out = []
+    for _ in range(max_new_tokens):
+        token = int(engine.scores[engine.n_tokens - 1].argmax())
+        out.append(token)
+        if token == 1:
+            break
+        engine.eval([token])
+    return out
+
+
+def test_gguf_logits_and_greedy_tokens_equal_replit_lm(llama_cpp, demo_gguf, ours):
+    model, tokenizer = ours
+    engine = llama(llama_cpp, demo_gguf)
+    for prompt in PROMPTS:
+        ids = tokenizer.encode(prompt)
+        engine.reset()
+        engine.eval(ids)
+        got = torch.from_numpy(engine.scores[: len(ids)].copy())
+        with torch.no_grad():
+            expected = model(torch.tensor([ids])).logits[0]
+        torch.testing.assert_close(got, expected, atol=GGUF_LOGITS_ATOL, rtol=0)
+        generated = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=1,
+                                   pad_token_id=2)[0, len(ids):].tolist()  # fmt: skip
+        assert llama_greedy(engine, ids, 32) == generated
+
+
+@pytest.mark.parametrize("qtype", ["bf16", "q8_0", "q4_0"])
+def test_gguf_quantized_types_load_and_complete(llama_cpp, tmp_path, ours, qtype):
+    pytest.importorskip("gguf")
+    model, tokenizer = ours
+    path = exporter.export(DEMO, "gguf", tmp_path / f"demo.{qtype}.gguf", qtype)
+    engine = llama(llama_cpp, path)
+    ids = tokenizer.encode(PROMPTS[0])
+    engine.eval(ids)
+    got = torch.from_numpy(engine.scores[: len(ids)].copy())
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0]
+    # Quantized weights: the prediction of the next token mostly agrees, and the logits stay near.
+    agree = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
+    assert agree >= 0.75, agree
+    assert (got - expected).abs().max() < {"bf16": 0.2, "q8_0": 0.5, "q4_0": 2.0}[qtype]
+
+
+# ----- transformers serve --------------------------------------------------------------------------------------------
+
+SERVE_STARTUP_SECONDS = 180
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def transformers_serve():
+    """`transformers serve --trust-remote-code` on 127.0.0.1 (no model preloaded: each request names its folder)."""
+    for module in ("fastapi", "uvicorn", "openai"):
+        pytest.importorskip(module)
+    executable = Path(sys.executable).with_name("transformers")
+    port = free_port()
+    server = subprocess.Popen(
+        [str(executable), "serve", "--trust-remote-code", "--host", "127.0.0.1", "--port", str(port),
+         "--device", "cpu", "--log-level", "error"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=SCRIPT_ENV,
+    )  # fmt: skip
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + SERVE_STARTUP_SECONDS
+        while True:
+            try:
+                urllib.request.urlopen(base_url + "/health", timeout=5).close()
+                break
+            except OSError:
+                assert server.poll() is None, f"transformers serve exited with status {server.returncode}"
+                assert time.monotonic() < deadline, f"transformers serve did not start in {SERVE_STARTUP_SECONDS} s"
+                time.sleep(1)
+        yield base_url + "/v1"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+@pytest.mark.parametrize("layout", ["demo", "hub", "mpt"])
+def test_transformers_serve_completes_plain_and_streamed(transformers_serve, demo_mpt, tmp_path, layout):
+    import openai
+
+    folder = {"demo": lambda: DEMO, "hub": lambda: hub_folder(tmp_path / "hub"), "mpt": lambda: demo_mpt}[layout]()
+    model_class = MptForCausalLM if layout == "mpt" else ReplitLM
+    model = model_class.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = ReplitLMTokenizer.from_pretrained(DEMO if layout == "mpt" else folder)
+    ids = tokenizer.encode(PROMPTS[0], return_tensors="pt")
+    generated = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=1, pad_token_id=2)
+    expected = tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
+
+    client = openai.OpenAI(base_url=transformers_serve, api_key="unused", timeout=120, max_retries=0)
+    request = dict(model=str(folder), prompt=PROMPTS[0], max_tokens=24, temperature=0)
+    plain = client.completions.create(**request).choices[0].text
+    streamed = "".join(chunk.choices[0].text for chunk in client.completions.create(**request, stream=True)
+                       if chunk.choices)  # fmt: skip
+    assert plain == streamed == expected
