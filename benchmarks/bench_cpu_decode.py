@@ -9,6 +9,13 @@ times steps per second) against a memory-read bandwidth measured in the same run
     python benchmarks/bench_cpu_decode.py --layers 4 --batch 1 --prompt 64 --new-tokens 16
     python benchmarks/bench_cpu_decode.py --accuracy demo        # int8/int4 vs bfloat16 on a trained model
 
+With --llama-cpp (llama-cpp-python installed) it runs llama.cpp beside ReplitLM and MptForCausalLM instead, in the
+same run, on the same random weights exported to GGUF (bf16, q8_0, q4_0; export.py's writer): batch 1, decode after
+each prompt length, time to first token, and top-1 agreement with float32 ReplitLM over teacher-forced random ids,
+each llama.cpp format paired with ours (bf16 with bfloat16, q8_0 with int8, q4_0 with int4).
+
+    python benchmarks/bench_cpu_decode.py --llama-cpp --layers 4 --prompt 64 1024
+
 With --accuracy MODEL_DIR it measures instead how far weight_quantization moves a trained model: the relative
 error of the logits and the agreement of the top-1 token against bfloat16 (and float32's, for scale), with the
 teacher forcing over windows of held-out code: this repository's own Python files, which neither the demo model
@@ -254,6 +261,143 @@ def measure_accuracy(model_dir: str, window: int, count: int):
         gc.collect()
 
 
+# --- llama.cpp beside ReplitLM (--llama-cpp) ----------------------------------------------------------------------
+
+LLAMA_PAIRS = {"bf16": "bfloat16", "q8_0": "int8", "q4_0": "int4"}
+
+
+def export_gguf_files(model: ReplitLM, folder: Path) -> dict[str, Path]:
+    """The model's weights as GGUF files, one per llama.cpp format, with the demo's vocabulary padded to the model's
+    (the vocabulary changes nothing in the speed or the logits of given ids)."""
+    from replit_lm.replit_lm_tokenizer import ReplitLMTokenizer
+    from replit_tools import DEMO_MODEL
+    from replit_tools.export import export_gguf
+
+    tokenizer = ReplitLMTokenizer.from_pretrained(DEMO_MODEL)
+    files = {}
+    for qtype in LLAMA_PAIRS:
+        files[qtype] = folder / f"random.{qtype}.gguf"
+        export_gguf(model, tokenizer, "random", files[qtype], qtype, files[qtype])
+        gc.collect()
+    return files
+
+
+def load_llama(path: Path, n_ctx: int, threads: int, logits_all: bool = False):
+    """llama.cpp on `path`. Its extra CPU buffer types (AMX repacking) are switched off where LLAMA_NO_EXTRA_BUFTS=1:
+    on a VM that does not grant AMX's tile state its AMX kernels die with SIGILL."""
+    import llama_cpp
+
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+    if os.environ.get("LLAMA_NO_EXTRA_BUFTS") == "1":
+
+        def without_extra_buffer_types():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        llama_cpp.llama_cpp.llama_model_default_params = without_extra_buffer_types
+    try:
+        return llama_cpp.Llama(
+            model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512,
+            logits_all=logits_all, verbose=False,
+        )  # fmt: skip
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = defaults
+
+
+def run_llama(llm, ids: list[int], new_tokens: int) -> dict:
+    """Time to first token (the prompt's evaluation) and the median decode step, greedy, batch 1."""
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(ids)
+    ttft = time.perf_counter() - start
+    steps, token = [], int(llm.scores[llm.n_tokens - 1].argmax())
+    for _ in range(new_tokens):
+        start = time.perf_counter()
+        llm.eval([token])
+        steps.append(time.perf_counter() - start)
+        token = int(llm.scores[llm.n_tokens - 1].argmax())
+    return {"ttft": ttft, "step": statistics.median(steps), "extra": float("nan")}
+
+
+def top1_agreement(reference: torch.Tensor, logits: torch.Tensor) -> float:
+    return (reference.argmax(-1) == logits.argmax(-1)).float().mean().item()
+
+
+def llama_cpp_comparison(args, config: ReplitLMConfig, bandwidth: float):
+    """ReplitLM (bfloat16, int8, int4), MptForCausalLM bfloat16 and llama.cpp (bf16, q8_0, q4_0) on one set of
+    weights, batch 1; then top-1 agreement of each with float32 ReplitLM."""
+    import tempfile
+
+    threads = torch.get_num_threads()
+    base = random_replit(config, torch.bfloat16)
+    ours = {"MptForCausalLM bfloat16": mpt_sharing(base), "ReplitLM bfloat16": base}
+    for name in ("int8", "int4"):
+        ours[f"ReplitLM {name}"] = replit_sharing(base, name)
+    with torch.inference_mode():
+        for model in ours.values():
+            model(torch.tensor([[5]]))  # the kernel routes are measured on first use
+    folder = Path(tempfile.mkdtemp(prefix="bench-gguf-"))
+    files = export_gguf_files(base, folder)
+    n_ctx = max(args.prompt) + args.new_tokens + 8
+    rows = []
+    for prompt in args.prompt:
+        ids = torch.randint(3, config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(prompt))
+        mask = torch.ones_like(ids)
+        best = {}
+        for _ in range(args.repeats):
+            results = {name: run_generate(model, ids, mask, args.new_tokens) for name, model in ours.items()}
+            for qtype, path in files.items():
+                llm = load_llama(path, n_ctx, threads)
+                results[f"llama.cpp {qtype}"] = run_llama(llm, ids[0].tolist(), args.new_tokens)
+                del llm
+            for name, result in results.items():
+                prev = best.setdefault(name, result)
+                best[name] = {key: min(prev[key], result[key]) for key in ("ttft", "step")} | {"extra": float("nan")}
+                print(f"  {name:24s} prompt {prompt:5d}: ttft {result['ttft']:7.2f} s, {1 / result['step']:7.2f} tok/s",
+                      file=sys.stderr, flush=True)  # fmt: skip
+        for name, result in best.items():
+            rows.append((name, 1, prompt, result))
+
+    # Top-1 agreement with float32 ReplitLM, teacher-forced over random ids.
+    generator = torch.Generator().manual_seed(7)
+    windows = torch.randint(3, config.vocab_size, (4, 128), generator=generator)
+    agreement = {}
+    with torch.inference_mode():
+        reference = logits_of(random_replit(config, torch.float32), windows)
+        for name, model in ours.items():
+            agreement[name] = top1_agreement(reference, logits_of(model, windows))
+    for qtype, path in files.items():
+        llm = load_llama(path, 256, threads, logits_all=True)
+        logits = []
+        for window in windows:
+            llm.reset()
+            llm.eval(window.tolist())
+            logits.append(torch.from_numpy(llm.scores[: len(window)].copy()))
+        agreement[f"llama.cpp {qtype}"] = top1_agreement(reference, torch.stack(logits)[..., : config.vocab_size])
+        del llm
+    print_llama_table(rows, agreement, bandwidth)
+
+
+def print_llama_table(rows, agreement: dict, bandwidth: float):
+    speed = {(name, prompt): result for name, _, prompt, result in rows}
+    print("| format | ours | prompt | ours tok/s | llama.cpp tok/s | ours / llama.cpp | ours vs MPT bf16 | "
+          "TTFT ours / llama.cpp (s) | top-1 vs float32: ours / llama.cpp |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for prompt in sorted({prompt for _, prompt in speed}):
+        mpt = speed[("MptForCausalLM bfloat16", prompt)]
+        for qtype, our_format in LLAMA_PAIRS.items():
+            ours, theirs = speed[(f"ReplitLM {our_format}", prompt)], speed[(f"llama.cpp {qtype}", prompt)]
+            print(
+                f"| {qtype} | {our_format} | {prompt} | {1 / ours['step']:.2f} | {1 / theirs['step']:.2f} "
+                f"| {theirs['step'] / ours['step']:.2f}x | {mpt['step'] / ours['step']:.2f}x "
+                f"| {ours['ttft']:.2f} / {theirs['ttft']:.2f} "
+                f"| {100 * agreement[f'ReplitLM {our_format}']:.1f}% / {100 * agreement[f'llama.cpp {qtype}']:.1f}% |"
+            )
+    print(f"\nMptForCausalLM bfloat16 top-1 vs float32: {100 * agreement['MptForCausalLM bfloat16']:.1f}%; "
+          f"memory read bandwidth {bandwidth / GB:.1f} GB/s.")  # fmt: skip
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=32, help="transformer blocks (32: the real model)")
@@ -266,6 +410,7 @@ def main():
         "--models", nargs="+", default=["float32", "bfloat16", "int8", "int4"],
         help="which of float32, bfloat16, int8, int4 to run (MptForCausalLM runs in float32 and bfloat16)",
     )  # fmt: skip
+    parser.add_argument("--llama-cpp", action="store_true", help="run llama.cpp beside ReplitLM (batch 1)")
     parser.add_argument("--accuracy", metavar="MODEL_DIR", help="measure int8/int4 accuracy of this trained model")
     parser.add_argument("--window", type=int, default=256, help="--accuracy: tokens per window")
     parser.add_argument("--windows", type=int, default=32, help="--accuracy: number of windows")
@@ -283,6 +428,10 @@ def main():
     print(f"- python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"- memory read bandwidth (measured): {bandwidth / GB:.1f} GB/s")
     print(f"- greedy generate, {args.new_tokens} new tokens per sequence, best of {args.repeats} interleaved runs\n")
+
+    if args.llama_cpp:
+        llama_cpp_comparison(args, config, bandwidth)
+        return
 
     groups = []
     if "float32" in args.models:
