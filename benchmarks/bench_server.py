@@ -124,8 +124,14 @@ def one_after_another(port: int, prompts: list[str], max_tokens: int) -> tuple[l
     return texts, time.perf_counter() - started
 
 
-def lone_latency(port: int, max_tokens: int, repeats: int) -> float:
-    return statistics.median(complete(port, PROMPTS[0], max_tokens)[1] for _ in range(repeats))
+def batch_count(port: int) -> int | None:
+    """Batches the server has run (serve.py's /health says; the previous server's does not)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.request("GET", "/health")
+        return json.loads(connection.getresponse().read()).get("batches")
+    finally:
+        connection.close()
 
 
 def main() -> int:
@@ -134,7 +140,7 @@ def main() -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5, help="lone requests timed (the median is shown)")
+    parser.add_argument("--repeats", type=int, default=11, help="lone requests timed (the median is shown)")
     parser.add_argument("--baseline", default=BASELINE, help="git commit of the previous server (none: skip it)")
     parser.add_argument("--threads", type=int, help="torch threads of the servers (OMP_NUM_THREADS; default: torch's)")
     args = parser.parse_args()
@@ -147,35 +153,45 @@ def main() -> int:
     print(f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs; server torch threads: {args.threads or 'default'})")
     print(f"model: {args.model}; {args.clients} clients, {args.max_tokens} tokens each, greedy, no stop sequences")
 
-    latencies = {}
     with tempfile.TemporaryDirectory() as folder:
-        servers = {"serve.py": [sys.executable, str(ROOT / "serve.py"), *server_args, "--log-level", "warning"]}
+        commands = {"serve.py": [sys.executable, str(ROOT / "serve.py"), *server_args, "--log-level", "warning"]}
         if args.baseline != "none":
-            servers[f"baseline {args.baseline}"] = baseline_command(args.baseline, server_args, Path(folder))
-        for name, command in servers.items():
-            process, port = start(command, env)
-            try:
+            commands[f"baseline {args.baseline}"] = baseline_command(args.baseline, server_args, Path(folder))
+        servers = {}
+        try:
+            for name, command in commands.items():
+                servers[name] = start(command, env)
+            ports = {name: port for name, (_, port) in servers.items()}
+            for port in ports.values():
                 complete(port, PROMPTS[0], args.max_tokens)  # warm-up
-                latencies[name] = lone_latency(port, args.max_tokens, args.repeats)
+            # Lone requests to each server in turn, so that both see the same load from the rest of the machine.
+            times = {name: [] for name in ports}
+            for _ in range(args.repeats):
+                for name, port in ports.items():
+                    times[name].append(complete(port, PROMPTS[0], args.max_tokens)[1])
+            latencies = {name: statistics.median(values) for name, values in times.items()}
+            for name, port in ports.items():
                 alone, sequential = one_after_another(port, prompts, args.max_tokens)
+                batches = batch_count(port)
                 together, concurrent = concurrently(port, prompts, args.max_tokens)
-            finally:
+                batches = "" if batches is None else f" in {batch_count(port) - batches} batches"
+                same = sum(a == b for a, b in zip(alone, together))
+                failed = sum(isinstance(answer, Exception) for answer in together)
+                print(
+                    f"{name}: lone request {latencies[name]:.3f} s (median of {args.repeats}); {args.clients} "
+                    f"requests one after another {sequential:.2f} s, concurrently {concurrent:.2f} s{batches}: throughput "
+                    f"ratio {sequential / concurrent:.2f}x; {same}/{args.clients} concurrent answers equal to the "
+                    "lone ones" + (f", {failed} failed (connection reset or error)" if failed else ""),
+                    flush=True,
+                )
+        finally:
+            for process, _ in servers.values():
                 process.terminate()
                 process.wait(timeout=30)
-            same = sum(a == b for a, b in zip(alone, together))
-            failed = sum(isinstance(answer, Exception) for answer in together)
-            print(
-                f"{name}: lone request {latencies[name]:.3f} s (median of {args.repeats}); {args.clients} requests "
-                f"one after another {sequential:.2f} s, concurrently {concurrent:.2f} s: throughput ratio "
-                f"{sequential / concurrent:.2f}x; {same}/{args.clients} concurrent answers equal to the lone ones"
-                + (f", {failed} failed (connection reset or error)" if failed else ""),
-                flush=True,
-            )
     if len(latencies) == 2:
         new, old = latencies.values()
         print(f"lone-request latency, serve.py / baseline: {new / old:.2f}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -60,6 +60,9 @@ MAX_STOP_SEQUENCES = 16
 MAX_STOP_SEQUENCE_CHARS = 256
 MAX_SEED = 2**32 - 1  # transformers.set_seed seeds numpy too, which takes 0 .. 2**32 - 1
 API_KEY_ENV = "REPLIT_API_KEY"
+# Prompts up to this many characters in all are tokenized on the event loop (about a millisecond), longer ones on
+# a worker thread: a hand-off to another thread costs more than that on a busy machine.
+INLINE_TOKENIZATION_CHARS = 16384
 
 logger = logging.getLogger("uvicorn.error")  # uvicorn's own log, on standard error
 
@@ -350,23 +353,35 @@ class BatchScheduler:
     @contextmanager
     def admission(self):
         """Around reading, checking and submitting a request: a batch about to start waits (up to `gather_s`)
-        for the requests in here, so that a burst of requests shares one batch. A lone request does not wait."""
+        for the requests in here, so that a burst of requests shares one batch. A lone request does not wait:
+        `submit` ends its admission as it queues it."""
+        admitting = [True]
         with self._condition:
             self._admitting += 1
         try:
-            yield
+            yield admitting
         finally:
             with self._condition:
-                self._admitting -= 1
-                self._condition.notify_all()
+                if admitting[0]:
+                    self._admitting -= 1
+                    self._condition.notify_all()
 
-    def submit(self, job: Job):
+    def submit(self, job: Job, admitting: list[bool]):
+        """Queue `job` (QueueFull if --max-queued are waiting); `admitting` is what `admission` gave."""
         with self._condition:
             if len(self._queue) >= self.max_queued:
                 self.counters["refused_requests"] += 1
                 raise QueueFull(len(self._queue))
             self._queue.append(job)
             self.counters["requests"] += 1
+            admitting[0] = False
+            self._admitting -= 1
+        # The model thread is woken once the event loop has run what is ready now: the other requests of a burst
+        # that arrived together are then queued too, and share the batch (at no cost to a lone request).
+        job.loop.call_soon(self._wake)
+
+    def _wake(self):
+        with self._condition:
             self._condition.notify_all()
 
     def cancel(self, job: Job):
@@ -561,16 +576,19 @@ def create_app(
             raise RequestError(f"the request body is not JSON: {one_line(error)}") from None
 
     async def admit(request: Request) -> tuple[CompletionRequest, Job]:
-        with scheduler.admission():
+        with scheduler.admission() as admitting:
             parsed = parse_request(await read_json(request), limits)
             try:
-                ids, texts = await run_in_threadpool(completer.encode_prompts, parsed.prompts)
+                if sum(map(len, parsed.prompts)) <= INLINE_TOKENIZATION_CHARS:
+                    ids, texts = completer.encode_prompts(parsed.prompts)
+                else:
+                    ids, texts = await run_in_threadpool(completer.encode_prompts, parsed.prompts)
             except CompletionError as error:  # an empty prompt
                 raise RequestError(str(error), param="prompt") from None
             check_prompt_lengths([len(i) for i in ids], parsed.settings, limits.context_length)
             job = make_job(parsed, ids, texts, asyncio.get_running_loop())
             try:
-                scheduler.submit(job)
+                scheduler.submit(job, admitting)
             except QueueFull as full:
                 raise RequestError(
                     f"the server is busy ({full} requests waiting): retry shortly",
