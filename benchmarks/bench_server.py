@@ -179,9 +179,9 @@ def main() -> int:
                 failed = sum(isinstance(answer, Exception) for answer in together)
                 print(
                     f"{name}: lone request {latencies[name]:.3f} s (median of {args.repeats}); {args.clients} "
-                    f"requests one after another {sequential:.2f} s, concurrently {concurrent:.2f} s{batches}: throughput "
-                    f"ratio {sequential / concurrent:.2f}x; {same}/{args.clients} concurrent answers equal to the "
-                    "lone ones" + (f", {failed} failed (connection reset or error)" if failed else ""),
+                    f"requests one after another {sequential:.2f} s, concurrently {concurrent:.2f} s{batches}: "
+                    f"throughput ratio {sequential / concurrent:.2f}x; {same}/{args.clients} concurrent answers "
+                    "equal to the lone ones" + (f", {failed} failed (connection reset or error)" if failed else ""),
                     flush=True,
                 )
         finally:

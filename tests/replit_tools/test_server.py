@@ -154,11 +154,11 @@ def raw(base_url: str, data: bytes, wait: float = 10) -> bytes:
             if not piece:
                 break
             answer += piece
-            if b"\r\n\r\n" in answer and b"Content-Length: " in answer.split(b"\r\n\r\n")[0]:
-                head, _, rest = answer.partition(b"\r\n\r\n")
-                length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
-                if len(rest) >= length:
-                    break
+            head, _, rest = answer.partition(b"\r\n\r\n")
+            lines = head.lower().split(b"\r\n")
+            lengths = [line.split(b":")[1] for line in lines if line.startswith(b"content-length:")]
+            if lengths and len(rest) >= int(lengths[0]):
+                break  # the whole answer (the connection may stay open)
         return answer
 
 
@@ -440,13 +440,20 @@ def test_api_key(strict):
     assert client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4).choices[0].finish_reason
 
 
-def test_listening_beyond_localhost_needs_a_key(tiny):
-    """Refused before the model loads; nothing listens (the check runs first, so no port is opened)."""
-    for host in ("0.0.0.0", "::", "example.org"):
-        done = subprocess.run(
-            [sys.executable, str(ROOT / "serve.py"), "--model", str(tiny), "--host", host, "--port", "0"],
-            capture_output=True, text=True, timeout=60, env={**SCRIPT_ENV, "REPLIT_API_KEY": ""},
-        )  # fmt: skip
-        assert done.returncode == 2 and done.stdout == ""
-        lines = done.stderr.strip().splitlines()
-        assert len(lines) == 1 and "--api-key" in lines[0] and "--allow-unauthenticated" in lines[0]
+def test_listening_beyond_localhost_needs_a_key(tiny, capsys, monkeypatch):
+    """Refused with a one-line error before the model loads or a port opens."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "serve.py"), "--model", str(tiny), "--host", "0.0.0.0", "--port", "0"],
+        capture_output=True, text=True, timeout=120, env={**SCRIPT_ENV, "REPLIT_API_KEY": ""},
+    )  # fmt: skip
+    assert done.returncode == 2 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--api-key" in lines[0] and "--allow-unauthenticated" in lines[0]
+
+    from replit_tools import server
+
+    monkeypatch.delenv("REPLIT_API_KEY", raising=False)
+    for host in ("::", "192.168.1.10", "example.org"):
+        assert server.main(["--model", "/nowhere", "--host", host]) == 2
+        assert "--allow-unauthenticated" in capsys.readouterr().err
+    assert [server.is_loopback(host) for host in ("127.0.0.1", "127.1.2.3", "::1", "localhost")] == [True] * 4
