@@ -1,12 +1,17 @@
 """Code completion with replit-code-v1-3b: the model card's sampling settings and post-processing, for prompts
 completed in one left-padded batch or streamed one after the other. The command line (cli.py), the server
-(server.py) and the evaluation (evaluation.py) all complete through `Completer`."""
+(server.py) and the evaluation (evaluation.py) all complete through `Completer`.
 
-from dataclasses import dataclass, replace
+The server batches completions of different requests: `Completer.generate_rows` runs one `generate` call for rows
+that each have their own prompt, token budget, stop sequences and listener, and drops a row from the batch (a
+per-row done flag of a StoppingCriteria) as soon as it is finished or cancelled."""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 import transformers
-from transformers import GenerationConfig, StoppingCriteriaList
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from .postprocessing import (
@@ -16,6 +21,7 @@ from .postprocessing import (
     StreamingPostprocessor,
     completion_ids,
     decode,
+    find_stop,
     finish_completion,
 )
 
@@ -133,6 +139,82 @@ class _PostprocessedStreamer(BaseStreamer):
         pass
 
 
+@dataclass(eq=False)
+class Row:
+    """One completion computed in a batch of rows (`Completer.generate_rows`): its prompt, budget and stop sequences,
+    and whom to tell. Rows of one batch share the sampling settings; everything else is the row's own.
+
+    `on_text` (streaming) receives the post-processed text as it is generated, `on_end` the finished completion
+    (pieces and completion are exactly what `Completer.stream` would give). Both are called on the thread that runs
+    `generate_rows`. `cancelled()` is read at every decoding step: once true, the row stops (no `on_end`)."""
+
+    prompt_ids: list[int]
+    prompt_text: str  # the prompt as the tokenizer gives it back: what the stop rules read before the completion
+    max_new_tokens: int
+    stop_sequences: tuple[str, ...] = DEFAULT_STOP_SEQUENCES
+    on_text: Callable[[str], None] | None = None
+    on_end: Callable[[FinishedCompletion], None] | None = None
+    cancelled: Callable[[], bool] = lambda: False
+    generated_ids: list[int] = field(default_factory=list)
+    finished: FinishedCompletion | None = None
+    was_cancelled: bool = False
+    _postprocessor: StreamingPostprocessor | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finished is not None or self.was_cancelled
+
+
+class _RowSteps(StoppingCriteria):
+    """Follows every row of a batch at each decoding step: records its new token, streams its text, finishes it at
+    end-of-text, at a stop sequence or at its own token budget, and notices cancellation. Its per-row done flags
+    take finished and cancelled rows out of the batch's decoding (generate stops when every row is done)."""
+
+    def __init__(self, tokenizer, rows: list[Row]):
+        self.tokenizer = tokenizer
+        self.rows = rows
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        for row, token in zip(self.rows, input_ids[:, -1].tolist()):
+            if row.done:
+                continue
+            if row.cancelled():
+                row.was_cancelled = True
+            else:
+                self.add(row, token)
+        return torch.tensor([row.done for row in self.rows], dtype=torch.bool, device=input_ids.device)
+
+    def add(self, row: Row, token: int):
+        row.generated_ids.append(token)
+        stopped = token == self.tokenizer.eos_token_id or len(row.generated_ids) >= row.max_new_tokens
+        if row.on_text is not None or row.stop_sequences:
+            text = decode(self.tokenizer, completion_ids(self.tokenizer, row.generated_ids))
+            if row.on_text is not None:
+                if row._postprocessor is None:
+                    row._postprocessor = StreamingPostprocessor(row.stop_sequences, row.prompt_text)
+                piece = row._postprocessor.update(text)
+                if piece:
+                    row.on_text(piece)
+                stopped = stopped or row._postprocessor.stopped
+            else:
+                stopped = stopped or find_stop(text, row.stop_sequences, row.prompt_text) is not None
+        if stopped:
+            self.finish(row)
+
+    def finish(self, row: Row):
+        row.finished = finish_completion(
+            self.tokenizer, row.generated_ids, row.stop_sequences, row.prompt_text, row.max_new_tokens
+        )
+        if row.on_text is not None:
+            if row._postprocessor is None:
+                row._postprocessor = StreamingPostprocessor(row.stop_sequences, row.prompt_text)
+            rest = row._postprocessor.finish(row.finished.text)
+            if rest:
+                row.on_text(rest)
+        if row.on_end is not None:
+            row.on_end(row.finished)
+
+
 class Completer:
     """A model and its tokenizer, completing prompts with the model card's post-processing."""
 
@@ -179,6 +261,41 @@ class Completer:
                 listener.end(completion)
                 completions.append(completion)
         return completions
+
+    def encode_prompts(self, prompts: list[str]) -> tuple[list[list[int]], list[str]]:
+        """Each prompt's token ids (no padding) and its text as the tokenizer gives it back; CompletionError for an
+        empty prompt."""
+        reject_empty(prompts)
+        ids = self.tokenizer(prompts)["input_ids"]
+        return ids, [decode(self.tokenizer, prompt_ids) for prompt_ids in ids]
+
+    def generate_rows(self, rows: list[Row], settings: Settings):
+        """Complete `rows` in one left-padded `generate` call with the sampling of `settings` (its max_new_tokens,
+        num_completions and stop_sequences are ignored: each row has its own). Rows finish, stream and are
+        cancelled independently (see `Row`); one still unfinished when generation ends finishes then."""
+        width = max(len(row.prompt_ids) for row in rows)
+        max_new_tokens = max(row.max_new_tokens for row in rows)
+        if width + max_new_tokens > self.context_length:
+            raise CompletionError(
+                f"a batch of {width} prompt tokens and {max_new_tokens} new tokens exceeds the context of "
+                f"{self.context_length} tokens"
+            )
+        pad = self.tokenizer.pad_token_id
+        input_ids = [[pad] * (width - len(row.prompt_ids)) + list(row.prompt_ids) for row in rows]
+        attention_mask = [[0] * (width - len(row.prompt_ids)) + [1] * len(row.prompt_ids) for row in rows]
+        one_each = replace(settings, max_new_tokens=max_new_tokens, num_completions=1)
+        steps = _RowSteps(self.tokenizer, rows)
+        self._seed(settings)
+        with torch.inference_mode():
+            self.model.generate(
+                input_ids=torch.tensor(input_ids, device=self.model.device),
+                attention_mask=torch.tensor(attention_mask, device=self.model.device),
+                generation_config=one_each.generation_config(self.tokenizer),
+                stopping_criteria=StoppingCriteriaList([steps]),
+            )
+        for row in rows:
+            if not row.done:
+                steps.finish(row)
 
     @staticmethod
     def _seed(settings: Settings):
@@ -232,3 +349,4 @@ class Completer:
         """The post-processed completion of the batch's prompt `row`, numbered (prompt_index, index)."""
         finished = finish_completion(self.tokenizer, generated_ids, settings.stop_sequences, batch.texts[row])
         return Completion(**vars(finished), prompt_index=prompt_index, index=index, prompt_tokens=batch.lengths[row])
+

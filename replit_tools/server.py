@@ -1,27 +1,49 @@
 """An OpenAI-compatible completion server for replit-code-v1-3b: POST /v1/completions (plain and streaming),
-GET /v1/models and GET /health, on the Python standard library's HTTP server.
+GET /v1/models and GET /health, on FastAPI and uvicorn.
 
     python3 serve.py --model ~/replit-code-v1-3b --port 8000
 
-Completions are those of the command line (the same loading, settings and post-processing); docs/serving.md says
-how this server compares with `transformers serve`.
+Completions are those of the command line (the same loading, settings and post-processing). Requests that arrive
+while the model is busy are completed together in the next batched `generate` call; a request whose client goes
+away leaves its batch at the next decoding step. docs/serving.md has the endpoints, limits, authentication, and
+why this HTTP stack.
 
-Requests are served one generation at a time (a lock around the model); /v1/models and /health answer meanwhile.
+Threads: uvicorn's event loop reads, checks and answers requests; one model thread (`BatchScheduler`) owns the model
+and runs the batches; the loop hands it requests through a queue and receives their text through per-request queues.
 """
 
 import argparse
+import asyncio
+import collections
+import copy
+import hmac
+import ipaddress
 import json
+import logging
+import math
+import os
+import socket
 import sys
 import threading
 import time
 import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from .completion import Completer, Completion, CompletionError, Settings, StreamListener
+import h11
+import uvicorn
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from .completion import Completer, Completion, CompletionError, Row, Settings
 from .loading import add_model_arguments, load_from_arguments, one_line, quiet_libraries
-from .postprocessing import DEFAULT_STOP_SEQUENCES, STOP_LENGTH
+from .postprocessing import DEFAULT_STOP_SEQUENCES, STOP_LENGTH, FinishedCompletion
 
 # OpenAI request fields this server cannot honour, with the value that asks for nothing (and is accepted).
 UNSUPPORTED_FIELDS = {
@@ -33,31 +55,86 @@ UNSUPPORTED_FIELDS = {
     "frequency_penalty": 0,
     "suffix": "",
 }
-MAX_COMPLETIONS_PER_REQUEST = 16
+MAX_COMPLETIONS_PER_REQUEST = 16  # prompts times n
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_SEQUENCE_CHARS = 256
+MAX_SEED = 2**32 - 1  # transformers.set_seed seeds numpy too, which takes 0 .. 2**32 - 1
+API_KEY_ENV = "REPLIT_API_KEY"
+# Prompts up to this many characters in all are tokenized on the event loop (about a millisecond), longer ones on
+# a worker thread: a hand-off to another thread costs more than that on a busy machine.
+INLINE_TOKENIZATION_CHARS = 16384
+
+logger = logging.getLogger("uvicorn.error")  # uvicorn's own log, on standard error
 
 
 class RequestError(Exception):
     """A request the server refuses, answered as OpenAI does: HTTP 4xx and {"error": {"message", ...}}."""
 
-    def __init__(self, message: str, param: str | None = None, status: HTTPStatus = HTTPStatus.BAD_REQUEST):
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        status: HTTPStatus = HTTPStatus.BAD_REQUEST,
+        headers: dict | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.param = param
         self.status = status
+        self.headers = headers
+        self.code = code
 
 
-def _typed(body: dict, name: str, types: tuple, default):
-    """body[name] if it has one of `types` (JSON true and false are not numbers here), `default` if absent."""
+# --- Requests ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; the command line sets them (see `main`)."""
+
+    context_length: int  # the model's, in tokens
+    max_chars_per_token: int  # the longest piece of the vocabulary: a prompt of C characters has >= C / this tokens
+    max_body_bytes: int = 1 << 20
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    prompts: list[str]
+    settings: Settings
+    stream: bool
+    include_usage: bool
+
+
+def _number(body: dict, name: str, default, integer: bool = False):
+    """body[name] if it is a finite number (an integer when `integer`), `default` if absent or null. JSON true and
+    false are not numbers here; NaN and Infinity (a JSON extension that Python's parser accepts) are refused."""
     value = body.get(name)
     if value is None:
         return default
-    if not isinstance(value, types) or isinstance(value, bool):
-        raise RequestError(f"{name} has the wrong type: {type(value).__name__}", param=name)
+    kinds = (int,) if integer else (int, float)
+    if not isinstance(value, kinds) or isinstance(value, bool):
+        wanted = "an integer" if integer else "a number"
+        raise RequestError(f"{name} must be {wanted}, not {type(value).__name__}", param=name)
+    if not math.isfinite(value):
+        raise RequestError(f"{name} must be a finite number, not {value}", param=name)
     return value
 
 
-def parse_request(body: dict) -> tuple[list[str], Settings]:
+def _text(value: str, name: str) -> str:
+    """`value` if it can be encoded as UTF-8 (JSON's \\ud800 escapes give Python strings with lone surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise RequestError(
+            f"{name} is not valid Unicode: a lone surrogate at character {error.start}", param=name
+        ) from None
+    return value
+
+
+def parse_request(body, limits: Limits) -> CompletionRequest:
     """The prompts and settings of a /v1/completions request body; the model card's defaults where it says
-    nothing (OpenAI's are meant for chat models)."""
+    nothing (OpenAI's are meant for chat models). Every field is checked here: a bad one is a RequestError naming
+    it. Prompt lengths in tokens are checked later (`check_prompt_lengths`), after this cheap bound on characters."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     for name, nothing in UNSUPPORTED_FIELDS.items():
@@ -67,42 +144,98 @@ def parse_request(body: dict) -> tuple[list[str], Settings]:
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise RequestError("prompt must be a string or a non-empty list of strings", param="prompt")
+    if len(prompts) > MAX_COMPLETIONS_PER_REQUEST:
+        raise RequestError(f"at most {MAX_COMPLETIONS_PER_REQUEST} prompts per request", param="prompt")
+    for p in prompts:
+        _text(p, "prompt")
+
     stop = body.get("stop")
-    if stop is None:
-        stop_sequences = DEFAULT_STOP_SEQUENCES
-    else:
-        stop_sequences = [stop] if isinstance(stop, str) else stop
+    stop_sequences = DEFAULT_STOP_SEQUENCES if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stop_sequences, (list, tuple)) or not all(isinstance(s, str) for s in stop_sequences):
         raise RequestError("stop must be a string or a list of strings", param="stop")
-    num_completions = _typed(body, "n", (int,), 1)
-    if num_completions * len(prompts) > MAX_COMPLETIONS_PER_REQUEST:
-        raise RequestError(f"at most {MAX_COMPLETIONS_PER_REQUEST} completions per request", param="n")
+    if len(stop_sequences) > MAX_STOP_SEQUENCES:
+        raise RequestError(f"at most {MAX_STOP_SEQUENCES} stop sequences", param="stop")
+    for s in stop_sequences:
+        if not s or len(s) > MAX_STOP_SEQUENCE_CHARS:
+            raise RequestError(f"a stop sequence must have 1 to {MAX_STOP_SEQUENCE_CHARS} characters", param="stop")
+        _text(s, "stop")
+
+    n = _number(body, "n", 1, integer=True)
+    if n < 1:
+        raise RequestError("n must be at least 1", param="n")
+    if n * len(prompts) > MAX_COMPLETIONS_PER_REQUEST:
+        raise RequestError(f"at most {MAX_COMPLETIONS_PER_REQUEST} completions per request (prompts times n)", "n")
     defaults = Settings()  # the model card's
-    try:
-        settings = Settings(
-            max_new_tokens=_typed(body, "max_tokens", (int,), defaults.max_new_tokens),
-            temperature=_typed(body, "temperature", (int, float), defaults.temperature),
-            top_p=_typed(body, "top_p", (int, float), defaults.top_p),
-            top_k=_typed(body, "top_k", (int,), defaults.top_k),
-            num_completions=num_completions,
-            stop_sequences=tuple(stop_sequences),
-            seed=_typed(body, "seed", (int,), None),
+    max_tokens = _number(body, "max_tokens", defaults.max_new_tokens, integer=True)
+    if not 1 <= max_tokens < limits.context_length:
+        default = "" if "max_tokens" in body else f" (default {defaults.max_new_tokens})"
+        raise RequestError(
+            f"max_tokens{default} must be 1 to {limits.context_length - 1}: the model's context is "
+            f"{limits.context_length} tokens, prompt included",
+            param="max_tokens",
         )
-    except CompletionError as error:
-        raise RequestError(str(error)) from error
-    return prompts, settings
+    temperature = _number(body, "temperature", defaults.temperature)
+    if temperature < 0:
+        raise RequestError("temperature must be 0 (greedy) or more", param="temperature")
+    top_p = _number(body, "top_p", defaults.top_p)
+    if not 0 < top_p <= 1:
+        raise RequestError("top_p must be in (0, 1]", param="top_p")
+    top_k = _number(body, "top_k", defaults.top_k, integer=True)
+    if top_k < 0:
+        raise RequestError("top_k must be 0 (no top-k filtering) or more", param="top_k")
+    seed = _number(body, "seed", None, integer=True)
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise RequestError(f"seed must be 0 to {MAX_SEED}", param="seed")
+
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise RequestError("stream must be true or false", param="stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise RequestError('stream_options must be an object, e.g. {"include_usage": true}', param="stream_options")
+    include_usage = (options or {}).get("include_usage")
+    if include_usage is not None and not isinstance(include_usage, bool):
+        raise RequestError("stream_options.include_usage must be true or false", param="stream_options")
+
+    # A prompt of C characters is at least C / max_chars_per_token tokens: a far too long one is refused here,
+    # before the tokenizer spends time and memory on it.
+    budget = (limits.context_length - max_tokens) * limits.max_chars_per_token
+    for number, p in enumerate(prompts, start=1):
+        if len(p) > budget:
+            which = "the prompt" if len(prompts) == 1 else f"prompt {number}"
+            raise RequestError(
+                f"{which} is {len(p)} characters: with {max_tokens} new tokens it cannot fit the model's context "
+                f"of {limits.context_length} tokens; shorten it or ask for fewer new tokens",
+                param="prompt",
+            )
+    settings = Settings(
+        max_new_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        num_completions=n,
+        stop_sequences=tuple(stop_sequences),
+        seed=seed,
+    )
+    return CompletionRequest(prompts, settings, bool(stream), bool(include_usage))
+
+
+def check_prompt_lengths(lengths: list[int], settings: Settings, context_length: int):
+    for number, length in enumerate(lengths, start=1):
+        if length + settings.max_new_tokens > context_length:
+            which = "the prompt" if len(lengths) == 1 else f"prompt {number}"
+            raise RequestError(
+                f"{which} is {length} tokens: with {settings.max_new_tokens} new tokens it exceeds the model's "
+                f"context of {context_length} tokens; shorten it or ask for fewer new tokens",
+                param="prompt",
+            )
 
 
 def choice(text: str, index: int, finish_reason: str | None) -> dict:
     return {"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}
 
 
-def choice_index(prompt_index: int, index: int, settings: Settings) -> int:
-    """OpenAI numbers the choices of all prompts in one sequence: prompt by prompt, n each."""
-    return prompt_index * settings.num_completions + index
-
-
-def finish_reason(completion: Completion) -> str:
+def finish_reason(completion: FinishedCompletion) -> str:
     """OpenAI's finish_reason: "length" when the token budget ended it, "stop" for end-of-text or a stop sequence."""
     return "length" if completion.stop_reason == STOP_LENGTH else "stop"
 
@@ -118,137 +251,495 @@ def usage(completions: list[Completion]) -> dict:
     }
 
 
-class CompletionServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, address, completer: Completer, model_id: str):
-        super().__init__(address, CompletionHandler)
-        self.completer = completer
-        self.model_id = model_id
-        self.generation_lock = threading.Lock()
+# --- Batching ---------------------------------------------------------------------------------------------------
 
 
-class _ServerSentEvents(StreamListener):
-    """Streams completions as OpenAI's text_completion chunks, one server-sent event each."""
+@dataclass(eq=False)
+class Job:
+    """One request's completions, from the event loop to the model thread and back. The model thread reports
+    through `events` (an asyncio.Queue of the request's loop): ("text", choice index, piece) while streaming,
+    ("done",) once every completion is in `completions`, or ("error", message)."""
 
-    def __init__(self, handler: "CompletionHandler", response_id: str, settings: Settings):
-        self.handler = handler
-        self.response_id = response_id
-        self.settings = settings
-        self.choice_index = 0
+    rows: list[Row]
+    settings: Settings
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    completions: dict = field(default_factory=dict)  # choice index -> Completion
+    cancelled: threading.Event = field(default_factory=threading.Event)
 
-    def begin(self, prompt_index, index):
-        self.choice_index = choice_index(prompt_index, index, self.settings)
+    @property
+    def key(self):
+        """Jobs with equal keys can share a `generate` call: the sampling settings are the batch's. Greedy ones all
+        can; a seeded one runs alone, so that its seed gives what it gives alone."""
+        s = self.settings
+        if not s.do_sample:
+            return ("greedy",)
+        if s.seed is not None:
+            return ("seeded", id(self))
+        return ("sample", s.temperature, s.top_p, s.top_k)
 
-    def text(self, piece):
-        self.send_chunk([choice(piece, self.choice_index, None)])
+    @property
+    def width(self) -> int:
+        return max(len(row.prompt_ids) for row in self.rows)
 
-    def end(self, completion):
-        self.send_chunk([choice("", self.choice_index, finish_reason(completion))])
-
-    def send_chunk(self, choices: list, usage_counts: dict | None = None):
-        self.send(self.handler.completion_object(self.response_id, choices, usage_counts))
-
-    def send(self, data):
-        payload = data if isinstance(data, str) else json.dumps(data)
-        self.handler.wfile.write(f"data: {payload}\n\n".encode())
-        self.handler.wfile.flush()
-
-
-class CompletionHandler(BaseHTTPRequestHandler):
-    server: CompletionServer
-    server_version = "replit-code-completions/1"
-    disable_nagle_algorithm = True  # each streamed piece goes out at once, not after the client's delayed ACK
-
-    def do_GET(self):
-        if self.path == "/v1/models":
-            model = {"id": self.server.model_id, "object": "model", "created": 0, "owned_by": "local"}
-            self.send_json({"object": "list", "data": [model]})
-        elif self.path == "/health":
-            self.send_json({"status": "ok"})
-        else:
-            self.send_error_json(RequestError(f"no such endpoint: GET {self.path}", status=HTTPStatus.NOT_FOUND))
-
-    def do_POST(self):
-        if self.path != "/v1/completions":
-            self.send_error_json(RequestError(f"no such endpoint: POST {self.path}", status=HTTPStatus.NOT_FOUND))
-            return
+    def send(self, *event):
+        """Called on the model thread."""
         try:
-            body = self.read_json()
-            prompts, settings = parse_request(body)
-            if body.get("stream"):
-                include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-                self.stream_completions(prompts, settings, include_usage)
-            else:
-                self.send_completions(prompts, settings)
-        except RequestError as error:
-            self.send_error_json(error)
-        except CompletionError as error:  # the prompt cannot be completed as asked (empty, too long)
-            self.send_error_json(RequestError(str(error), param="prompt"))
-        except Exception as error:  # a failure of the server, not of the request
-            self.log_error("generation failed: %s", one_line(error))
-            self.send_error_json(RequestError(one_line(error), status=HTTPStatus.INTERNAL_SERVER_ERROR))
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the loop has closed: the server is stopping
+            pass
 
-    def send_completions(self, prompts: list[str], settings: Settings):
-        with self.server.generation_lock:
-            completions = self.server.completer.complete(prompts, settings)
-        choices = [
-            choice(c.text, choice_index(c.prompt_index, c.index, settings), finish_reason(c)) for c in completions
-        ]
-        self.send_json(self.completion_object(f"cmpl-{uuid.uuid4().hex}", choices, usage(completions)))
 
-    def stream_completions(self, prompts: list[str], settings: Settings, include_usage: bool):
-        events = _ServerSentEvents(self, f"cmpl-{uuid.uuid4().hex}", settings)
-        with self.server.generation_lock:
-            # Checked before the first byte goes out, so that a bad prompt is still an HTTP 400.
-            self.server.completer.check_prompts(prompts, settings)
-            self.send_response(HTTPStatus.OK)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.end_headers()
+def make_job(request: CompletionRequest, prompt_ids, prompt_texts, loop) -> Job:
+    """The rows of a request: n per prompt when sampling, one per prompt when greedy (its n completions are the
+    same, computed once and reported under each choice index)."""
+    settings = request.settings
+    job = Job(rows=[], settings=settings, loop=loop)
+    distinct = settings.num_completions if settings.do_sample else 1
+    for prompt_index, (ids, text) in enumerate(zip(prompt_ids, prompt_texts)):
+        first = prompt_index * settings.num_completions
+        for index in range(distinct):
+            indexes = range(first + index, first + settings.num_completions, distinct)
+
+            def on_text(piece, indexes=indexes):
+                for i in indexes:
+                    job.send("text", i, piece)
+
+            def on_end(finished, indexes=indexes, first=first, prompt_index=prompt_index, prompt_tokens=len(ids)):
+                for i in indexes:
+                    job.completions[i] = Completion(
+                        **vars(finished), prompt_index=prompt_index, index=i - first, prompt_tokens=prompt_tokens
+                    )
+                    if request.stream:
+                        job.send("end", i)
+
+            job.rows.append(
+                Row(
+                    prompt_ids=ids,
+                    prompt_text=text,
+                    max_new_tokens=settings.max_new_tokens,
+                    stop_sequences=settings.stop_sequences,
+                    on_text=on_text if request.stream else None,
+                    on_end=on_end,
+                    cancelled=job.cancelled.is_set,
+                )
+            )
+    return job
+
+
+class QueueFull(Exception):
+    pass
+
+
+class BatchScheduler:
+    """The model thread: takes the waiting jobs, oldest first, and completes those that can share a batch (equal
+    `Job.key`, at most `max_batch_rows` rows, prompts and budgets within the context) in one `generate` call; then
+    the next. A job whose client has gone (`cancel`) leaves the queue at once, or its batch at the next step."""
+
+    def __init__(self, completer: Completer, max_batch_rows: int = 16, max_queued: int = 256, gather_s: float = 0.02):
+        self.completer = completer
+        self.max_batch_rows = max_batch_rows
+        self.max_queued = max_queued
+        self.gather_s = gather_s  # how long a batch waits for requests that are being read and tokenized
+        self._queue: collections.deque[Job] = collections.deque()
+        self._admitting = 0  # requests between their arrival and `submit`
+        self._running: list[Job] = []
+        self._condition = threading.Condition()
+        self._closed = False
+        self.counters = collections.Counter()
+        self._thread = threading.Thread(target=self._work, name="model", daemon=True)
+        self._thread.start()
+
+    @contextmanager
+    def admission(self):
+        """Around reading, checking and submitting a request: a batch about to start waits (up to `gather_s`)
+        for the requests in here, so that a burst of requests shares one batch. A lone request does not wait:
+        `submit` ends its admission as it queues it."""
+        admitting = [True]
+        with self._condition:
+            self._admitting += 1
+        try:
+            yield admitting
+        finally:
+            with self._condition:
+                if admitting[0]:
+                    self._admitting -= 1
+                    self._condition.notify_all()
+
+    def submit(self, job: Job, admitting: list[bool]):
+        """Queue `job` (QueueFull if --max-queued are waiting); `admitting` is what `admission` gave."""
+        with self._condition:
+            if len(self._queue) >= self.max_queued:
+                self.counters["refused_requests"] += 1
+                raise QueueFull(len(self._queue))
+            self._queue.append(job)
+            self.counters["requests"] += 1
+            admitting[0] = False
+            self._admitting -= 1
+        # The model thread is woken once the event loop has run what is ready now: the other requests of a burst
+        # that arrived together are then queued too, and share the batch (at no cost to a lone request).
+        job.loop.call_soon(self._wake)
+
+    def _wake(self):
+        with self._condition:
+            self._condition.notify_all()
+
+    def cancel(self, job: Job):
+        """The client has gone: the job leaves the queue, or its rows leave their batch at the next decoding step."""
+        if job.cancelled.is_set():
+            return
+        job.cancelled.set()
+        with self._condition:
+            if job in self._queue:
+                self._queue.remove(job)
+                self.counters["cancelled_rows"] += len(job.rows)
+                self.counters["cancelled_rows_queued"] += len(job.rows)
+
+    def stats(self) -> dict:
+        with self._condition:
+            return {
+                "queued_requests": len(self._queue),
+                "running_rows": sum(len(job.rows) for job in self._running),
+                **{name: self.counters[name] for name in STAT_COUNTERS},
+            }
+
+    def close(self):
+        """Cancel everything (a running batch stops at its next step) and stop the model thread."""
+        with self._condition:
+            self._closed = True
+            for job in [*self._queue, *self._running]:
+                job.cancelled.set()
+            self._condition.notify_all()
+        self._thread.join(timeout=10)
+
+    def _work(self):
+        while True:
+            with self._condition:
+                self._condition.wait_for(lambda: self._queue or self._closed)
+                if self._closed:
+                    return
+                if self._admitting:
+                    self._condition.wait_for(lambda: not self._admitting or self._closed, timeout=self.gather_s)
+                if self._closed or not self._queue:  # closed, or its jobs cancelled meanwhile
+                    continue
+                jobs = self._take_batch()
+                self._running = jobs
             try:
-                completions = self.server.completer.stream(prompts, settings, events)
-            except (BrokenPipeError, ConnectionResetError):
-                return  # the client left: generation stopped with it
-            except Exception as error:
-                self.log_error("generation failed: %s", one_line(error))
-                events.send({"error": {"message": one_line(error), "type": "server_error", "param": None}})
-                return
-        if include_usage:
-            events.send_chunk([], usage(completions))
-        events.send("[DONE]")
+                self._run(jobs)
+            finally:
+                with self._condition:
+                    self._running = []
 
-    def completion_object(self, response_id: str, choices: list, usage_counts: dict | None = None) -> dict:
+    def _take_batch(self) -> list[Job]:
+        """The oldest job, and the later ones that can join its batch, removed from the queue."""
+        first = self._queue[0]
+        jobs, rows, width, budget = [], 0, 0, 0
+        context = self.completer.context_length
+        for job in list(self._queue):
+            if job.key != first.key:
+                continue
+            new_width, new_budget = max(width, job.width), max(budget, job.settings.max_new_tokens)
+            if jobs and (rows + len(job.rows) > self.max_batch_rows or new_width + new_budget > context):
+                continue
+            jobs.append(job)
+            self._queue.remove(job)
+            rows, width, budget = rows + len(job.rows), new_width, new_budget
+        return jobs
+
+    def _run(self, jobs: list[Job]):
+        rows = [row for job in jobs for row in job.rows]
+        started = time.perf_counter()
+        try:
+            self.completer.generate_rows(rows, jobs[0].settings)
+        except Exception as error:  # a failure of the server (or the model), not of the requests
+            logger.error("generation failed: %s", one_line(error))
+            for job in jobs:
+                job.send("error", one_line(error))
+        else:
+            for job in jobs:
+                if not job.cancelled.is_set():
+                    job.send("done")
+        cancelled = sum(row.was_cancelled for row in rows)
+        with self._condition:
+            self.counters["batches"] += 1
+            self.counters["rows"] += len(rows)
+            self.counters["max_batch_rows"] = max(self.counters["max_batch_rows"], len(rows))
+            self.counters["cancelled_rows"] += cancelled
+            self.counters["generated_tokens"] += sum(len(row.generated_ids) for row in rows)
+        logger.debug(
+            "batch of %d rows (%d cancelled) in %.2f s", len(rows), cancelled, time.perf_counter() - started
+        )
+
+
+# Cumulative counts that /health reports.
+STAT_COUNTERS = (
+    "requests",
+    "refused_requests",
+    "batches",
+    "rows",
+    "max_batch_rows",
+    "generated_tokens",
+    "cancelled_rows",
+    "cancelled_rows_queued",
+)
+
+
+# --- HTTP -------------------------------------------------------------------------------------------------------
+
+
+def error_body(message: str, status: int, param: str | None = None, code: str | None = None) -> dict:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def create_app(
+    completer: Completer,
+    model_id: str,
+    limits: Limits,
+    scheduler: BatchScheduler,
+    api_key: str | None = None,
+):
+    """The FastAPI application: the endpoints, authentication, limits and errors (the HTTP stack's own limits,
+    timeouts and backlog are uvicorn's, set in `serve`)."""
+    app = FastAPI(title="replit-code-v1-3b", openapi_url=None, docs_url=None, redoc_url=None)
+
+    @app.exception_handler(RequestError)
+    async def request_error(request, error: RequestError):
+        headers = dict(error.headers or {})
+        if error.status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
+            headers["Connection"] = "close"  # the rest of the body is not read
+        body = error_body(str(error), error.status, error.param, error.code)
+        return JSONResponse(body, status_code=error.status, headers=headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, error: HTTPException):  # 404, 405: OpenAI's error shape too
+        message = f"{error.detail}: {request.method} {request.url.path}"
+        return JSONResponse(error_body(message, error.status_code), error.status_code, headers=error.headers)
+
+    @app.exception_handler(Exception)
+    async def server_error(request, error: Exception):
+        logger.error("request failed: %s", one_line(error))
+        return JSONResponse(error_body(one_line(error), 500), status_code=500)
+
+    def authorize(request: Request):
+        """Bearer-token authentication, as the OpenAI API and vLLM do it (the openai client sends its api_key so)."""
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise RequestError(
+                "invalid or missing API key: send the header Authorization: Bearer <key>",
+                status=HTTPStatus.UNAUTHORIZED,
+                headers={"WWW-Authenticate": "Bearer"},
+                code="invalid_api_key",
+            )
+
+    authorized = [Depends(authorize)]
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", **scheduler.stats()}
+
+    @app.get("/v1/models", dependencies=authorized)
+    async def models():
+        model = {"id": model_id, "object": "model", "created": 0, "owned_by": "local"}
+        return {"object": "list", "data": [model]}
+
+    def completion_object(response_id: str, choices: list, usage_counts: dict | None = None) -> dict:
         response = {
             "id": response_id,
             "object": "text_completion",
             "created": int(time.time()),
-            "model": self.server.model_id,
+            "model": model_id,
             "choices": choices,
         }
         if usage_counts is not None:
             response["usage"] = usage_counts
         return response
 
-    def read_json(self):
-        length = int(self.headers.get("Content-Length") or 0)
+    async def read_json(request: Request):
+        """The body as JSON, refused (413) beyond limits.max_body_bytes without reading further."""
+        declared = request.headers.get("content-length")  # h11 has checked that it is a number
+        too_large = RequestError(
+            f"the request body is larger than {limits.max_body_bytes} bytes", status=HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+        )
+        if declared is not None and int(declared) > limits.max_body_bytes:
+            raise too_large
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limits.max_body_bytes:
+                raise too_large
         try:
-            return json.loads(self.rfile.read(length) or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise RequestError(f"the request body is not JSON: {error}") from error
+            return json.loads(body or b"null")
+        except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise RequestError(f"the request body is not JSON: {one_line(error)}") from None
 
-    def send_json(self, data: dict, status: HTTPStatus = HTTPStatus.OK):
-        payload = json.dumps(data).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+    async def admit(request: Request) -> tuple[CompletionRequest, Job]:
+        with scheduler.admission() as admitting:
+            parsed = parse_request(await read_json(request), limits)
+            try:
+                if sum(map(len, parsed.prompts)) <= INLINE_TOKENIZATION_CHARS:
+                    ids, texts = completer.encode_prompts(parsed.prompts)
+                else:
+                    ids, texts = await run_in_threadpool(completer.encode_prompts, parsed.prompts)
+            except CompletionError as error:  # an empty prompt
+                raise RequestError(str(error), param="prompt") from None
+            check_prompt_lengths([len(i) for i in ids], parsed.settings, limits.context_length)
+            job = make_job(parsed, ids, texts, asyncio.get_running_loop())
+            try:
+                scheduler.submit(job, admitting)
+            except QueueFull as full:
+                raise RequestError(
+                    f"the server is busy ({full} requests waiting): retry shortly",
+                    status=HTTPStatus.TOO_MANY_REQUESTS,
+                    headers={"Retry-After": "1"},
+                ) from None
+            return parsed, job
 
-    def send_error_json(self, error: RequestError):
-        kind = "invalid_request_error" if error.status < 500 else "server_error"
-        body = {"error": {"message": str(error), "type": kind, "param": error.param, "code": None}}
-        self.send_json(body, error.status)
+    @app.post("/v1/completions", dependencies=authorized)
+    async def completions(request: Request):
+        try:
+            parsed, job = await admit(request)
+        except ClientDisconnect:
+            return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+        response_id = f"cmpl-{uuid.uuid4().hex}"
+        if parsed.stream:
+            events = server_sent_events(job, response_id, parsed.include_usage)
+            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        finished = await wait_for(job, request)
+        if finished is None:
+            return Response(status_code=499)
+        if finished[0] == "error":
+            return JSONResponse(error_body(finished[1], 500), status_code=500)
+        ordered = [job.completions[i] for i in sorted(job.completions)]
+        choices = [choice(c.text, i, finish_reason(c)) for i, c in zip(sorted(job.completions), ordered)]
+        return completion_object(response_id, choices, usage(ordered))
+
+    async def wait_for(job: Job, request: Request):
+        """The job's last event, or None if the client went away first (then the job is cancelled)."""
+
+        async def last_event():
+            while (event := await job.events.get())[0] not in ("done", "error"):
+                pass
+            return event
+
+        async def client_gone():
+            # The body has been read: the next ASGI message is the disconnection.
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        finished, gone = asyncio.ensure_future(last_event()), asyncio.ensure_future(client_gone())
+        try:
+            await asyncio.wait({finished, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (finished, gone):
+                task.cancel()
+        if finished.done() and not finished.cancelled():
+            return finished.result()
+        scheduler.cancel(job)
+        return None
+
+    async def server_sent_events(job: Job, response_id: str, include_usage: bool):
+        """OpenAI's text_completion chunks, one server-sent event each, then [DONE]. Starlette cancels this
+        generator when the client disconnects; `finally` then takes the job out of its batch."""
+
+        def event(data) -> str:
+            return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+        try:
+            while True:
+                kind, *data = await job.events.get()
+                if kind == "text":
+                    index, piece = data
+                    yield event(completion_object(response_id, [choice(piece, index, None)]))
+                elif kind == "end":
+                    (index,) = data
+                    reason = finish_reason(job.completions[index])
+                    yield event(completion_object(response_id, [choice("", index, reason)]))
+                elif kind == "done":
+                    if include_usage:
+                        ordered = [job.completions[i] for i in sorted(job.completions)]
+                        yield event(completion_object(response_id, [], usage(ordered)))
+                    yield event("[DONE]")
+                    return
+                else:
+                    yield event({"error": {"message": data[0], "type": "server_error", "param": None}})
+                    return
+        finally:
+            scheduler.cancel(job)
+
+    return app
+
+
+_REQUEST_READ = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED, h11.ERROR)  # h11 states of a client whose request is in
+
+
+class ReadTimeoutH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, plus a deadline for receiving each request: its headers and body must arrive within
+    `read_timeout` seconds of the connection (or of the previous response); otherwise the server answers 408 if it
+    has not answered yet, and closes the connection. uvicorn has no such timeout of its own (its keep-alive timeout
+    starts only after a response, and any byte resets it), so a client could otherwise hold a connection open
+    forever by never finishing its headers or body. `serve` sets `read_timeout` in a subclass."""
+
+    read_timeout = 30.0
+    _read_deadline = None
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self._arm_read_deadline()
+
+    def data_received(self, data: bytes):
+        super().data_received(data)
+        if self.conn.their_state in _REQUEST_READ:
+            self._disarm_read_deadline()
+
+    def on_response_complete(self):
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.conn.their_state not in _REQUEST_READ:
+            self._arm_read_deadline()  # the next request, or the rest of this one's body
+
+    def connection_lost(self, exc):
+        self._disarm_read_deadline()
+        super().connection_lost(exc)
+
+    def _arm_read_deadline(self):
+        self._disarm_read_deadline()
+        self._read_deadline = self.loop.call_later(self.read_timeout, self._read_timed_out)
+
+    def _disarm_read_deadline(self):
+        if self._read_deadline is not None:
+            self._read_deadline.cancel()
+            self._read_deadline = None
+
+    def _read_timed_out(self):
+        self._read_deadline = None
+        if self.transport.is_closing() or self.conn.their_state in _REQUEST_READ:
+            return
+        # 408 unless this request was answered already (refused before its body came: 401, 413, ...).
+        if self.cycle is None or not self.cycle.response_started or self.conn.their_state is h11.IDLE:
+            self.transport.write(
+                b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                b"Connection: close\r\nContent-Length: 22\r\n\r\nrequest not received\r\n"
+            )
+        self.transport.close()
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve beyond this machine
+
+
+def listen(host: str, port: int, backlog: int) -> socket.socket:
+    """The listening socket, bound here rather than by uvicorn so that --port 0 gives a port to print."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=backlog)
+    sock.set_inheritable(True)
+    return sock
 
 
 def main(argv=None) -> int:
@@ -257,23 +748,100 @@ def main(argv=None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
     parser.add_argument("--served-model-name", help="the model's id in the API (default: --model's last part)")
+    access = parser.add_argument_group("access")
+    access.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV) or None,
+        help=f"require 'Authorization: Bearer KEY' on /v1/ (default: the environment variable {API_KEY_ENV})",
+    )
+    access.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="listen beyond localhost without an API key (anyone who reaches the port can use the model)",
+    )
+    limits = parser.add_argument_group("limits")
+    limits.add_argument("--max-batch-size", type=int, default=16, help="most completions in one batch (16)")
+    limits.add_argument(
+        "--max-queued", type=int, default=256, help="most requests waiting for the model; more get HTTP 429 (256)"
+    )
+    limits.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body; HTTP 413 (1 MiB)")
+    limits.add_argument(
+        "--read-timeout",
+        type=float,
+        default=30,
+        help="seconds for a client to send a whole request, headers and body (30); then HTTP 408 and closed",
+    )
+    limits.add_argument(
+        "--timeout-keep-alive", type=int, default=5, help="seconds an idle keep-alive connection stays open (5)"
+    )
+    limits.add_argument("--backlog", type=int, default=2048, help="connections waiting to be accepted (2048)")
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="uvicorn's log on standard error (info: one line per request)",
+    )
     args = parser.parse_args(argv)
+    for name in ("max_batch_size", "max_queued", "max_body_bytes", "read_timeout", "timeout_keep_alive", "backlog"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.api_key is None and not is_loopback(args.host) and not args.allow_unauthenticated:
+        print(
+            f"error: --host {args.host} listens beyond this machine without an API key: give --api-key KEY (or set "
+            f"{API_KEY_ENV}), or --allow-unauthenticated to let anyone who reaches the port use it",
+            file=sys.stderr,
+        )
+        return 2
     quiet_libraries()
     try:
         completer = load_from_arguments(args)
-        model_id = args.served_model_name or Path(args.model).name
-        server = CompletionServer((args.host, args.port), completer, model_id)
+        sock = listen(args.host, args.port, args.backlog)
     except Exception as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 1
-    host, port = server.server_address[:2]
-    # Tests and scripts read this line to learn the port.
-    print(f"Serving {server.model_id} on http://{host}:{port}/v1", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    model_id = args.served_model_name or Path(args.model).name
+    serve(completer, model_id, sock, args)
     return 0
 
+
+def max_chars_per_token(tokenizer) -> int:
+    """The most characters one token can decode to: its longest piece (SentencePiece's ▁ is one space; a byte
+    piece like <0xE2> is one byte, fewer characters than its name)."""
+    return max(len(piece) for piece in tokenizer.get_vocab())
+
+
+def serve(completer: Completer, model_id: str, sock: socket.socket, args: argparse.Namespace):
+    """Run uvicorn on `sock` until SIGINT or SIGTERM; print the address once it is ready."""
+    limits = Limits(completer.context_length, max_chars_per_token(completer.tokenizer), args.max_body_bytes)
+    scheduler = BatchScheduler(completer, args.max_batch_size, args.max_queued)
+    app = create_app(completer, model_id, limits, scheduler, args.api_key)
+    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    log_config["handlers"]["access"]["stream"] = "ext://sys.stderr"  # standard output has the address only
+    config = uvicorn.Config(
+        app,
+        http=type("ReadTimeoutH11Protocol", (ReadTimeoutH11Protocol,), {"read_timeout": args.read_timeout}),
+        ws="none",
+        lifespan="off",
+        log_config=log_config,
+        log_level=args.log_level,
+        timeout_keep_alive=args.timeout_keep_alive,
+        timeout_graceful_shutdown=5,
+        backlog=args.backlog,
+        h11_max_incomplete_event_size=16 * 1024,  # request line and headers (h11's default): more is HTTP 400
+        server_header=False,
+    )
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    ready = f"Serving {model_id} on http://{shown}:{port}/v1"
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:
+                print(ready, flush=True)  # tests and scripts read this line to learn the port
+
+    try:
+        Server(config).run(sockets=[sock])
+    finally:
+        scheduler.close()
+        sock.close()

@@ -1,12 +1,18 @@
-"""serve.py end to end: started on 127.0.0.1 with a tiny model, called with the `openai` client (plain and
-streaming), its completions compared with the command line's, bad requests answered with HTTP 4xx; then stopped."""
+"""serve.py end to end, on 127.0.0.1 only: started with a tiny model, called with the `openai` client (plain and
+streaming) and with raw HTTP; completions compared with the command line's and, under a load of concurrent clients,
+with the same requests made alone; clients that leave or stall, bad requests, full queues and authentication
+answered as docs/serving.md says; then stopped. Every wait is bounded."""
 
+import concurrent.futures
+import http.client
 import json
 import select
+import socket
 import subprocess
 import sys
-import urllib.error
-import urllib.request
+import threading
+import time
+import urllib.parse
 
 import pytest
 from completion_helpers import DEMO, SCRIPT_ENV, hub_folder, one_torch_thread  # noqa: F401
@@ -17,20 +23,22 @@ from replit_tools.loading import load_completer
 from replit_tools.postprocessing import DEFAULT_STOP_SEQUENCES
 
 openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi", reason="serve.py needs fastapi and uvicorn (requirements.txt)")
+pytest.importorskip("uvicorn", reason="serve.py needs fastapi and uvicorn (requirements.txt)")
 
 PROMPT = "def fibonacci(n):"
 STARTUP_SECONDS = 120
+API_KEY = "test-key-0123"
+# The strict server's limits: small enough to reach in a test.
+STRICT = ["--api-key", API_KEY, "--max-body-bytes", "4096", "--read-timeout", "1", "--max-queued", "2",
+          "--max-batch-size", "2"]  # fmt: skip
 
 
-def start_server(model) -> tuple[subprocess.Popen, str]:
+def start_server(model, *args: str, env=SCRIPT_ENV) -> tuple[subprocess.Popen, str]:
     """serve.py on a free port (it prints its address once the model is loaded)."""
-    server = subprocess.Popen(
-        [sys.executable, str(ROOT / "serve.py"), "--model", str(model), "--port", "0", "--served-model-name", "tiny"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=SCRIPT_ENV,
-    )
+    command = [sys.executable, str(ROOT / "serve.py"), "--model", str(model), "--port", "0",
+               "--served-model-name", "tiny", "--log-level", "warning", *args]  # fmt: skip
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     try:
         ready, _, _ = select.select([server.stdout], [], [], STARTUP_SECONDS)
         line = server.stdout.readline() if ready else ""
@@ -44,7 +52,7 @@ def start_server(model) -> tuple[subprocess.Popen, str]:
 def stop_server(server: subprocess.Popen):
     server.terminate()
     try:
-        server.wait(timeout=10)
+        server.wait(timeout=15)
     except subprocess.TimeoutExpired:
         server.kill()
         server.wait()
@@ -64,10 +72,115 @@ def served(tiny):
         stop_server(server)
 
 
+@pytest.fixture(scope="module")
+def strict(tiny):
+    """A server with an API key and small limits."""
+    server, base_url = start_server(tiny, *STRICT)
+    try:
+        yield base_url
+    finally:
+        stop_server(server)
+
+
+@pytest.fixture(scope="module")
+def demo_served():
+    if not (DEMO / "config.json").exists():
+        pytest.skip("the demo model (demo/) is not built")
+    server, base_url = start_server(DEMO)
+    try:
+        yield base_url
+    finally:
+        stop_server(server)
+
+
 def greedy(model, prompts, max_new_tokens=24, n=1, stops=DEFAULT_STOP_SEQUENCES) -> list[str]:
     """The command line's greedy completions (in process)."""
     settings = Settings(greedy=True, max_new_tokens=max_new_tokens, num_completions=n, stop_sequences=stops)
     return [completion.text for completion in load_completer(model).complete(prompts, settings)]
+
+
+# --- HTTP helpers: bounded in time ------------------------------------------------------------------------------
+
+
+def address(base_url: str) -> tuple[str, int]:
+    parts = urllib.parse.urlsplit(base_url)
+    return parts.hostname, parts.port
+
+
+def call(base_url: str, body, path="/completions", headers=None, method="POST", timeout=60):
+    """(status, headers, answer): the JSON answer, or for a stream {"texts", "finish", "usage"} by choice index."""
+    connection = http.client.HTTPConnection(*address(base_url), timeout=timeout)
+    try:
+        data = None if body is None else body if isinstance(body, (bytes, str)) else json.dumps(body)
+        connection.request(method, "/v1" + path, data, {"Content-Type": "application/json", **(headers or {})})
+        response = connection.getresponse()
+        if response.getheader("Content-Type", "").startswith("text/event-stream"):
+            return response.status, response.headers, read_stream(response)
+        return response.status, response.headers, json.loads(response.read() or b"null")
+    finally:
+        connection.close()
+
+
+def read_stream(response) -> dict:
+    texts, finish, usage, done = {}, {}, None, False
+    for line in response:
+        line = line.decode().strip()
+        if not line.startswith("data: "):
+            continue
+        if line == "data: [DONE]":
+            done = True
+            break
+        chunk = json.loads(line[len("data: ") :])
+        assert "error" not in chunk, chunk
+        for choice in chunk["choices"]:
+            texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+            if choice["finish_reason"]:
+                finish[choice["index"]] = choice["finish_reason"]
+        usage = chunk.get("usage") or usage
+    assert done, "the stream ended without [DONE]"
+    return {"texts": texts, "finish": finish, "usage": usage}
+
+
+def raw(base_url: str, data: bytes, wait: float = 10) -> bytes:
+    """What the server answers to `data` sent as is, read until it closes the connection (or `wait` seconds)."""
+    with socket.create_connection(address(base_url), timeout=wait) as sock:
+        sock.sendall(data)
+        answer, deadline = b"", time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                piece = sock.recv(65536)
+            except (TimeoutError, ConnectionResetError):
+                break
+            if not piece:
+                break
+            answer += piece
+            head, _, rest = answer.partition(b"\r\n\r\n")
+            lines = head.lower().split(b"\r\n")
+            lengths = [line.split(b":")[1] for line in lines if line.startswith(b"content-length:")]
+            if lengths and len(rest) >= int(lengths[0]):
+                break  # the whole answer (the connection may stay open)
+        return answer
+
+
+def stats(base_url: str) -> dict:
+    connection = http.client.HTTPConnection(*address(base_url), timeout=30)
+    try:
+        connection.request("GET", "/health")
+        return json.loads(connection.getresponse().read())
+    finally:
+        connection.close()
+
+
+def wait_until(condition, seconds: float = 20):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+# --- Completions ------------------------------------------------------------------------------------------------
 
 
 def test_completions_plain_and_streaming_equal_the_command_lines(tiny, served):
@@ -102,9 +215,94 @@ def test_several_prompts_completions_and_stop_sequences(tiny, served):
         assert chunks[-1].usage.prompt_tokens > 0 and chunks[-1].usage.completion_tokens >= 4
 
 
-def test_models_endpoint(served):
-    _, client = served
+def test_sampled_completions_with_a_seed_repeat(served):
+    base_url, _ = served
+    body = {"prompt": PROMPT, "max_tokens": 16, "temperature": 0.8, "n": 3, "seed": 7, "stop": []}
+    first, second = call(base_url, body), call(base_url, body)
+    assert first[0] == second[0] == 200
+    assert [c["text"] for c in first[2]["choices"]] == [c["text"] for c in second[2]["choices"]]
+
+
+def test_models_and_health(served):
+    base_url, client = served
     assert [model.id for model in client.models.list()] == ["tiny"]
+    assert stats(base_url)["status"] == "ok"
+
+
+def test_concurrent_clients_are_batched_and_answered_as_alone(served):
+    """32 clients at once, different requests (prompts, budgets, stop sequences, n, plain and streaming): none
+    dropped, every answer equal to the same request made alone, and the model ran them in batches."""
+    base_url, _ = served
+    prompts = [PROMPT, "import os\n", "class Stack:\n    def push(self, item):", "def add(a, b):\n    return",
+               "for i in range(10):", "# a comment\n", "def main():\n", "x = ["]  # fmt: skip
+    requests = [
+        {"prompt": prompts[i % len(prompts)], "max_tokens": 6 + (i * 7) % 30, "temperature": 0,
+         "stop": ["\n"] if i % 3 == 0 else None, "n": 2 if i % 5 == 0 else 1, "stream": i % 2 == 0}
+        for i in range(32)
+    ]  # fmt: skip
+    alone = [call(base_url, body) for body in requests]
+    before = stats(base_url)
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+        together = list(pool.map(lambda body: call(base_url, body), requests, timeout=120))
+    after = stats(base_url)
+    for body, (status, _, answer), (status_alone, _, answer_alone) in zip(requests, together, alone):
+        assert status == status_alone == 200, answer
+        if body["stream"]:
+            assert answer["texts"] == answer_alone["texts"] and answer["finish"] == answer_alone["finish"], body
+        else:
+            assert answer["choices"] == answer_alone["choices"], body
+    assert after["requests"] - before["requests"] == len(requests)
+    assert after["batches"] - before["batches"] < len(requests) / 2  # batched, not one by one
+    assert after["max_batch_rows"] > 1
+
+
+# --- Clients that leave -----------------------------------------------------------------------------------------
+
+LONG = {"prompt": PROMPT, "max_tokens": 1000, "temperature": 0, "stop": []}  # seconds of work for the demo model
+
+
+def test_a_client_leaving_mid_stream_frees_the_model(demo_served):
+    before = stats(demo_served)
+    with socket.create_connection(address(demo_served), timeout=30) as sock:
+        body = json.dumps({**LONG, "stream": True}).encode()
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+        received, deadline = b"", time.monotonic() + 30
+        while b"data: " not in received and time.monotonic() < deadline:  # until generation has begun
+            received += sock.recv(65536)
+        assert b"data: " in received
+    assert wait_until(lambda: stats(demo_served)["cancelled_rows"] == before["cancelled_rows"] + 1)
+    after = stats(demo_served)
+    assert after["running_rows"] == 0
+    assert after["generated_tokens"] - before["generated_tokens"] < LONG["max_tokens"]
+
+
+def test_a_client_leaving_a_plain_request_frees_the_model(demo_served):
+    before = stats(demo_served)
+    with socket.create_connection(address(demo_served), timeout=30) as sock:
+        body = json.dumps(LONG).encode()
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+        assert wait_until(lambda: stats(demo_served)["running_rows"] == 1)
+    assert wait_until(lambda: stats(demo_served)["cancelled_rows"] == before["cancelled_rows"] + 1)
+    after = stats(demo_served)
+    assert after["running_rows"] == 0
+    assert after["generated_tokens"] - before["generated_tokens"] < LONG["max_tokens"]
+    # The model is free: a short request is answered at once.
+    started = time.monotonic()
+    assert call(demo_served, {"prompt": PROMPT, "max_tokens": 4})[0] == 200
+    assert time.monotonic() - started < 10
+
+
+def test_demo_model_serves(demo_served):
+    client = openai.OpenAI(base_url=demo_served, api_key="unused", timeout=60, max_retries=0)
+    plain = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=32, temperature=0)
+    streamed = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=32, temperature=0, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == plain.choices[0].text
+    assert plain.choices[0].text == greedy(DEMO, [PROMPT], max_new_tokens=32)[0]
+
+
+# --- Bad requests -----------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("prompt", ["", "   \n\t"])
@@ -115,44 +313,147 @@ def test_empty_prompt_is_a_clear_400(served, prompt, stream):
         client.completions.create(model="tiny", prompt=prompt, max_tokens=8, stream=stream)
 
 
-def post(base_url: str, body) -> tuple[int, dict]:
-    request = urllib.request.Request(
-        f"{base_url}/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
 @pytest.mark.parametrize(
     "body, param",
     [
-        ({"prompt": PROMPT, "max_tokens": 500}, "prompt"),  # longer than the tiny model's context
-        ({"prompt": PROMPT, "temperature": -1}, None),
+        ({"prompt": PROMPT, "max_tokens": 125}, "prompt"),  # with the prompt, longer than the tiny model's context
+        ({"prompt": PROMPT, "max_tokens": 500}, "max_tokens"),  # longer than the context by itself
+        ({"prompt": PROMPT}, "max_tokens"),  # the default, 128, is the tiny model's whole context
+        ({"prompt": PROMPT * 1000, "max_tokens": 8}, "prompt"),  # refused on its length in characters
+        ({"prompt": PROMPT, "max_tokens": 8, "temperature": -1}, "temperature"),
+        ('{"prompt": "x", "max_tokens": 8, "temperature": Infinity}', "temperature"),
+        ('{"prompt": "x", "max_tokens": 8, "temperature": NaN}', "temperature"),
+        ({"prompt": PROMPT, "max_tokens": 8, "top_p": 0}, "top_p"),
+        ({"prompt": PROMPT, "max_tokens": 8, "top_k": 1.5}, "top_k"),
         ({"prompt": PROMPT, "max_tokens": "many"}, "max_tokens"),
-        ({"prompt": PROMPT, "logprobs": 3}, "logprobs"),
-        ({"prompt": PROMPT, "suffix": "\n    return x"}, "suffix"),
+        ({"prompt": PROMPT, "max_tokens": True}, "max_tokens"),
+        ({"prompt": PROMPT, "max_tokens": 8, "seed": -1}, "seed"),
+        ({"prompt": PROMPT, "max_tokens": 8, "seed": 2**64}, "seed"),
+        ({"prompt": PROMPT, "max_tokens": 8, "n": 0}, "n"),
+        ({"prompt": PROMPT, "max_tokens": 8, "n": 17}, "n"),
+        ({"prompt": PROMPT, "max_tokens": 8, "stream": "yes"}, "stream"),
+        ({"prompt": PROMPT, "max_tokens": 8, "stream": True, "stream_options": "x"}, "stream_options"),
+        ({"prompt": PROMPT, "max_tokens": 8, "stream_options": {"include_usage": 1}}, "stream_options"),
+        ({"prompt": PROMPT, "max_tokens": 8, "stop": [""]}, "stop"),
+        ({"prompt": PROMPT, "max_tokens": 8, "stop": 3}, "stop"),
+        ({"prompt": "def f(\ud800):"}, "prompt"),  # a lone surrogate (json.dumps writes it as \ud800)
+        ({"prompt": PROMPT, "max_tokens": 8, "stop": ["\udfff"]}, "stop"),
+        ({"prompt": PROMPT, "max_tokens": 8, "logprobs": 3}, "logprobs"),
+        ({"prompt": PROMPT, "max_tokens": 8, "suffix": "\n    return x"}, "suffix"),
         ({"prompt": [1, 2, 3]}, "prompt"),
+        ({"prompt": [PROMPT] * 17}, "prompt"),
         ({}, "prompt"),
+        ([PROMPT], None),
+        ("{not json", None),
+        (b'{"prompt": "\xff"}', None),  # not UTF-8
+        ("[" * 100000, None),  # nested too deep for the parser
     ],
 )
 def test_bad_requests_are_a_clear_400(served, body, param):
-    status, answer = post(served[0], body)
-    assert status == 400
+    status, _, answer = call(served[0], body)
+    assert status == 400, answer
     assert answer["error"]["type"] == "invalid_request_error" and answer["error"]["param"] == param
     assert answer["error"]["message"]
+    if param and body and isinstance(body, dict) and param in body:
+        assert param in answer["error"]["message"]
 
 
-@pytest.mark.skipif(not (DEMO / "config.json").exists(), reason="the demo model (demo/) is not built")
-def test_demo_model_serves():
-    server, base_url = start_server(DEMO)
+def test_bad_http_is_a_4xx_not_a_500(served, strict):
+    base_url = served[0]
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+    assert raw(base_url, head + b"Content-Length: abc\r\n\r\n{}").startswith(b"HTTP/1.1 400 ")
+    answer = raw(base_url, head + b"Content-Length: 1000000000000000\r\n\r\n{}")
+    assert answer.startswith(b"HTTP/1.1 413 ") and b"larger than" in answer
+    assert raw(base_url, b"GET /v1/nowhere HTTP/1.1\r\nHost: test\r\n\r\n").startswith(b"HTTP/1.1 404 ")
+    # Headers beyond h11's 16 KiB are not buffered further.
+    assert raw(base_url, b"GET / HTTP/1.1\r\nHost: test\r\nX: " + b"y" * 20000).startswith(b"HTTP/1.1 400 ")
+    # A body over --max-body-bytes (4096 on the strict server), whether its length is declared or chunked.
+    status, headers, answer = call(strict, {"prompt": "x" * 5000}, headers={"Authorization": f"Bearer {API_KEY}"})
+    assert status == 413 and "4096" in answer["error"]["message"]
+    chunked = b"".join(b"%x\r\n%s\r\n" % (1000, b" " * 1000) for _ in range(5)) + b"0\r\n\r\n"
+    answer = raw(strict, head + f"Authorization: Bearer {API_KEY}\r\n".encode()
+                 + b"Transfer-Encoding: chunked\r\n\r\n" + chunked)  # fmt: skip
+    assert answer.startswith(b"HTTP/1.1 413 ")
+
+
+# --- Limits: slow clients, full queue ---------------------------------------------------------------------------
+
+
+def test_slow_clients_time_out_and_do_not_hold_the_server(strict):
+    """--read-timeout 1: a client that never finishes its headers, or its body, gets 408 and is disconnected;
+    meanwhile, others are served."""
+    started = time.monotonic()
+    stalled = []
     try:
-        client = openai.OpenAI(base_url=base_url, api_key="unused", timeout=60, max_retries=0)
-        plain = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=32, temperature=0)
-        streamed = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=32, temperature=0, stream=True)
-        assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == plain.choices[0].text
-        assert plain.choices[0].text == greedy(DEMO, [PROMPT], max_new_tokens=32)[0]
+        for _ in range(50):
+            sock = socket.create_connection(address(strict), timeout=10)
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: te")
+            stalled.append(sock)
+        status = call(strict, {"prompt": PROMPT, "max_tokens": 4}, headers={"Authorization": f"Bearer {API_KEY}"})[0]
+        assert status == 200
+        for sock in stalled:
+            answer = sock.recv(1024)
+            assert answer.startswith(b"HTTP/1.1 408 "), answer
     finally:
-        stop_server(server)
+        for sock in stalled:
+            sock.close()
+    assert time.monotonic() - started < 8
+    half_body = (b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n"
+                 b"Authorization: Bearer %s\r\n\r\n{\"prompt\"" % API_KEY.encode())  # fmt: skip
+    started = time.monotonic()
+    assert raw(strict, half_body).startswith(b"HTTP/1.1 408 ")
+    assert 0.5 < time.monotonic() - started < 8
+
+
+def test_a_full_queue_is_a_429_with_retry_after(strict):
+    """--max-queued 2, --max-batch-size 2: of a burst of 12 requests, those that find 2 waiting are refused."""
+    body = {"prompt": PROMPT, "max_tokens": 60, "temperature": 0, "stop": []}
+    barrier = threading.Barrier(12)
+
+    def request(_):
+        barrier.wait(timeout=30)
+        return call(strict, body, headers={"Authorization": f"Bearer {API_KEY}"})
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(request, range(12), timeout=120))
+    statuses = sorted(status for status, _, _ in answers)
+    assert set(statuses) == {200, 429} and statuses.count(200) >= 2, statuses
+    for status, headers, answer in answers:
+        if status == 429:
+            assert headers["Retry-After"] == "1" and "busy" in answer["error"]["message"]
+
+
+# --- Authentication ---------------------------------------------------------------------------------------------
+
+
+def test_api_key(strict):
+    body = {"prompt": PROMPT, "max_tokens": 4}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+        status, response_headers, answer = call(strict, body, headers=headers)
+        assert status == 401 and response_headers["WWW-Authenticate"] == "Bearer"
+        assert answer["error"]["code"] == "invalid_api_key"
+    assert call(strict, None, path="/models", method="GET")[0] == 401
+    assert stats(strict)["status"] == "ok"  # /health stays open
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=strict, api_key="wrong", max_retries=0).models.list()
+    client = openai.OpenAI(base_url=strict, api_key=API_KEY, timeout=60, max_retries=0)
+    assert client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4).choices[0].finish_reason
+
+
+def test_listening_beyond_localhost_needs_a_key(tiny, capsys, monkeypatch):
+    """Refused with a one-line error before the model loads or a port opens."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "serve.py"), "--model", str(tiny), "--host", "0.0.0.0", "--port", "0"],
+        capture_output=True, text=True, timeout=120, env={**SCRIPT_ENV, "REPLIT_API_KEY": ""},
+    )  # fmt: skip
+    assert done.returncode == 2 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--api-key" in lines[0] and "--allow-unauthenticated" in lines[0]
+
+    from replit_tools import server
+
+    monkeypatch.delenv("REPLIT_API_KEY", raising=False)
+    for host in ("::", "192.168.1.10", "example.org"):
+        assert server.main(["--model", "/nowhere", "--host", host]) == 2
+        assert "--allow-unauthenticated" in capsys.readouterr().err
+    assert [server.is_loopback(host) for host in ("127.0.0.1", "127.1.2.3", "::1", "localhost")] == [True] * 4
