@@ -48,6 +48,13 @@ _SENTENCEPIECE_SCORES_AS_TRAINED = _SENTENCEPIECE_VERSION < (0, 2, 2)
 
 _VARINT, _FIXED64, _BYTES, _FIXED32 = 0, 1, 2, 5
 
+_FLOAT32 = struct.Struct("<f")
+
+
+def _float32(value):
+    """`value` rounded to the nearest float32, as a Python float."""
+    return _FLOAT32.unpack(_FLOAT32.pack(value))[0]
+
 
 def _read_varint(data, pos):
     result = shift = 0
@@ -126,7 +133,7 @@ class _Spec:
             return default
         value = values[-1]  # as in protobuf, the last occurrence wins
         if kind is float:
-            return struct.unpack("<f", value)[0]
+            return _FLOAT32.unpack(value)[0]
         if kind is int:
             return value - (1 << 64) if value >= 1 << 63 else value
         if kind is str:
@@ -144,7 +151,7 @@ class _Spec:
 _TRAINER_SPEC = {  # name: (field number, type, default), from sentencepiece_model.proto
     "model_type": (3, int, 1),
     "vocab_size": (4, int, 8000),
-    "character_coverage": (10, float, 0.9995),
+    "character_coverage": (10, float, _float32(0.9995)),
     "byte_fallback": (35, bool, False),
     "unk_id": (40, int, 0),
     "bos_id": (41, int, 1),
@@ -281,14 +288,6 @@ def _as_trained(model):
     for piece in user_defined:
         piece[1:] = [-0.1, model.NORMAL]
     return model
-
-
-_FLOAT32 = struct.Struct("<f")
-
-
-def _float32(value):
-    """`value` rounded to the nearest float32, as a Python float."""
-    return _FLOAT32.unpack(_FLOAT32.pack(value))[0]
 
 
 class _TrainingTimeTies:
