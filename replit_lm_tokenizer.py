@@ -291,90 +291,140 @@ def _as_trained(model):
 
 
 class _TrainingTimeTies:
-    """Makes sentencepiece >= 0.2.2 choose among equal-score segmentations as sentencepiece 0.1.99 did.
+    """Makes sentencepiece >= 0.2.2 choose among segmentations that score the same, or almost, as 0.1.99 did.
 
     Why they differ. Both search the best segmentation left to right, keeping for each position the float32 score of
     the best segmentation ending there. Up to 0.2.1 the score of a user-defined piece, `length * max_score - 0.1`, is
-    a double, and it makes every candidate's score a double (C++ promotes the other branch of the `?:` too): the
+    a double, and it makes every candidate's score a double (C++ converts the other branch of the `?:` too): the
     float32 score at the candidate's start plus its piece's score, compared unrounded with the float32 score stored
-    at its end. A later candidate equal to the stored one replaces it whenever the stored score was rounded down. So
-    among segmentations that score the same, 0.1.99 picks the one whose last piece is longest or shortest by the low
-    bits of the score of the text before: `▁`x32 + `▁▁▁` or `▁▁▁` + `▁`x32 for 35 spaces, "\\n\\n" + "\\n" or
-    "\\n" + "\\n\\n" for three line breaks. Since 0.2.2 the user-defined score is a float32, every sum is rounded
-    before it is compared, and equal candidates always keep the first, the longest last piece.
+    at its end, which it replaces when greater. Among equal candidates a later one (a shorter last piece) wins
+    whenever the stored score was rounded down, and candidates closer than the rounding of the running score go by
+    that rounding too. So 0.1.99 splits 35 spaces into `▁`x32 + `▁▁▁` or `▁▁▁` + `▁`x32, three line breaks into
+    "\\n\\n" + "\\n" or "\\n" + "\\n\\n", and, deep into a long file, `▁testing` or `▁` + `testing`, by the low bits
+    of the score of the text before. Since 0.2.2 the user-defined score is a float32, every candidate is rounded
+    before it is compared, equal candidates keep the first (the longest last piece), and the running score is
+    shifted back to 0 beyond ±100,000, which rounds differently again.
 
-    What this does. Segmentations that score exactly the same differ in the order of their pieces. Two pieces can
-    swap places only when they are powers of one string (runs of one character: spaces, tabs, line breaks, dashes,
-    ...), so this looks for two different such pieces side by side in sentencepiece's segmentation. Around each, it
-    takes the stretch of text between the nearest places that no piece of the vocabulary can cross (so that every
-    segmentation passes through them) and searches it again exactly as 0.1.99 did, in Python, from 0.1.99's running
-    score at its start. That score is the float32 sum of the scores of the pieces before, which numpy adds in the
-    same order and precision as 0.1.99: float32 plus float32 rounds the same in float32 as in double, and a
-    user-defined piece's double -0.1 rounds like float32 -0.1 when added to 0, to -0.1, or to any float32 below
-    -0.15 (checked on every 97th float32 down to -4 and on millions below), the only sums that occur when normal
-    pieces score below -0.15.
+    What this does. Text splits into stretches at the places no piece of the vocabulary can cross (no piece holds
+    the two characters there side by side), and every segmentation passes through those places. Where the two best
+    segmentations of a stretch differ by more than the rounding can move them, sentencepiece's choice is 0.1.99's.
+    The rest, which are few, are searched again exactly as 0.1.99 did, in Python, from 0.1.99's running score at the
+    stretch's start. That score is the float32 sum of the scores of the pieces before, which numpy adds in the same
+    order and precision as 0.1.99: float32 plus float32 rounds the same in float32 as in double, and a user-defined
+    piece's double -0.1 rounds like float32 -0.1 when added to 0, to -0.1, or to any float32 below -0.15 (checked on
+    every 97th float32 down to -4 and on millions below), the only sums that occur when normal pieces score below
+    -0.15.
     """
+
+    _CACHE_SIZE = 1 << 17  # stretches whose score gap is kept
 
     def __init__(self, model):
         size = len(model.pieces)
         self.unk_id = model.trainer_spec.unk_id
         self.pieces = [piece for piece, _, _ in model.pieces]
         self.search_scores = {}  # piece -> (id, its score as 0.1.99 added it: a double for user-defined pieces)
-        self.roots = np.full(size, -1, dtype=np.int64)  # the shortest string whose power each piece is, numbered
         self.float32_scores = np.zeros(size, dtype=np.float32)
-        self.bigrams = set()  # two characters that some piece holds side by side
-        roots = {}
+        self.lengths = np.array([len(piece) for piece in self.pieces], dtype=np.int64)
+        # A piece's first and last characters, and the character pairs that some piece holds side by side, as codes.
+        self.first = np.full(size, -1, dtype=np.int64)
+        self.last = np.full(size, -1, dtype=np.int64)
+        bigrams = set()
         normal_scores = [score for _, score, kind in model.pieces if kind == model.NORMAL]
         for i, (piece, score, kind) in enumerate(model.pieces):
-            if kind not in (model.NORMAL, model.USER_DEFINED):
+            if kind not in (model.NORMAL, model.USER_DEFINED) or not piece:
                 continue  # the unknown and control pieces never match text
             score = -0.1 if kind == model.USER_DEFINED else score
             self.search_scores[piece] = (i, score)
             self.float32_scores[i] = score
-            period = (piece + piece).find(piece, 1)
-            self.roots[i] = roots.setdefault(piece[:period], len(roots))
-            self.bigrams.update(piece[k : k + 2] for k in range(len(piece) - 1))
+            self.first[i], self.last[i] = ord(piece[0]), ord(piece[-1])
+            bigrams.update(ord(a) << 21 | ord(b) for a, b in zip(piece, piece[1:]))
+        self.bigrams = np.array(sorted(bigrams), dtype=np.int64)
         # sentencepiece: `const float unk_score = min_score() - kUnkPenalty`, over the normal pieces.
         self.unk_score = _float32(min(normal_scores) - 10.0)
         self.float32_scores[self.unk_id] = self.unk_score
         self.longest = max(map(len, self.search_scores))
+        # Every prefix of a piece -> the piece's (id, score), or None if it is no piece itself.
+        self.prefixes = {piece[:k]: None for piece in self.search_scores for k in range(1, len(piece))}
+        self.prefixes.update(self.search_scores)
         self.single_characters = {piece for piece in self.search_scores if len(piece) == 1}
+        self.piece_gaps = np.full(size, np.nan)  # the score gap of each piece's text, filled as pieces are met
+        self.piece_gaps[self.unk_id] = np.inf
+        self.gaps = {}
 
     def __call__(self, ids, normalize):
         """0.1.99's ids for the text that sentencepiece segmented as `ids`; `normalize()` gives its normalised form."""
-        if len(ids) < 2:
+        if not ids:
             return ids
         array = np.array(ids, dtype=np.int64)
-        roots = self.roots[array]
-        swappable = np.flatnonzero((roots[:-1] == roots[1:]) & (roots[:-1] >= 0) & (array[:-1] != array[1:]))
-        if not swappable.size:
+        # The stretches: boundaries between tokens that no piece can cross.
+        pairs = self.last[array[:-1]] << 21 | self.first[array[1:]]
+        found = np.minimum(np.searchsorted(self.bigrams, pairs), len(self.bigrams) - 1)
+        crossable = (self.bigrams[found] == pairs) & (array[:-1] != self.unk_id) & (array[1:] != self.unk_id)
+        ends = np.append(np.flatnonzero(~crossable) + 1, len(ids))
+        starts = np.append(0, ends[:-1])
+        # How far rounding can move a stretch's candidates: half a float32 step of the running score for each
+        # rounded sum along two segmentations of it, with room to spare.
+        running = np.add.accumulate(self.float32_scores[array].astype(np.float64))
+        characters = np.add.accumulate(self.lengths[array])
+        stretch_characters = characters[ends - 1] - characters[starts] + self.lengths[array[starts]]
+        slack = (2 * stretch_characters + 4) * np.spacing(np.abs(running[ends - 1]).astype(np.float32))
+        gaps = self._gaps(ids, array, starts, ends)
+        close = np.flatnonzero(gaps <= slack)
+        if not close.size:
             return ids
         unknown_lengths = self._unknown_lengths(ids, normalize()) if self.unk_id in ids else {}
         out, done, score = [], 0, np.float32(0.0)
-        for i in swappable.tolist():
-            if i < done:
-                continue  # in the stretch just searched
-            start, end = i, i + 2
-            while start > 0 and self._may_cross(ids[start - 1], ids[start]):
-                start -= 1
-            while end < len(ids) and self._may_cross(ids[end - 1], ids[end]):
-                end += 1
+        for k in close.tolist():
+            start, end = int(starts[k]), int(ends[k])
             score = self._add_scores(score, array[done:start], done, unknown_lengths)
-            new_ids, score = self._search("".join(self.pieces[t] for t in ids[start:end]), float(score))
+            new_ids, new_score = self._search("".join(self.pieces[t] for t in ids[start:end]), float(score))
             if new_ids is None:  # a character without a piece of its own: leave the stretch as it is
                 new_ids = ids[start:end]
-                score = self._add_scores(np.float32(score), array[start:end], start, unknown_lengths)
+                new_score = self._add_scores(score, array[start:end], start, unknown_lengths)
             out += ids[done:start]
             out += new_ids
-            done = end
-            score = np.float32(score)
+            done, score = end, np.float32(new_score)
         return out + ids[done:]
 
-    def _may_cross(self, left, right):
-        """Whether a piece might run across the boundary between the tokens `left` and `right`."""
-        if left == self.unk_id or right == self.unk_id:
-            return False  # an unknown character is in no piece
-        return self.pieces[left][-1] + self.pieces[right][0] in self.bigrams
+    def _gaps(self, ids, array, starts, ends):
+        """For each stretch, how much better its best segmentation scores than its second best (inf if alone)."""
+        single = ends - starts == 1
+        first_ids = array[starts]
+        missing = np.unique(first_ids[single & np.isnan(self.piece_gaps[first_ids])])
+        for i in missing.tolist():
+            self.piece_gaps[i] = self._gap(self.pieces[i])
+        gaps = self.piece_gaps[first_ids]
+        cache, pieces = self.gaps, self.pieces
+        if len(cache) > self._CACHE_SIZE:
+            cache.clear()
+        for k in np.flatnonzero(~single).tolist():
+            text = "".join([pieces[t] for t in ids[starts[k] : ends[k]]])
+            gap = cache.get(text)
+            if gap is None:
+                gap = cache[text] = self._gap(text)
+            gaps[k] = gap
+        return gaps
+
+    def _gap(self, text):
+        """The best segmentation score of `text` minus the second best, in exact arithmetic (inf if only one)."""
+        top = [(0.0, -np.inf)] + [(-np.inf, -np.inf)] * len(text)  # the two best scores of segmentations to each place
+        table, longest = self.prefixes, self.longest
+        for start in range(len(text)):
+            first, second = top[start]
+            for end in range(start + 1, min(len(text), start + longest) + 1):
+                hit = table.get(text[start:end], False)
+                if hit is False:
+                    break
+                if hit is not None:
+                    best, runner_up = top[end]
+                    for candidate in (first + hit[1], second + hit[1]):
+                        if candidate > best:
+                            best, runner_up = candidate, best
+                        elif candidate > runner_up:
+                            runner_up = candidate
+                    top[end] = (best, runner_up)
+        first, second = top[-1]
+        return first - second if second > -np.inf else np.inf
 
     def _add_scores(self, score, ids, offset, unknown_lengths):
         """`score` plus the scores of `ids`, added one by one in float32; an unknown token scores once a character."""
@@ -403,22 +453,24 @@ class _TrainingTimeTies:
         return lengths
 
     def _search(self, text, start_score):
-        """0.1.99's best segmentation of `text` starting from the running score `start_score`, and the score after."""
+        """0.1.99's best segmentation of `text` starting from the running score `start_score`, and the score after:
+        its loop, starts in order and the pieces from each, each candidate a double compared unrounded with the
+        float32 stored at its end."""
         best = [start_score] + [None] * len(text)
         starts, pieces = [0] * len(best), [0] * len(best)
-        lookup, longest = self.search_scores, self.longest
-        for end in range(1, len(best)):
-            stored = None
-            for start in range(max(0, end - longest), end):
-                hit = lookup.get(text[start:end])
-                if hit is None or best[start] is None:
-                    continue
-                candidate = best[start] + hit[1]  # a double, compared unrounded with the float32 stored
-                if stored is None or candidate > stored:
-                    stored, starts[end], pieces[end] = _float32(candidate), start, hit[0]
-            if stored is None:
+        table, longest, pack, unpack = self.prefixes, self.longest, _FLOAT32.pack, _FLOAT32.unpack
+        for start in range(len(text)):
+            score = best[start]
+            if score is None:  # a character without a piece of its own
                 return None, start_score
-            best[end] = stored
+            for end in range(start + 1, min(len(text), start + longest) + 1):
+                hit = table.get(text[start:end], False)
+                if hit is False:
+                    break
+                if hit is not None:
+                    candidate, stored = score + hit[1], best[end]
+                    if stored is None or candidate > stored:
+                        best[end], starts[end], pieces[end] = unpack(pack(candidate))[0], start, hit[0]
         ids, end = [], len(text)
         while end:
             ids.append(pieces[end])

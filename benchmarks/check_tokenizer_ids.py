@@ -7,10 +7,13 @@ sentencepiece 0.1.99 runs in its own Python (it cannot share a process with a ne
     python benchmarks/check_tokenizer_ids.py --reference-python /tmp/sp099/bin/python [--files 10000] [--no-fast]
 
 It prints the machine, the library versions, and for each class how many files (and tokens) differ from 0.1.99.
-The files are a fixed sample of the `.py` files of the Python standard library and of the installed packages.
+The files are a fixed sample of the `.py` files of the Python standard library and of the installed packages (so
+the sample changes when packages are installed). `--also old/replit_lm_tokenizer.py` checks another version of the
+module on the same files, e.g. to compare before and after a change.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -90,7 +93,7 @@ def compare(name, encode, texts, expected):
             suffix += 1
         changed += len(want) - prefix - suffix
     print(
-        f"{name:24} {len(differing):6} of {len(texts)} files differ ({100 * len(differing) / len(texts):.2f}%), "
+        f"{name:24}\n    {len(differing):6} of {len(texts)} files differ ({100 * len(differing) / len(texts):.2f}%), "
         f"spans of {changed} of {tokens} tokens; {seconds:.1f} s"
     )
     return differing
@@ -102,6 +105,7 @@ def main():
     parser.add_argument("--reference-python", help="a Python with sentencepiece 0.1.99")
     parser.add_argument("--files", type=int, default=10_000)
     parser.add_argument("--no-fast", action="store_true", help="check only ReplitLMTokenizer")
+    parser.add_argument("--also", metavar="FILE", help="another replit_lm_tokenizer.py to check on the same files")
     parser.add_argument("--show", type=int, default=0, help="print the paths of up to this many differing files")
     parser.add_argument("--emit-reference", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -130,6 +134,14 @@ def main():
     tokenizers_to_check = [("ReplitLMTokenizer", ReplitLMTokenizer(vocab_file=args.spiece))]
     if not args.no_fast:
         tokenizers_to_check.append(("ReplitLMTokenizerFast", ReplitLMTokenizerFast(vocab_file=args.spiece)))
+    if args.also:
+        spec = importlib.util.spec_from_file_location("other_replit_lm_tokenizer", args.also)
+        other = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(other)
+        tokenizers_to_check.append((f"{args.also}: ReplitLMTokenizer", other.ReplitLMTokenizer(vocab_file=args.spiece)))
+        if not args.no_fast:
+            fast = other.ReplitLMTokenizerFast(vocab_file=args.spiece)
+            tokenizers_to_check.append((f"{args.also}: ReplitLMTokenizerFast", fast))
     raw = spm.SentencePieceProcessor(model_file=args.spiece)
     compare(f"raw sentencepiece {spm.__version__}", raw.encode, texts, expected)
     for name, tokenizer in tokenizers_to_check:
