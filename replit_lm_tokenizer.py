@@ -286,7 +286,7 @@ def _as_trained(model):
         exempt = {char for piece, _, _ in user_defined for char in piece}
         model.normalizer_spec.replace("precompiled_charsmap", _exempt_from_charsmap(charsmap, exempt))
     for piece in user_defined:
-        piece[1:] = [-0.1, model.NORMAL]
+        piece[1:] = [_float32(-0.1), model.NORMAL]  # as the model file stores it
     return model
 
 
@@ -362,12 +362,14 @@ class _TrainingTimeTies:
         crossable = (self.bigrams[found] == pairs) & (array[:-1] != self.unk_id) & (array[1:] != self.unk_id)
         ends = np.append(np.flatnonzero(~crossable) + 1, len(ids))
         starts = np.append(0, ends[:-1])
-        # How far rounding can move a stretch's candidates: half a float32 step of the running score for each
-        # rounded sum along two segmentations of it, with room to spare.
+        # How far rounding can move two segmentations of a stretch apart: half a float32 step of the running score
+        # for each rounded sum along either (sentencepiece's, of `tokens` pieces, and any other, of at most one
+        # piece per character) and for the comparison. A step of the running score plus 1, for room to spare.
         running = np.add.accumulate(self.float32_scores[array].astype(np.float64))
         characters = np.add.accumulate(self.lengths[array])
         stretch_characters = characters[ends - 1] - characters[starts] + self.lengths[array[starts]]
-        slack = (2 * stretch_characters + 4) * np.spacing(np.abs(running[ends - 1]).astype(np.float32))
+        step = np.spacing((np.abs(running[ends - 1]) + 1).astype(np.float32)).astype(np.float64)
+        slack = (ends - starts + stretch_characters + 1) * 0.5 * step
         gaps = self._gaps(ids, array, starts, ends)
         close = np.flatnonzero(gaps <= slack)
         if not close.size:

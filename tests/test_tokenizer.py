@@ -557,6 +557,8 @@ def covered_text(sp):
 def test_decode_inverts_encode_up_to_normalization(slow, fast, sp, covered_text, data):
     text = data.draw(covered_text)
     assume(sp.unk_id() not in sp.encode(text))  # NFKC can compose covered characters into one that is not
-    normalized = sp.normalize(text).replace("▁", " ")
+    # SentencePieceProcessor.normalize is newer than sentencepiece 0.1.99; with no unknown pieces, the pieces spell
+    # out the normalised text.
+    normalized = "".join(sp.encode(text, out_type=str)).replace("▁", " ")
     for tokenizer in (slow, fast):
         assert tokenizer.decode(tokenizer.encode(text)) == normalized
