@@ -151,8 +151,8 @@ def main():
         cells = [f"{value:8.2f} ({base / value:4.2f}x)" for value, base in zip(row, baseline)]
         print(f"{name:<22}" + "".join(f"{cell:>22}" for cell in cells))
 
-    # sentencepiece >= 0.2.2 scores user-defined pieces unlike the release the model was trained with, which the
-    # tokenizers restore (see replit_lm_tokenizer._as_trained): its raw ids are the speed baseline only.
+    # sentencepiece >= 0.2.2 scores user-defined pieces and breaks ties unlike the release the model was trained with,
+    # which the tokenizers restore (see replit_lm_tokenizer._as_trained): its raw ids are the speed baseline only.
     slow_files = [slow.encode(content) for _, content in files]
     raw_same = sum(ids == sp.encode(content) for ids, (_, content) in zip(slow_files, files))
     fast_same = sum(ids == fast.encode(content) for ids, (_, content) in zip(slow_files, files))
@@ -160,7 +160,7 @@ def main():
     print(f"\nReplitLMTokenizer's ids == raw sentencepiece {spm.__version__}'s: {raw_same}/{len(files)} files")
     print(
         f"ReplitLMTokenizerFast's ids == ReplitLMTokenizer's: {fast_same}/{len(files)} files, "
-        f"{fast_snippets}/{len(snippets)} snippets (they may differ among equal-score segmentations, see the README)"
+        f"{fast_snippets}/{len(snippets)} snippets (they may differ among equal-score segmentations, see docs/tokenizer.md)"
     )
 
 if __name__ == "__main__":

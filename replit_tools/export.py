@@ -22,7 +22,7 @@ from . import DEMO_MODEL
 from .loading import model_source, one_line, quiet_libraries
 from .mpt_reference import mpt_config
 from replit_lm.modeling_replit_lm import ReplitLM
-from replit_lm.replit_lm_tokenizer import ReplitLMTokenizer, ReplitLMTokenizerFast, _as_trained, _read_model
+from replit_lm.replit_lm_tokenizer import ReplitLMTokenizer, ReplitLMTokenizerFast, _as_trained, _SentencePieceModel
 
 FORMATS = {"mpt": ("f32", "bf16"), "gguf": ("f32", "bf16", "q8_0", "q4_0")}
 DEFAULT_TYPE = {"mpt": "f32", "gguf": "bf16"}
@@ -185,15 +185,15 @@ def gguf_vocabulary(tokenizer: ReplitLMTokenizer, vocab_size: int):
     training, and the character map. User-defined pieces (runs of spaces, tabs, newlines) were scored -0.1 then;
     llama.cpp would score them 0, so they are written as the ordinary pieces scored -0.1 that `_as_trained` makes of
     them, with their exemption from normalisation moved into the character map."""
-    proto = _as_trained(_read_model(tokenizer.vocab_file))
-    pieces = [piece.piece.encode("utf-8") for piece in proto.pieces]
-    scores = [piece.score for piece in proto.pieces]
-    types = [int(piece.type) for piece in proto.pieces]  # SentencePiece's numbering is GGUF's TokenType
+    model = _as_trained(_SentencePieceModel.read(tokenizer.vocab_file))
+    pieces = [piece.encode("utf-8") for piece, _, _ in model.pieces]
+    scores = [score for _, score, _ in model.pieces]
+    types = [kind for _, _, kind in model.pieces]  # SentencePiece's numbering is GGUF's TokenType
     for i in range(len(pieces), vocab_size):  # embedding rows past the vocabulary: never produced
         pieces.append(f"[PAD{i}]".encode())
         scores.append(-1000.0)
         types.append(5)  # UNUSED
-    return pieces, scores, types, proto.normalizer_spec.precompiled_charsmap, proto.trainer_spec
+    return pieces, scores, types, model.normalizer_spec.precompiled_charsmap, model.trainer_spec
 
 
 def gguf_tensors(model):
