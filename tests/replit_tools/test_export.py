@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, MptConfig, MptForC
 
 from replit_lm.configuration_replit_lm import ReplitLMConfig
 from replit_lm.modeling_replit_lm import ReplitLM
-from replit_lm.replit_lm_tokenizer import ReplitLMTokenizer, _as_trained, _read_model
+from replit_lm.replit_lm_tokenizer import ReplitLMTokenizer, _as_trained, _SentencePieceModel
 from replit_tools import export as exporter
 
 PROMPTS = [
@@ -50,7 +50,7 @@ def code_snippets(count: int = SNIPPETS, seed: int = 0) -> list[str]:
 def tie_checker(spiece_model: Path, tokenizer: ReplitLMTokenizer):
     """check(ids, expected) -> "same", "tie" (another segmentation of the same text with the same score, up to
     float32 rounding: SentencePiece's choice among them follows its rounding) or "different"."""
-    scores = [piece.score for piece in _as_trained(_read_model(spiece_model)).pieces]
+    scores = [score for _, score, _ in _as_trained(_SentencePieceModel.read(spiece_model)).pieces]
 
     def check(ids, expected):
         if ids == expected:
