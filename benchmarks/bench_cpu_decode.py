@@ -283,26 +283,13 @@ def export_gguf_files(model: ReplitLM, folder: Path) -> dict[str, Path]:
 
 
 def load_llama(path: Path, n_ctx: int, threads: int, logits_all: bool = False):
-    """llama.cpp on `path`. Its extra CPU buffer types (AMX repacking) are switched off where LLAMA_NO_EXTRA_BUFTS=1:
-    on a VM that does not grant AMX's tile state its AMX kernels die with SIGILL."""
-    import llama_cpp
+    """llama.cpp on `path`; LLAMA_NO_EXTRA_BUFTS=1 switches its AMX repacking off (see export.open_gguf)."""
+    from replit_tools.export import open_gguf
 
-    defaults = llama_cpp.llama_cpp.llama_model_default_params
-    if os.environ.get("LLAMA_NO_EXTRA_BUFTS") == "1":
-
-        def without_extra_buffer_types():
-            params = defaults()
-            params.use_extra_bufts = False
-            return params
-
-        llama_cpp.llama_cpp.llama_model_default_params = without_extra_buffer_types
-    try:
-        return llama_cpp.Llama(
-            model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512,
-            logits_all=logits_all, verbose=False,
-        )  # fmt: skip
-    finally:
-        llama_cpp.llama_cpp.llama_model_default_params = defaults
+    return open_gguf(
+        path, extra_buffer_types=os.environ.get("LLAMA_NO_EXTRA_BUFTS") != "1", n_ctx=n_ctx, n_threads=threads,
+        n_threads_batch=threads, n_batch=512, logits_all=logits_all,
+    )  # fmt: skip
 
 
 def last_token_argmax(llm) -> int:

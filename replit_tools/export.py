@@ -279,6 +279,29 @@ def export_gguf(model, tokenizer, source, out: Path, qtype: str, path: Path):
     writer.close()
 
 
+def open_gguf(path: Path, extra_buffer_types: bool = True, **llama_arguments):
+    """A GGUF file in llama.cpp (llama-cpp-python's `Llama`), to check or time an export.
+
+    extra_buffer_types=False turns off llama.cpp's extra CPU buffer types (its AMX repacking of q8_0/q4_0 weights):
+    on a machine that does not grant AMX's tile state to the process, the repacked kernels die with SIGILL. It is not
+    an argument of `Llama()`, hence the patched defaults; it changes speed only."""
+    import llama_cpp
+
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+    if not extra_buffer_types:
+
+        def without_extra_buffer_types():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        llama_cpp.llama_cpp.llama_model_default_params = without_extra_buffer_types
+    try:
+        return llama_cpp.Llama(model_path=str(path), verbose=False, **llama_arguments)
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = defaults
+
+
 # ----- command line ------------------------------------------------------------------------------------------------
 
 

@@ -112,3 +112,13 @@ def run_script(script: str, *args: str, stdin: str = "") -> subprocess.Completed
         cwd=ROOT.parent,
         env=SCRIPT_ENV,
     )
+
+
+def stop_process(process: subprocess.Popen):
+    """Stop a server the test started: politely, then for sure."""
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -15,7 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from completion_helpers import DEMO, SCRIPT_ENV, hub_folder, one_torch_thread, run_script, snapshot_folder  # noqa: F401
+from completion_helpers import (  # noqa: F401
+    DEMO,
+    SCRIPT_ENV,
+    hub_folder,
+    one_torch_thread,
+    run_script,
+    snapshot_folder,
+    stop_process,
+)
 from conftest import SHARED
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, MptConfig, MptForCausalLM
@@ -31,6 +39,11 @@ PROMPTS = [
     "for i in range(10):\n\tprint(i)",
 ]
 SNIPPETS = 1000
+# The exported tokenizers (tokenizers' Unigram model in tokenizer.json, llama.cpp's) keep the first of two
+# segmentations of equal score; the ids of training are sentencepiece 0.1.99's choice, which follows its float32
+# rounding of the running score (docs/tokenizer.md), so they differ among ties only: measured 5.8% of the snippets
+# with the demo's vocabulary and 5.4% with the real one (docs/export.md).
+MAX_TIE_RATE = 0.08
 
 
 def code_snippets(count: int = SNIPPETS, seed: int = 0) -> list[str]:
@@ -137,7 +150,7 @@ def exported_tokenizer_agrees(folder: Path, spiece_model: Path):
     check = tie_checker(spiece_model, exact)
     outcomes = [check(exported.encode(text), exact.encode(text)) for text in code_snippets()]
     assert "different" not in outcomes
-    assert outcomes.count("tie") <= SNIPPETS // 100, outcomes.count("tie")
+    assert outcomes.count("tie") <= MAX_TIE_RATE * SNIPPETS, outcomes.count("tie")
     for text in PROMPTS:
         assert exported.decode(exported.encode(text)) == text
 
@@ -268,24 +281,12 @@ def llama_cpp():
 
 
 def llama(llama_cpp, path: Path, vocab_only: bool = False):
-    """The file in llama.cpp, without its extra CPU buffer types: on this machine llama.cpp's build finds AMX and
-    repacks q8_0/q4_0 weights for it, and the AMX kernels then die with SIGILL (the sandbox does not grant AMX's tile
-    state). The repacking only changes speed; `use_extra_bufts` is not a Llama() argument, hence the patch."""
-    defaults = llama_cpp.llama_cpp.llama_model_default_params
-
-    def without_extra_buffer_types():
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    llama_cpp.llama_cpp.llama_model_default_params = without_extra_buffer_types
-    try:
-        return llama_cpp.Llama(
-            model_path=str(path), n_ctx=512, n_threads=1, n_batch=512, logits_all=not vocab_only,
-            vocab_only=vocab_only, verbose=False,
-        )  # fmt: skip
-    finally:
-        llama_cpp.llama_cpp.llama_model_default_params = defaults
+    """The file in llama.cpp, without its extra CPU buffer types (their AMX kernels die with SIGILL on a machine that
+    does not grant AMX's tile state; they change speed only)."""
+    return exporter.open_gguf(
+        path, extra_buffer_types=False, n_ctx=512, n_threads=1, n_batch=512, logits_all=not vocab_only,
+        vocab_only=vocab_only,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -307,7 +308,7 @@ def gguf_ids_agree(llama_cpp, gguf_path: Path, spiece_model: Path) -> float:
     different = [text for text, outcome in zip(code_snippets(), outcomes) if outcome == "different"]
     assert not different, different[:3]
     ties = outcomes.count("tie") / len(outcomes)
-    assert ties <= 0.01, ties
+    assert ties <= MAX_TIE_RATE, ties
     return ties
 
 
@@ -403,12 +404,7 @@ def transformers_serve():
                 time.sleep(1)
         yield base_url + "/v1"
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server)
 
 
 @pytest.mark.parametrize("layout", ["demo", "hub", "mpt"])

@@ -15,7 +15,7 @@ import time
 import urllib.parse
 
 import pytest
-from completion_helpers import DEMO, SCRIPT_ENV, hub_folder, one_torch_thread  # noqa: F401
+from completion_helpers import DEMO, SCRIPT_ENV, hub_folder, one_torch_thread, stop_process  # noqa: F401
 from conftest import ROOT
 
 from replit_tools.completion import Settings
@@ -45,17 +45,8 @@ def start_server(model, *args: str, env=SCRIPT_ENV) -> tuple[subprocess.Popen, s
         assert line.startswith("Serving "), f"serve.py did not start in {STARTUP_SECONDS} s: {line!r}"
         return server, line.split(" on ")[1].strip()
     except BaseException:
-        stop_server(server)
+        stop_process(server)
         raise
-
-
-def stop_server(server: subprocess.Popen):
-    server.terminate()
-    try:
-        server.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +60,7 @@ def served(tiny):
     try:
         yield base_url, openai.OpenAI(base_url=base_url, api_key="unused", timeout=60, max_retries=0)
     finally:
-        stop_server(server)
+        stop_process(server)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +70,7 @@ def strict(tiny):
     try:
         yield base_url
     finally:
-        stop_server(server)
+        stop_process(server)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +81,7 @@ def demo_served():
     try:
         yield base_url
     finally:
-        stop_server(server)
+        stop_process(server)
 
 
 def greedy(model, prompts, max_new_tokens=24, n=1, stops=DEFAULT_STOP_SEQUENCES) -> list[str]:
