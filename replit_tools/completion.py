@@ -6,6 +6,7 @@ The server batches completions of different requests: `Completer.generate_rows` 
 that each have their own prompt, token budget, stop sequences and listener, and drops a row from the batch (a
 per-row done flag of a StoppingCriteria) as soon as it is finished or cancelled."""
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -47,8 +48,11 @@ class Settings:
         checks = (
             (self.max_new_tokens >= 1, "max new tokens must be at least 1"),
             (self.num_completions >= 1, "the number of completions must be at least 1"),
-            (self.temperature >= 0, "temperature must be 0 (greedy) or more"),
-            (0 < self.top_p <= 1, "top-p must be in (0, 1]"),
+            (
+                math.isfinite(self.temperature) and self.temperature >= 0,
+                f"temperature must be a finite number, 0 (greedy) or more, got {self.temperature}",
+            ),
+            (0 < self.top_p <= 1, f"top-p must be in (0, 1], got {self.top_p}"),
             (self.top_k >= 0, "top-k must be 0 (no top-k filtering) or more"),
             (all(self.stop_sequences), "a stop sequence cannot be empty"),
         )

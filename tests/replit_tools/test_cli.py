@@ -162,6 +162,10 @@ BAD_INPUT = {
     "unknown option value": (["--dtype", "float64", "def f():"], "float64"),
     "unknown device": (["--device", "tpu:0", "def f():"], "device"),
     "no prompt": ([], "no prompt"),
+    "infinite temperature": (["--temperature", "inf", "def f():"], "temperature must be a finite number"),
+    "top-p not a number": (["--top-p", "nan", "def f():"], "top-p"),
+    # Bytes that are not UTF-8 reach Python as lone surrogates (surrogateescape): named, not a pybind11 error.
+    "invalid UTF-8 argument": ([b"def f():\xff"], "lone surrogate"),
 }
 
 
