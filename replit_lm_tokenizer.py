@@ -563,6 +563,18 @@ class _ReplitLMTokenizerMixin:
 
     model_input_names = ["input_ids", "attention_mask"]
 
+    @classmethod
+    def _from_pretrained(cls, *args, **kwargs):
+        try:
+            return super()._from_pretrained(*args, **kwargs)
+        except ImportError as error:
+            # transformers 4.x evaluates `except import_protobuf_decode_error()` when the constructor raises, and
+            # that expression itself raises ImportError where protobuf is not installed: give back our own error
+            # (a missing or corrupt spiece.model), which the ImportError hides.
+            if isinstance(error.__context__, ValueError):
+                raise error.__context__ from None
+            raise
+
     # -- input checks: the base classes' own errors for these are mixed, late, or (negative ids) absent
 
     def __call__(self, text=None, text_pair=None, *args, return_tensors=None, **kwargs):
