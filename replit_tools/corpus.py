@@ -28,11 +28,12 @@ def read_text(path: Path) -> str:
     return path.read_text(encoding="utf-8", errors="replace")
 
 
-def definitions(path: Path, classes: bool = True) -> list[str]:
+def definitions(path: Path, classes: bool = True, docstrings: bool = True) -> list[str]:
     """Each function and method (and with `classes`, each class) of a file, nested ones too, moved to column 0: its
     text from its first decorator to its last line, with the `def` line's indentation taken off every line that
     starts with it (lines inside a multi-line string that do not are left as they are). Only those that parse once
-    moved; a file that does not parse gives none."""
+    moved; a file that does not parse gives none. Without `docstrings`: only the functions that have a docstring
+    on lines of its own, followed by more code, each without its docstring."""
     source = read_text(path)
     try:
         tree = ast.parse(source)
@@ -46,6 +47,19 @@ def definitions(path: Path, classes: bool = True) -> list[str]:
             continue
         first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
         text = lines[first - 1 : node.end_lineno]
+        if not docstrings:
+            body = node.body
+            if not (
+                isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                and len(body) > 1
+                and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)
+                and body[0].lineno > node.lineno
+                and body[1].lineno > body[0].end_lineno
+            ):
+                continue
+            text = text[: body[0].lineno - first] + text[body[0].end_lineno - first + 1 :]
         indent = text[0][: len(text[0]) - len(text[0].lstrip(" \t"))]
         moved = "".join(line[len(indent) :] if line.startswith(indent) else line for line in text)
         if not moved.endswith("\n"):
@@ -58,14 +72,14 @@ def definitions(path: Path, classes: bool = True) -> list[str]:
     return found
 
 
-def definition_documents(files: list[Path], exclude_files: list[Path] = ()) -> list[str]:
+def definition_documents(files: list[Path], exclude_files: list[Path] = (), docstrings: bool = True) -> list[str]:
     """`definitions` of `files` as training documents, in file order, without exact duplicates and without any
     definition that also occurs in `exclude_files` (the held-out files: the same function, copied between files,
     would otherwise be trained on)."""
-    seen = {text for path in exclude_files for text in definitions(path)}
+    seen = {text for path in exclude_files for text in definitions(path, docstrings=docstrings)}
     documents = []
     for path in files:
-        for text in definitions(path):
+        for text in definitions(path, docstrings=docstrings):
             if text not in seen:
                 seen.add(text)
                 documents.append(text)

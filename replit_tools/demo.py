@@ -38,7 +38,7 @@ from replit_lm.modeling_replit_lm import ReplitLM
 from replit_lm.replit_lm_tokenizer import ReplitLMTokenizer
 
 DEMO_SHAPE = dict(d_model=256, n_heads=8, n_layers=4, vocab_size=4096, max_seq_len=1024)
-STAGE2 = dict(steps=800, lr=1e-3, definitions=10, file_starts=2)
+STAGE2 = dict(steps=800, lr=1e-3, definitions=10, file_starts=2, without_docstrings=False)
 
 
 def sentences(files: list[Path], max_chars: int = RECIPE["max_sentence_length"] // 4):
@@ -174,6 +174,8 @@ def file_starts(tokenizer, stream: torch.Tensor) -> torch.Tensor:
 def stage_two_batches(tokenizer, train_files, held_out_files, train_stream, args):
     """The second stage's batch maker, with the number of definition documents and their tokens."""
     documents = definition_documents(train_files, exclude_files=held_out_files)
+    if args.stage2_without_docstrings:
+        documents += definition_documents(train_files, exclude_files=held_out_files, docstrings=False)
     defs, def_starts = encode_documents(tokenizer, documents)
     batches = StageTwoBatches(train_stream, file_starts(tokenizer, train_stream), defs, def_starts, args.batch_size,
                               args.seq_len, args.stage2_definitions, args.stage2_file_starts)  # fmt: skip
@@ -196,6 +198,15 @@ def main():
     parser.add_argument("--stage2-file-starts", type=int, default=STAGE2["file_starts"],
                         help="windows of each second-stage batch that start at a file's start (the rest: random "
                              "windows of the files)")  # fmt: skip
+    parser.add_argument("--stage2-without-docstrings", action=argparse.BooleanOptionalAction,
+                        default=STAGE2["without_docstrings"],
+                        help="add a copy without its docstring of each function that has one")  # fmt: skip
+    parser.add_argument("--save-stage1", type=Path, metavar="DIR",
+                        help="also write the model after stage 1 there (a model folder), for --from-stage1")  # fmt: skip
+    parser.add_argument("--from-stage1", type=Path, metavar="DIR",
+                        help="take the tokenizer and stage-1 model from a --save-stage1 folder of a run with the "
+                             "same seed and stage-1 options, and run stage 2 only: the same model as a whole "
+                             "run, for trying stage-2 options")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
@@ -206,17 +217,25 @@ def main():
     print(f"data: {len(train_files)} train and {len(held_out_files)} held-out files of {sysconfig.get_paths()['stdlib']}")
     work = args.out.with_name(args.out.name + ".build")
     work.mkdir(parents=True, exist_ok=True)
-    spiece = train_sentencepiece(
-        sentences(train_files), work / "spiece", DEMO_SHAPE["vocab_size"], seed=args.seed, input_sentence_size=300_000
-    )
-    tokenizer = ReplitLMTokenizer(vocab_file=str(spiece))
-    train_stream = encode_files(tokenizer, train_files)
-    print(f"tokens: {len(train_stream):,} for training")
-
-    model = ReplitLM(ReplitLMConfig(**DEMO_SHAPE))
-    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    stage1 = lambda generator: random_windows(train_stream, args.batch_size, args.seq_len, generator)  # noqa: E731
-    train(model, stage1, args.steps, args.lr, args.seed, desc="stage 1")
+    if args.from_stage1:
+        tokenizer = ReplitLMTokenizer.from_pretrained(args.from_stage1)
+        train_stream = encode_files(tokenizer, train_files)
+        model = ReplitLM.from_pretrained(args.from_stage1, dtype=torch.float32)
+        print(f"stage 1: from {args.from_stage1}")
+    else:
+        spiece = train_sentencepiece(
+            sentences(train_files), work / "spiece", DEMO_SHAPE["vocab_size"], seed=args.seed,
+            input_sentence_size=300_000,
+        )  # fmt: skip
+        tokenizer = ReplitLMTokenizer(vocab_file=str(spiece))
+        train_stream = encode_files(tokenizer, train_files)
+        print(f"tokens: {len(train_stream):,} for training")
+        model = ReplitLM(ReplitLMConfig(**DEMO_SHAPE))
+        print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+        stage1 = lambda generator: random_windows(train_stream, args.batch_size, args.seq_len, generator)  # noqa: E731
+        train(model, stage1, args.steps, args.lr, args.seed, desc="stage 1")
+        if args.save_stage1:
+            write_demo_folder(model, tokenizer, args.save_stage1)
     stats = dict(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, train_tokens=len(train_stream))
     if args.stage2_steps:
         stage2, def_count, def_tokens = stage_two_batches(tokenizer, train_files, held_out_files, train_stream, args)

@@ -52,3 +52,13 @@ def test_definition_documents_leave_out_duplicates_and_the_excluded_files(tmp_pa
     held_out.write_text("def g():\n    return 2\n")
     documents = definition_documents([first, second], exclude_files=[held_out])
     assert documents == ["def f():\n    return 1\n", "class C:\n    def f():\n        return 1\n"]
+
+
+def test_definitions_without_docstrings(tmp_path):
+    path = tmp_path / "module.py"
+    path.write_text(
+        'def f(a):\n    """Doc\n    string."""\n    return a\n\n\n'
+        'def only_doc():\n    """Nothing else."""\n\n\n'
+        'def g():\n    return 1\n'
+    )
+    assert definitions(path, docstrings=False) == ["def f(a):\n    return a\n"]
