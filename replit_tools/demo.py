@@ -38,7 +38,7 @@ from replit_lm.modeling_replit_lm import ReplitLM
 from replit_lm.replit_lm_tokenizer import ReplitLMTokenizer
 
 DEMO_SHAPE = dict(d_model=256, n_heads=8, n_layers=4, vocab_size=4096, max_seq_len=1024)
-STAGE2 = dict(steps=800, lr=1e-3, definitions=10, file_starts=2, without_docstrings=False)
+STAGE2 = dict(steps=800, lr=1e-3, definitions=10, file_starts=2, without_docstrings=True)
 
 
 def sentences(files: list[Path], max_chars: int = RECIPE["max_sentence_length"] // 4):
