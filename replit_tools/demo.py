@@ -1,10 +1,17 @@
 """Build the embedded demo model in demo/ from scratch: a few-million-parameter ReplitLM trained on this machine.
 
     python3 -m replit_tools.demo                 # tokenizer + model + evaluation (docs/demo.md: how long it takes)
-    python3 -m replit_tools.demo --steps 50      # a quick smoke run
+    python3 -m replit_tools.demo --steps 50 --stage2-steps 20     # a quick smoke run
 
 The data is the standard library of the running Python (freely licensed, present on every machine), split by file
-into train and held-out parts. The tokenizer is a SentencePiece Unigram model trained with the real model's recipe
+into train and held-out parts. Training has two stages: the first on random windows of the training files (each
+followed by <|endoftext|>); the second, shorter, mostly on windows that start where a document starts, the
+documents being every function, method and class of the training files moved to column 0 and ending in
+<|endoftext|> (corpus.definition_documents), so that a `def` line at the start of a prompt gets a four-space
+body that ends. The rest of the second stage's windows keep training on the files (random windows, and windows at
+a file's start, where imports are).
+
+The tokenizer is a SentencePiece Unigram model trained with the real model's recipe
 (replit_tools/sentencepiece_recipe.py); the model is a small ReplitLM in the exact format of replit-code-v1-3b. Everything is
 seeded (the tokenizer's sampling, the initialisation, the data order); another Python (another standard library),
 torch or sentencepiece gives another model of about the same quality.
@@ -23,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from . import CODE_FILES, DEMO_MODEL, ROOT
-from .corpus import read_text, stdlib_sources
+from .corpus import definition_documents, read_text, stdlib_sources
 from .evaluation import evaluate
 from .sentencepiece_recipe import RECIPE, train_sentencepiece
 from replit_lm.configuration_replit_lm import ReplitLMConfig
@@ -31,6 +38,7 @@ from replit_lm.modeling_replit_lm import ReplitLM
 from replit_lm.replit_lm_tokenizer import ReplitLMTokenizer
 
 DEMO_SHAPE = dict(d_model=256, n_heads=8, n_layers=4, vocab_size=4096, max_seq_len=1024)
+STAGE2 = dict(steps=800, lr=1e-3, definitions=10, file_starts=2, without_docstrings=True)
 
 
 def sentences(files: list[Path], max_chars: int = RECIPE["max_sentence_length"] // 4):
@@ -57,9 +65,44 @@ def encode_files(tokenizer, files: list[Path]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def encode_documents(tokenizer, documents: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The documents as one stream of ids, each followed by <|endoftext|>, and where each document starts in it."""
+    ids, starts = [], []
+    for text in tqdm(documents, desc="tokenizing", unit="doc", leave=False):
+        starts.append(len(ids))
+        ids.extend(tokenizer.encode(text))
+        ids.append(tokenizer.eos_token_id)
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(starts, dtype=torch.long)
+
+
 def random_windows(stream: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
     starts = torch.randint(0, len(stream) - seq_len, (batch_size,), generator=generator)
     return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])  # (batch, seq_len)
+
+
+def windows_at(stream: torch.Tensor, starts: torch.Tensor, count: int, seq_len: int, generator) -> list[torch.Tensor]:
+    """`count` windows that each begin where a randomly chosen document begins (one with a full window after it)."""
+    starts = starts[starts <= len(stream) - seq_len]
+    chosen = starts[torch.randint(0, len(starts), (count,), generator=generator)]
+    return [stream[s : s + seq_len] for s in chosen.tolist()]
+
+
+class StageTwoBatches:
+    """The second stage's batches: `definitions` of each batch's windows start at a definition document's start,
+    `file_starts` at a training file's start, and the rest are random windows of the training files."""
+
+    def __init__(self, files, file_starts, defs, def_starts, batch_size, seq_len, definitions, file_starts_count):
+        self.files, self.file_starts, self.defs, self.def_starts = files, file_starts, defs, def_starts
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.definitions, self.file_starts_count = definitions, file_starts_count
+
+    def __call__(self, generator: torch.Generator) -> torch.Tensor:
+        rows = windows_at(self.defs, self.def_starts, self.definitions, self.seq_len, generator)
+        rows += windows_at(self.files, self.file_starts, self.file_starts_count, self.seq_len, generator)
+        rest = self.batch_size - len(rows)
+        if rest > 0:
+            rows += list(random_windows(self.files, rest, self.seq_len, generator))
+        return torch.stack(rows)
 
 
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -70,8 +113,9 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(model, stream, steps, batch_size, seq_len, peak_lr, seed) -> None:
-    """A plain PyTorch loop: AdamW, bf16 autocast on the CPU, gradient clipping; progress with loss and tokens/s."""
+def train(model, batches, steps, peak_lr, seed, desc="training") -> None:
+    """A plain PyTorch loop: AdamW, bf16 autocast on the CPU, gradient clipping; progress with loss and tokens/s.
+    `batches(generator)` gives each step's (batch, seq_len) ids, drawn with a generator seeded with `seed`."""
     generator = torch.Generator().manual_seed(seed)
     decay = [p for n, p in model.named_parameters() if p.dim() == 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -81,12 +125,12 @@ def train(model, stream, steps, batch_size, seq_len, peak_lr, seed) -> None:
         betas=(0.9, 0.95),
     )
     model.train()
-    progress = tqdm(range(steps), desc="training", unit="step")
+    progress = tqdm(range(steps), desc=desc, unit="step")
     start, tokens, smoothed = time.perf_counter(), 0, None
     for step in progress:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, peak_lr, warmup=min(200, steps // 10 + 1))
-        batch = random_windows(stream, batch_size, seq_len, generator)
+        batch = batches(generator)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(batch, labels=batch).loss
         loss.backward()
@@ -121,13 +165,48 @@ def write_demo_folder(model, tokenizer, out: Path) -> None:
         (out / name).symlink_to(os.path.relpath(ROOT / name, out.resolve()))
 
 
+def file_starts(tokenizer, stream: torch.Tensor) -> torch.Tensor:
+    """Where each file starts in a stream of `encode_files`: at 0 and after each <|endoftext|>."""
+    ends = (stream == tokenizer.eos_token_id).nonzero().flatten() + 1
+    return torch.cat([torch.zeros(1, dtype=torch.long), ends[ends < len(stream)]])
+
+
+def stage_two_batches(tokenizer, train_files, held_out_files, train_stream, args):
+    """The second stage's batch maker, with the number of definition documents and their tokens."""
+    documents = definition_documents(train_files, exclude_files=held_out_files)
+    if args.stage2_without_docstrings:
+        documents += definition_documents(train_files, exclude_files=held_out_files, docstrings=False)
+    defs, def_starts = encode_documents(tokenizer, documents)
+    batches = StageTwoBatches(train_stream, file_starts(tokenizer, train_stream), defs, def_starts, args.batch_size,
+                              args.seq_len, args.stage2_definitions, args.stage2_file_starts)  # fmt: skip
+    return batches, len(documents), len(defs)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEMO_MODEL, help="folder to write (replaced)")
-    parser.add_argument("--steps", type=int, default=3000, help="optimizer steps")
+    parser.add_argument("--steps", type=int, default=3000, help="optimizer steps of the first stage (the files)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the first stage")
+    parser.add_argument("--stage2-steps", type=int, default=STAGE2["steps"],
+                        help="optimizer steps of the second stage (definitions at column 0); 0: none")  # fmt: skip
+    parser.add_argument("--stage2-lr", type=float, default=STAGE2["lr"],
+                        help="peak learning rate of the second stage")  # fmt: skip
+    parser.add_argument("--stage2-definitions", type=int, default=STAGE2["definitions"],
+                        help="windows of each second-stage batch that start at a definition's start")  # fmt: skip
+    parser.add_argument("--stage2-file-starts", type=int, default=STAGE2["file_starts"],
+                        help="windows of each second-stage batch that start at a file's start (the rest: random "
+                             "windows of the files)")  # fmt: skip
+    parser.add_argument("--stage2-without-docstrings", action=argparse.BooleanOptionalAction,
+                        default=STAGE2["without_docstrings"],
+                        help="add a copy without its docstring of each function that has one")  # fmt: skip
+    parser.add_argument("--save-stage1", type=Path, metavar="DIR",
+                        help="also write the model after stage 1 there (a model folder), for --from-stage1")  # fmt: skip
+    parser.add_argument("--from-stage1", type=Path, metavar="DIR",
+                        help="take the tokenizer and stage-1 model from a --save-stage1 folder of a run with the "
+                             "same seed and stage-1 options, and run stage 2 only: the same model as a whole "
+                             "run, for trying stage-2 options")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
@@ -138,21 +217,38 @@ def main():
     print(f"data: {len(train_files)} train and {len(held_out_files)} held-out files of {sysconfig.get_paths()['stdlib']}")
     work = args.out.with_name(args.out.name + ".build")
     work.mkdir(parents=True, exist_ok=True)
-    spiece = train_sentencepiece(
-        sentences(train_files), work / "spiece", DEMO_SHAPE["vocab_size"], seed=args.seed, input_sentence_size=300_000
-    )
-    tokenizer = ReplitLMTokenizer(vocab_file=str(spiece))
-    train_stream = encode_files(tokenizer, train_files)
-    print(f"tokens: {len(train_stream):,} for training")
-
-    model = ReplitLM(ReplitLMConfig(**DEMO_SHAPE))
-    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    train(model, train_stream, args.steps, args.batch_size, args.seq_len, args.lr, args.seed)
+    if args.from_stage1:
+        tokenizer = ReplitLMTokenizer.from_pretrained(args.from_stage1)
+        train_stream = encode_files(tokenizer, train_files)
+        model = ReplitLM.from_pretrained(args.from_stage1, dtype=torch.float32)
+        print(f"stage 1: from {args.from_stage1}")
+    else:
+        spiece = train_sentencepiece(
+            sentences(train_files), work / "spiece", DEMO_SHAPE["vocab_size"], seed=args.seed,
+            input_sentence_size=300_000,
+        )  # fmt: skip
+        tokenizer = ReplitLMTokenizer(vocab_file=str(spiece))
+        train_stream = encode_files(tokenizer, train_files)
+        print(f"tokens: {len(train_stream):,} for training")
+        model = ReplitLM(ReplitLMConfig(**DEMO_SHAPE))
+        print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+        stage1 = lambda generator: random_windows(train_stream, args.batch_size, args.seq_len, generator)  # noqa: E731
+        train(model, stage1, args.steps, args.lr, args.seed, desc="stage 1")
+        if args.save_stage1:
+            write_demo_folder(model, tokenizer, args.save_stage1)
+    stats = dict(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, train_tokens=len(train_stream))
+    if args.stage2_steps:
+        stage2, def_count, def_tokens = stage_two_batches(tokenizer, train_files, held_out_files, train_stream, args)
+        print(f"stage 2: {def_count:,} definitions at column 0, {def_tokens:,} tokens")
+        train(model, stage2, args.stage2_steps, args.stage2_lr, args.seed + 1, desc="stage 2")
+        stats.update(stage2_steps=args.stage2_steps, stage2_lr=args.stage2_lr,
+                     stage2_definitions=args.stage2_definitions, stage2_file_starts=args.stage2_file_starts,
+                     stage2_documents=def_count, stage2_tokens=def_tokens)  # fmt: skip
     write_demo_folder(model, tokenizer, args.out)
     shutil.rmtree(work)
 
     report = evaluate(args.out, held_out_files, seed=args.seed)
-    report.update(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, train_tokens=len(train_stream))
+    report.update(stats)
     (args.out / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 

@@ -4,6 +4,7 @@ parse as Python after the card's post-processing.
     python3 evaluate.py held-out                   # the demo model, on its held-out standard-library files
     python3 evaluate.py held-out --model PATH      # any model folder (the real weights too)
     python3 evaluate.py held-out --original-code   # the same measure for the code that follows each header
+    python3 evaluate.py held-out --headers-only    # 20 headers alone as prompts, greedy: what a newcomer tries first
 
 `held-out` is also what `python3 evaluate.py` runs without a command (with the same options), as it did before
 evaluate.py had commands; HumanEval is `python3 evaluate.py humaneval` (replit_tools/humaneval.py).
@@ -16,6 +17,11 @@ trailing whitespace); the result counts when `ast.parse(header + completion)` ac
 
 With --original-code the completions are instead the code that really follows each header in its file, cut at the
 same token budget and post-processed the same way: how high the measure can go at that budget.
+
+With --headers-only each prompt is the header alone, without the code before it and without its final newline, as a
+newcomer types it (`python3 generate.py "def fibonacci(n):"`), completed greedily (the first completion anyone
+sees) unless --sample is given; the report adds how many completions indent the body by four spaces and how many
+repeat a line (the two ways the demo failed such prompts). It is also part of the demo's evaluation.json.
 """
 
 import argparse
@@ -79,6 +85,38 @@ def function_prompts(files: list[Path], count: int, seed: int) -> list[FunctionP
     return random.Random(seed).sample(prompts, min(count, len(prompts)))
 
 
+def header_prompts(files: list[Path], count: int, seed: int) -> list[FunctionPrompt]:
+    """The prompts of `function_prompts` (the same functions) with the prompt cut to the header alone, without its
+    final newline: `def name(args):` as typed on a command line. The header is the prompt, so that
+    `header + completion` is what the user gets."""
+    return [
+        item._replace(prompt=item.header.rstrip("\r\n"), header=item.header.rstrip("\r\n"))
+        for item in function_prompts(files, count, seed)
+    ]
+
+
+def first_body_indent(code: str) -> str | None:
+    """The indentation of the first non-blank line after the first line of `code`, or None when there is none."""
+    for line in code.splitlines()[1:]:
+        if line.strip():
+            return line[: len(line) - len(line.lstrip())]
+    return None
+
+
+def repeats_a_line(code: str, times: int = 3) -> bool:
+    """Whether a non-blank line comes `times` times in a row (ignoring blank lines between): the loops of a small
+    model at greedy or near-greedy settings."""
+    previous, run = None, 0
+    for line in code.splitlines():
+        if not line.strip():
+            continue
+        run = run + 1 if line == previous else 1
+        previous = line
+        if run >= times:
+            return True
+    return False
+
+
 def parses(code: str) -> bool:
     try:
         ast.parse(code)
@@ -100,20 +138,43 @@ def held_out_loss(model, tokenizer, files: list[Path], seq_len: int = 256, max_w
     return sum(losses) / len(losses)
 
 
-def parse_rate(completer: Completer, prompts, max_new_tokens: int, batch_size: int, seed: int) -> dict:
-    """How often header + completion parses, for the prompts of `function_prompts`, completed as generate.py
-    completes: the card's sampling settings (Settings' defaults) and post-processing."""
-    settings = Settings(max_new_tokens=max_new_tokens)
+def complete_all(completer: Completer, prompts, max_new_tokens: int, batch_size: int, seed: int,
+                 greedy: bool = False) -> list[str]:  # fmt: skip
+    """header + completion for each prompt, completed as generate.py completes: the card's sampling settings
+    (Settings' defaults) or greedy, and the card's post-processing."""
+    settings = Settings(max_new_tokens=max_new_tokens, greedy=greedy)
     transformers.set_seed(seed)
-    parsed, examples = 0, []
+    results = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
         completions = completer.complete([item.prompt for item in batch], settings)
-        for item, completion in zip(batch, completions):
-            parsed += parses(item.header + completion.text)
-            if len(examples) < 3:
-                examples.append(item.header + completion.text)
-    return {"parse_rate": parsed / len(prompts), "prompts": len(prompts), "examples": examples}
+        results += [item.header + completion.text for item, completion in zip(batch, completions)]
+    return results
+
+
+def parse_rate(completer: Completer, prompts, max_new_tokens: int, batch_size: int, seed: int,
+               greedy: bool = False) -> dict:  # fmt: skip
+    """How often header + completion parses, for the prompts of `function_prompts`, completed as generate.py
+    completes: the card's sampling settings (Settings' defaults) and post-processing."""
+    results = complete_all(completer, prompts, max_new_tokens, batch_size, seed, greedy)
+    parsed = sum(parses(code) for code in results)
+    return {"parse_rate": parsed / len(prompts), "prompts": len(prompts), "examples": results[:3]}
+
+
+def headers_only(completer: Completer, files: list[Path], prompts: int = 20, seed: int = 0,
+                 max_new_tokens: int = 128, greedy: bool = True) -> dict:  # fmt: skip
+    """The header-alone measure (`header_prompts`): how many completions parse, indent the body by four spaces
+    (the header is at column 0), and repeat a line; with every completion, for reading."""
+    items = header_prompts(files, prompts, seed)
+    results = complete_all(completer, items, max_new_tokens, batch_size=16, seed=seed, greedy=greedy)
+    return {
+        "parsed": sum(parses(code) for code in results),
+        "four_space_bodies": sum(first_body_indent(code) == "    " for code in results),
+        "repeating": sum(repeats_a_line(code) for code in results),
+        "prompts": len(items),
+        "greedy": greedy,
+        "completions": results,
+    }
 
 
 def original_code_parse_rate(tokenizer, prompts, max_new_tokens: int) -> float:
@@ -134,21 +195,39 @@ def evaluate(model_path: Path, held_out_files: list[Path], seed: int = 0, prompt
     loss = held_out_loss(completer.model, completer.tokenizer, held_out_files)
     report = parse_rate(completer, function_prompts(held_out_files, prompts, seed), max_new_tokens=max_new_tokens,
                         batch_size=16, seed=seed)  # fmt: skip
-    return {"held_out_loss": round(loss, 4), "held_out_perplexity": round(math.exp(loss), 2), **report}
+    alone = headers_only(completer, held_out_files, seed=seed, max_new_tokens=max_new_tokens)
+    alone.pop("completions")
+    return {"held_out_loss": round(loss, 4), "held_out_perplexity": round(math.exp(loss), 2), **report,
+            "headers_only": alone}  # fmt: skip
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="evaluate.py held-out", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=DEMO_MODEL)
-    parser.add_argument("--prompts", type=int, default=100, help="function headers to complete")
+    parser.add_argument("--prompts", type=int,
+                        help="function headers to complete (default 100; 20 with --headers-only)")  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=128, help="the token budget of a completion")
     parser.add_argument("--original-code", action="store_true",
                         help="measure the code that follows each header in its file instead of the model (with the "
                              "model's tokenizer)")  # fmt: skip
+    parser.add_argument("--headers-only", action="store_true",
+                        help="each prompt the header alone (no code before it, no final newline), greedy; prints "
+                             "every completion")  # fmt: skip
+    parser.add_argument("--sample", action="store_true",
+                        help="with --headers-only: the card's sampling settings instead of greedy")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     _, held_out_files = stdlib_sources()
-    if args.original_code:
+    if args.prompts is None:
+        args.prompts = 20 if args.headers_only else 100
+    if args.headers_only:
+        completer = load_completer(args.model, device="cpu")
+        report = headers_only(completer, held_out_files, args.prompts, args.seed, args.max_new_tokens,
+                              greedy=not args.sample)  # fmt: skip
+        for number, code in enumerate(report["completions"], start=1):
+            print(f"--- {number} ({'parses' if parses(code) else 'does not parse'})\n{code}")
+        report["completions"] = len(report["completions"])
+    elif args.original_code:
         tokenizer = ReplitLMTokenizer.from_pretrained(args.model)
         prompts = function_prompts(held_out_files, args.prompts, args.seed)
         rate = original_code_parse_rate(tokenizer, prompts, args.max_new_tokens)

@@ -84,3 +84,17 @@ def test_original_code_parses_when_the_budget_holds_the_function(module_file, de
     long_body = [item for item in function_prompts([module_file], 10, 0) if item.header == "def long_body(values):\n"]
     assert original_code_parse_rate(demo_tokenizer, long_body, max_new_tokens=200) == 1
     assert original_code_parse_rate(demo_tokenizer, long_body, max_new_tokens=8) == 0  # cut inside the loop
+
+
+def test_header_prompts_are_the_headers_alone_as_typed(module_file):
+    items = evaluation.header_prompts([module_file], count=10, seed=0)
+    assert sorted(item.prompt for item in items) == ["def decorated(a):", "def long_body(values):", "def short(a, b):"]
+    assert all(item.header == item.prompt for item in items)  # header + completion is what the user gets
+
+
+def test_the_failures_the_headers_only_measure_counts():
+    assert evaluation.first_body_indent("def f(n):\n\n    return n") == "    "
+    assert evaluation.first_body_indent("def f(n):\n            return n") == " " * 12
+    assert evaluation.first_body_indent("def f(n):") is None
+    assert evaluation.repeats_a_line("import os\nimport os\n\nimport os")
+    assert not evaluation.repeats_a_line("import os\nimport sys\nimport os\nimport os")
