@@ -251,11 +251,13 @@ class Int8Linear(QuantizedLinear):
         self.register_buffer("scale", scale, persistent=False)  # (out,)
         self.register_buffer("qweight", q, persistent=False)  # (out, in); None once no chosen route reads it
         self.packed = None  # oneDNN's blocked layout of qweight, made when that route is first used
+        self.layouts = {"plain", "packed"}  # the layouts this layer may use; one once its routes are chosen
         self._scale_cache = {}  # the weight-only kernel wants the scales in the activations' dtype
         self._planned_dtypes = set()
 
     def routes(self, rows: int) -> list[str]:
-        return ["dequantize", "weight_only"] + (["onednn"] if self.onednn_available else [])
+        plain = ["dequantize", "weight_only"] if "plain" in self.layouts else []
+        return plain + (["onednn"] if self.onednn_available and "packed" in self.layouts else [])
 
     def route_function(self, route: str):
         if route == "onednn":
@@ -269,17 +271,18 @@ class Int8Linear(QuantizedLinear):
         out = _routed(self, x.contiguous())
         if x.dtype not in self._planned_dtypes:
             self._planned_dtypes.add(x.dtype)
-            self._keep_layouts_of(ROUTES.plan(self, x.dtype).values())
+            self._keep_layouts_of(ROUTES.plan(self, x.dtype))
         return out
 
-    def _keep_layouts_of(self, routes):
-        """Drop the weight layout that none of the chosen routes reads (both are made again if ever needed)."""
-        if all(route == "onednn" for route in routes):
+    def _keep_layouts_of(self, plan: dict[int, str]):
+        """Keep one weight layout, the one the decode (one-row) route reads: holding both would double the int8
+        weights. Buckets whose chosen route reads the other layout take the baseline of this one."""
+        if plan[ROW_BUCKETS[0]] == "onednn":
             self._packed()
-            self.qweight = None
-        elif "onednn" not in routes:
+            self.qweight, self.layouts = None, {"packed"}
+        else:
             self._plain()
-            self.packed = None
+            self.packed, self.layouts = None, {"plain"}
 
     def _plain(self) -> torch.Tensor:
         if self.qweight is None:
@@ -317,7 +320,8 @@ class Int8Linear(QuantizedLinear):
         return self._scale_cache[dtype]
 
     def dequantized_weight(self) -> torch.Tensor:
-        return self._plain().float() * self.scale[:, None]
+        q = self.qweight if self.qweight is not None else self.packed.to_dense().t()  # (out, in) int8
+        return q.float() * self.scale[:, None]
 
 
 class Int4Linear(QuantizedLinear):

@@ -222,9 +222,13 @@ def test_a_chosen_route_drives_the_layer(monkeypatch):
 
 
 @pytest.mark.skipif(not quantization._has_onednn_int8(), reason="needs oneDNN's int8 matmul")
-@pytest.mark.parametrize("winner", ["onednn", "weight_only"])
-def test_int8_keeps_only_the_weight_layout_its_routes_read(monkeypatch, winner):
-    timings = {"dequantize": 1.0, "weight_only": 2.0, "onednn": 2.0, winner: 0.5}
+@pytest.mark.parametrize("winner", ["onednn", "weight_only", "onednn for one row only"])
+def test_int8_keeps_only_the_weight_layout_its_decode_route_reads(monkeypatch, winner):
+    """One layout per layer, whatever the other buckets chose: both would double the int8 weights."""
+    if winner == "onednn for one row only":  # fixed cost 0, per row 0.5 s; the others win from 8 rows on
+        timings, winner = {"dequantize": (3.0, 0.01), "weight_only": (3.0, 0.01), "onednn": 0.5}, "onednn"
+    else:
+        timings = {"dequantize": 1.0, "weight_only": 2.0, "onednn": 2.0, winner: 0.5}
     monkeypatch.setattr(quantization, "ROUTES", chooser_with(FakeTimer(timings)))
     weight = gaussian(96, 64).to(torch.bfloat16)
     layer = tag_routes(monkeypatch, Int8Linear(weight))
@@ -233,6 +237,12 @@ def test_int8_keeps_only_the_weight_layout_its_routes_read(monkeypatch, winner):
     assert (layer.qweight is None, layer.packed is None) == ((True, False) if winner == "onednn" else (False, True))
     assert relative_error(out, x.float() @ weight.float().t()) < ROUTE_BOUNDS["int8 onednn"]
     assert relative_error(layer.dequantized_weight(), weight.float()) < 0.01
+    # Later calls read the kept layout: their bucket's route where it reads that layout, else its baseline.
+    chosen = quantization.ROUTES.plan(layer, x.dtype)[row_bucket(3)]
+    route = chosen if chosen in layer.routes(3) else layer.routes(3)[0]
+    assert layer.routes(3) == (["onednn"] if winner == "onednn" else ["dequantize", "weight_only"])
+    assert torch.equal(layer(x), layer.route_function(route)(x))
+    assert (layer.qweight is None, layer.packed is None) == ((True, False) if winner == "onednn" else (False, True))
 
 
 @pytest.mark.skipif(not quantization._has_onednn_int8(), reason="needs oneDNN's int8 matmul")
