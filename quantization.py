@@ -235,8 +235,9 @@ class Int8Linear(QuantizedLinear):
     Routes: "dequantize" (the weight in the activations' dtype, then F.linear: the baseline), "weight_only" (torch's
     int8 weight-only kernel) and, where torch has oneDNN's int8 matmul, "onednn": activations quantized too,
     symmetrically per row (token), x ~= xq * x_scale, xq = round(x / x_scale) in [-127, 127], x_scale = max|x| / 127,
-    so that the int32 products are exact and the error is that of rounding the weights and the activations. Each
-    layer keeps only the weight layouts its chosen routes read: the plain int8 matrix, oneDNN's blocked copy, or both.
+    so that the int32 products are exact and the error is that of rounding the weights and the activations. Once
+    its routes are chosen, a layer keeps one weight layout, the plain int8 matrix or oneDNN's blocked copy: the one
+    its decode route reads.
     """
 
     def __init__(self, weight: torch.Tensor):
