@@ -60,7 +60,8 @@ def row_bucket(rows: int) -> int:
     return next((bucket for bucket in ROW_BUCKETS if rows <= bucket), ROW_BUCKETS[-1])
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), which route choices are kept under; benchmarks print it."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
@@ -134,7 +135,7 @@ class RouteChooser:
         return Path(setting) if setting else Path.home() / ".cache" / "replit_lm" / "cpu_routes.json"
 
     def _machine(self) -> str:
-        return f"{_cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+        return f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
 
     def _load(self):
         path = self._cache_file()

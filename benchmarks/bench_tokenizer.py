@@ -25,6 +25,7 @@ import transformers
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from quantization import cpu_model  # noqa: E402
 from replit_lm_tokenizer import ReplitLMTokenizer, ReplitLMTokenizerFast  # noqa: E402
 
 
@@ -78,16 +79,6 @@ def best_time(function, repeat):
     return min(times)
 
 
-def cpu_name():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--spiece", type=Path, default=ROOT.parent / "shared" / "replit-code-v1-3b" / "spiece.model")
@@ -109,7 +100,7 @@ def main():
     slow = ReplitLMTokenizer(vocab_file=str(args.spiece))
     fast = ReplitLMTokenizerFast(vocab_file=str(args.spiece))
 
-    print(f"machine: {cpu_name()}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}")
+    print(f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}")
     print(
         f"versions: transformers {transformers.__version__}, tokenizers {tokenizers.__version__}, "
         f"sentencepiece {spm.__version__}"

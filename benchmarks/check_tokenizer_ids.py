@@ -119,13 +119,13 @@ def main():
     import transformers
 
     sys.path.insert(0, str(ROOT))
+    from quantization import cpu_model
     from replit_lm_tokenizer import ReplitLMTokenizer, ReplitLMTokenizerFast
 
     files = find_files(args.files)
     paths, texts = [path for path, _ in files], [text for _, text in files]
     size = sum(len(text.encode("utf-8")) for text in texts)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    print(f"{cpu}, {os.cpu_count()} logical CPUs; Python {platform.python_version()}")
+    print(f"{cpu_model()}, {os.cpu_count()} logical CPUs; Python {platform.python_version()}")
     print(
         f"sentencepiece {spm.__version__}, tokenizers {tokenizers.__version__}, transformers {transformers.__version__}"
     )
