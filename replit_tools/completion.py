@@ -162,7 +162,11 @@ class Row:
     generated_ids: list[int] = field(default_factory=list)
     finished: FinishedCompletion | None = None
     was_cancelled: bool = False
-    _postprocessor: StreamingPostprocessor | None = None
+    _postprocessor: StreamingPostprocessor | None = None  # what streaming lets through, for rows with on_text
+
+    def __post_init__(self):
+        if self.on_text is not None:
+            self._postprocessor = StreamingPostprocessor(self.stop_sequences, self.prompt_text)
 
     @property
     def done(self) -> bool:
@@ -194,8 +198,6 @@ class _RowSteps(StoppingCriteria):
         if row.on_text is not None or row.stop_sequences:
             text = decode(self.tokenizer, completion_ids(self.tokenizer, row.generated_ids))
             if row.on_text is not None:
-                if row._postprocessor is None:
-                    row._postprocessor = StreamingPostprocessor(row.stop_sequences, row.prompt_text)
                 piece = row._postprocessor.update(text)
                 if piece:
                     row.on_text(piece)
@@ -210,8 +212,6 @@ class _RowSteps(StoppingCriteria):
             self.tokenizer, row.generated_ids, row.stop_sequences, row.prompt_text, row.max_new_tokens
         )
         if row.on_text is not None:
-            if row._postprocessor is None:
-                row._postprocessor = StreamingPostprocessor(row.stop_sequences, row.prompt_text)
             rest = row._postprocessor.finish(row.finished.text)
             if rest:
                 row.on_text(rest)
