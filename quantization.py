@@ -10,9 +10,15 @@ version and thread count in a small JSON file (`ROUTE_CACHE_ENV`). docs/cpu.md h
 
 - `RoutedLinear` (float weights): F.linear, torch.mv for one row, or W @ x^T for a few rows.
 - `Int8Linear`: int8 weights per output channel; oneDNN's int8 matmul with activations quantized per row on the
-  fly, the int8 weight-only kernel, or the weight dequantized to the activations' dtype.
+  fly, the int8 weight-only kernel, this module's own kernel ("native", below), or the weight dequantized to the
+  activations' dtype.
 - `Int4Linear`: int4 weights in groups of `INT4_GROUP_SIZE` input channels with a scale and a zero point per
-  group; the int4 kernel, or the weight dequantized to bfloat16.
+  group; torch's int4 kernel, the native kernel, or the weight dequantized to bfloat16.
+
+The native kernels are C (`NATIVE_SOURCE`) compiled with the machine's C compiler at first use, for its own
+instruction set, and kept in ~/.cache/replit_lm/kernels: int8 dot products (AVX512-VNNI where the CPU has it) of
+the weights with activations quantized to int8 in blocks of 32, as llama.cpp's q8_0. Where no compiler is found
+or compiling fails, their routes are not offered and the others remain.
 
 `from_pretrained(path, trust_remote_code=True, weight_quantization="int8")` (or "int4") loads the checkpoint in
 bfloat16 and replaces every Linear layer, the LM head included, one layer at a time. The token embedding stays
@@ -22,11 +28,17 @@ opaque tensor): save the original checkpoint and pass `weight_quantization` agai
 
 import ctypes
 import functools
+import hashlib
 import json
+import math
 import os
 import platform
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -83,7 +95,9 @@ def _time_call(fn, x: torch.Tensor, repeats: int) -> float:
 
 
 class RouteChooser:
-    """Chooses, per layer shape, activation dtype and row bucket, the fastest route that computes a layer's product.
+    """Ranks, per layer shape, activation dtype and row bucket, the routes that compute a layer's product, fastest
+    first; a product takes the first route of its bucket's ranking that the layer offers (a layer that keeps one
+    weight layout offers only the routes that read it, and the baseline, which reads any).
 
     A layer offers `routes(rows)`: route names in order, its plain baseline first. The first time a shape is seen,
     every bucket is timed on that layer with random activations: the baseline at the bucket's rows, then each other
@@ -93,12 +107,13 @@ class RouteChooser:
     """
 
     def __init__(self):
-        self.choices: dict[str, dict[int, str]] = {}  # shape key -> bucket -> route
+        self.choices: dict[str, dict[int, list]] = {}  # shape key -> bucket -> [route, seconds], fastest first
         self.timer = _time_call  # tests replace it with fake timings
         self._loaded_from: Path | None = None
 
-    def plan(self, layer, dtype: torch.dtype) -> dict[int, str]:
-        """The route of each row bucket for `layer` with activations of `dtype`, measured on first use."""
+    def plan(self, layer, dtype: torch.dtype) -> dict[int, list]:
+        """The ranking of routes of each row bucket for `layer` with activations of `dtype`, measured on first use:
+        [route, seconds] pairs, fastest first."""
         key = f"{type(layer).__name__} {layer.out_features}x{layer.in_features} {str(dtype).removeprefix('torch.')}"
         if key not in self.choices:
             self._load()
@@ -108,25 +123,23 @@ class RouteChooser:
         return self.choices[key]
 
     @torch.no_grad()
-    def measure(self, layer, dtype: torch.dtype, bucket: int) -> str:
+    def measure(self, layer, dtype: torch.dtype, bucket: int) -> list:
         generator = torch.Generator().manual_seed(0)
         inputs = {rows: torch.randn(rows, layer.in_features, generator=generator).to(dtype) for rows in ROW_BUCKETS}
         baseline, *others = layer.routes(bucket)
         limit = self.timer(layer.route_function(baseline), inputs[bucket], TIMING_REPEATS)
-        best, best_time = baseline, limit
-        for route in others:
-            function = layer.route_function(route)
+        timed = [(limit, 0, baseline)]  # the baseline first among equal times
+        for order, route in enumerate(others, 1):
             try:
+                function = layer.route_function(route)  # prepares the weight layout the route reads, untimed
                 for rows in (r for r in ROW_BUCKETS if r < bucket and route in layer.routes(r)):
                     if self.timer(function, inputs[rows], 1) > limit:  # more rows never take less time
                         break
                 else:
-                    seconds = self.timer(function, inputs[bucket], TIMING_REPEATS)
-                    if seconds < best_time:
-                        best, best_time = route, seconds
+                    timed.append((self.timer(function, inputs[bucket], TIMING_REPEATS), order, route))
             except RuntimeError:  # not available in this torch build, or not for this shape
                 continue
-        return best
+        return [[route, seconds] for seconds, _, route in sorted(timed)]
 
     def _cache_file(self) -> Path | None:
         setting = os.environ.get(ROUTE_CACHE_ENV, "")
@@ -147,7 +160,8 @@ class RouteChooser:
         except (OSError, ValueError, AttributeError):
             return  # no file yet, or one that is not ours: measure again
         for key, plan in stored.items():
-            self.choices.setdefault(key, {int(bucket): route for bucket, route in plan.items()})
+            if all(isinstance(ranking, list) and all(len(pair) == 2 for pair in ranking) for ranking in plan.values()):
+                self.choices.setdefault(key, {int(bucket): ranking for bucket, ranking in plan.items()})
 
     def _save(self):
         path = self._cache_file()
@@ -173,10 +187,28 @@ ROUTES = RouteChooser()
 def _routed(layer, x: torch.Tensor) -> torch.Tensor:
     """layer's product with x (..., in_features) through the route chosen for its shape and x's rows."""
     x2d = x.reshape(-1, layer.in_features)
-    route = ROUTES.plan(layer, x.dtype)[row_bucket(x2d.shape[0])]
-    if route not in layer.routes(x2d.shape[0]):
-        route = layer.routes(x2d.shape[0])[0]
+    offered = layer.routes(x2d.shape[0])
+    ranking = ROUTES.plan(layer, x.dtype)[row_bucket(x2d.shape[0])]
+    route = next((route for route, _ in ranking if route in offered), offered[0])
     return layer.route_function(route)(x2d).reshape(*x.shape[:-1], layer.out_features)
+
+
+DECODE_TIE = 1.1
+"""Layouts whose fastest one-row (decode) routes are within this factor of each other count as equally fast for
+decoding; the one with the faster 64-row (prompt) route is kept."""
+
+
+def layout_to_keep(plan: dict[int, list], reads: dict[str, str], default: str) -> str:
+    """The weight layout a quantized layer keeps, from its plan: decoding speed first, then a prompt's. `reads`
+    maps a route to the layout it reads (a route not in it, the baseline, reads any)."""
+
+    def fastest(bucket: int, layout: str) -> float:
+        return min((seconds for route, seconds in plan[bucket] if reads.get(route, layout) == layout), default=math.inf)
+
+    layouts = {reads[route] for route, _ in plan[ROW_BUCKETS[0]] if route in reads} or {default}
+    decode = {layout: fastest(ROW_BUCKETS[0], layout) for layout in layouts}
+    near = [layout for layout in sorted(layouts) if decode[layout] <= DECODE_TIE * min(decode.values())]
+    return min(near, key=lambda layout: (fastest(64, layout), layout != default))
 
 
 class RoutedLinear(nn.Linear):
@@ -214,6 +246,104 @@ def _has_onednn_int8() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
 
 
+NATIVE_ENV = "REPLIT_LM_NATIVE"
+""""off" keeps the native kernels out (their routes are not offered); anything else, or unset, compiles them."""
+NATIVE_BLOCK = 32  # input channels per activation block and per int4 group in the native kernels
+NATIVE_ROWS = 16  # output channels the native layouts interleave
+
+
+@functools.cache
+def native_kernels() -> ctypes.CDLL | None:
+    """The native kernels, compiled from NATIVE_SOURCE at first use with the C compiler ($CC, else cc or gcc) for
+    this CPU (-march=native) and kept under ~/.cache/replit_lm/kernels, one file per source, compiler and CPU
+    (about a second the first time, nothing later). None, with a warning, where there is no compiler or it fails;
+    None without one where REPLIT_LM_NATIVE=off."""
+    if os.environ.get(NATIVE_ENV) == "off":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler or not shutil.which(compiler):
+        warnings.warn(f"no C compiler found ({compiler or 'cc'}): the native int8/int4 kernels are not used")
+        return None
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+        key = hashlib.sha256("\n".join([NATIVE_SOURCE, compiler, version, _cpu_flags()]).encode()).hexdigest()[:16]
+        for directory in (Path.home() / ".cache" / "replit_lm" / "kernels", Path(tempfile.gettempdir())):
+            library = directory / f"replit_lm_kernels_{key}.so"
+            if library.exists() or _compile_native(compiler, directory, library):
+                return _bind_native(ctypes.CDLL(str(library)))
+    except (OSError, subprocess.SubprocessError) as error:
+        warnings.warn(f"the native int8/int4 kernels could not be built ({error}): they are not used")
+        return None
+    warnings.warn(f"{compiler} could not compile the native int8/int4 kernels: they are not used")
+    return None
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((line for line in cpuinfo if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.processor()
+
+
+def _compile_native(compiler: str, directory: Path, library: Path) -> bool:
+    """Compile into `library` through a temporary file, so that a concurrent or interrupted build never leaves a
+    half-written library under the final name. OpenMP where the compiler has it (the library then shares torch's
+    already loaded libgomp), else one thread."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        source = directory / f"{library.stem}.{os.getpid()}.c"
+        source.write_text(NATIVE_SOURCE)
+    except OSError:
+        return False
+    temporary = library.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        for openmp in (["-fopenmp"], []):
+            command = [compiler, "-O3", "-march=native", "-shared", "-fPIC", *openmp, str(source), "-o", str(temporary)]
+            if subprocess.run(command, capture_output=True, timeout=300).returncode == 0:
+                temporary.replace(library)
+                return True
+        return False
+    finally:
+        source.unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
+
+
+def _bind_native(library: ctypes.CDLL) -> ctypes.CDLL:
+    pointer, size, integer = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    signatures = {
+        "quantize_activations": [pointer, size, size, pointer, pointer, pointer, pointer],
+        "int8_matmul": [pointer, pointer, size, size, pointer, pointer, pointer, size, pointer, integer],
+        "int4_matmul": [pointer, pointer, pointer, size, size, pointer, pointer, pointer, pointer, size, pointer, integer],
+    }  # fmt: skip
+    for name, arguments in signatures.items():
+        function = getattr(library, name)
+        function.argtypes, function.restype = arguments, None
+    return library
+
+
+def _quantized_activations(x: torch.Tensor):
+    """x (rows, k) quantized for the native kernels: int8 values, and per block of NATIVE_BLOCK input channels
+    of each row the scale, the sum of the int8 values and the sum of x."""
+    x = x.to(torch.float32).contiguous()
+    rows, k = x.shape
+    xq = torch.empty(rows, k, dtype=torch.int8)
+    scales, sums = torch.empty(2, rows * k // NATIVE_BLOCK).unbind()
+    q_sums = torch.empty(rows * k // NATIVE_BLOCK, dtype=torch.int32)
+    native_kernels().quantize_activations(x.data_ptr(), rows, k, xq.data_ptr(), scales.data_ptr(),
+                                          q_sums.data_ptr(), sums.data_ptr())  # fmt: skip
+    return xq, scales, q_sums, sums
+
+
+def _without_padding(out: torch.Tensor, out_features: int) -> torch.Tensor:
+    """out (rows, padded out) cut to (rows, out_features), contiguous (SDPA's fused kernel needs unit stride)."""
+    return out if out.shape[1] == out_features else out[:, :out_features].contiguous()
+
+
+def _padded_rows(n: int) -> int:
+    return -(-n // NATIVE_ROWS) * NATIVE_ROWS
+
+
 class QuantizedLinear(nn.Module):
     """Base of the quantized replacements of nn.Linear (no bias: ReplitLM has none)."""
 
@@ -221,9 +351,20 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
+        self._planned_dtypes = set()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _routed(self, x.contiguous())
+        if x.dtype not in self._planned_dtypes:  # the routes are chosen: keep the one layout they need
+            self._planned_dtypes.add(x.dtype)
+            self._keep_layouts_of(ROUTES.plan(self, x.dtype))
+        return out
+
+    def _keep_layouts_of(self, plan: dict[int, list]):
+        raise NotImplementedError
 
     def dequantized_weight(self) -> torch.Tensor:
         """The weight as the kernel sees it, (out_features, in_features) float32: for tests and error analysis."""
@@ -234,16 +375,19 @@ class Int8Linear(QuantizedLinear):
     """int8 weights with one float32 scale per output channel: weight ~= q * scale[:, None].
 
     Routes: "dequantize" (the weight in the activations' dtype, then F.linear: the baseline), "weight_only" (torch's
-    int8 weight-only kernel) and, where torch has oneDNN's int8 matmul, "onednn": activations quantized too,
-    symmetrically per row (token), x ~= xq * x_scale, xq = round(x / x_scale) in [-127, 127], x_scale = max|x| / 127,
-    so that the int32 products are exact and the error is that of rounding the weights and the activations. Once
-    its routes are chosen, a layer keeps one weight layout, the plain int8 matrix or oneDNN's blocked copy: the one
-    its decode route reads.
+    int8 weight-only kernel), where torch has oneDNN's int8 matmul "onednn", and where the native kernels were
+    built "native". The last two quantize the activations too, so that the int32 products are exact and the error
+    is that of rounding the weights and the activations: oneDNN symmetrically per row (token),
+    x ~= xq * x_scale, xq = round(x / x_scale) in [-127, 127], x_scale = max|x| / 127; the native kernel the same
+    per block of 32 input channels. Each route reads one weight layout: the plain int8 matrix, oneDNN's blocked
+    copy, or the native kernel's interleaved one; once its routes are chosen, a layer keeps only the layout its
+    decode route reads.
     """
 
     def __init__(self, weight: torch.Tensor):
         super().__init__(weight.shape[1], weight.shape[0])
         self.onednn_available = _has_onednn_int8()
+        self.native_available = self.in_features % NATIVE_BLOCK == 0 and native_kernels() is not None
         scale = torch.empty(self.out_features)
         q = torch.empty(self.out_features, self.in_features, dtype=torch.int8)
         for rows in _row_chunks(self.out_features):
@@ -253,51 +397,84 @@ class Int8Linear(QuantizedLinear):
         self.register_buffer("scale", scale, persistent=False)  # (out,)
         self.register_buffer("qweight", q, persistent=False)  # (out, in); None once no chosen route reads it
         self.packed = None  # oneDNN's blocked layout of qweight, made when that route is first used
-        self.layouts = {"plain", "packed"}  # the layouts this layer may use; one once its routes are chosen
+        self.native = None  # the native kernel's layout, made when that route is first used
+        self.layouts = {"plain", "packed", "native"}  # the layouts this layer may use; one once routes are chosen
         self._scale_cache = {}  # the weight-only kernel wants the scales in the activations' dtype
-        self._planned_dtypes = set()
 
     def routes(self, rows: int) -> list[str]:
-        plain = ["dequantize", "weight_only"] if "plain" in self.layouts else []
-        return plain + (["onednn"] if self.onednn_available and "packed" in self.layouts else [])
+        routes = ["dequantize"] + (["weight_only"] if "plain" in self.layouts else [])  # the baseline reads any
+        routes += ["onednn"] if self.onednn_available and "packed" in self.layouts else []
+        return routes + (["native"] if self.native_available and "native" in self.layouts else [])
 
     def route_function(self, route: str):
+        """The product through `route`, with the weight layout it reads made first (so that timing leaves it out)."""
         if route == "onednn":
-            return self._onednn_in_chunks
-        if route == "weight_only":
-            return lambda x: torch.ops.aten._weight_int8pack_mm(x, self._plain(), self._scales_as(x.dtype))
-        # The per-channel scale commutes with the product.
-        return lambda x: F.linear(x, self._plain().to(x.dtype)) * self._scales_as(x.dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = _routed(self, x.contiguous())
-        if x.dtype not in self._planned_dtypes:
-            self._planned_dtypes.add(x.dtype)
-            self._keep_layouts_of(ROUTES.plan(self, x.dtype))
-        return out
-
-    def _keep_layouts_of(self, plan: dict[int, str]):
-        """Keep one weight layout, the one the decode (one-row) route reads: holding both would double the int8
-        weights. Buckets whose chosen route reads the other layout take the baseline of this one."""
-        if plan[ROW_BUCKETS[0]] == "onednn":
             self._packed()
-            self.qweight, self.layouts = None, {"packed"}
-        else:
-            self._plain()
-            self.packed, self.layouts = None, {"plain"}
+            return self._onednn_in_chunks
+        if route == "native":
+            self._native()
+            return self._native_product
+        if route == "weight_only":
+            plain = self._plain()
+            return lambda x: torch.ops.aten._weight_int8pack_mm(x, plain, self._scales_as(x.dtype))
+        # The per-channel scale commutes with the product.
+        return lambda x: F.linear(x, self._int8_matrix().to(x.dtype)) * self._scales_as(x.dtype)
+
+    def _keep_layouts_of(self, plan: dict[int, list]):
+        """Keep one weight layout (see layout_to_keep): holding two would double the int8 weights. Buckets whose
+        fastest route reads another layout take the fastest that reads this one."""
+        kept = layout_to_keep(plan, {"weight_only": "plain", "onednn": "packed", "native": "native"}, "plain")
+        getattr(self, f"_{kept}")()
+        self.qweight = self.qweight if kept == "plain" else None
+        self.packed = self.packed if kept == "packed" else None
+        self.native = self.native if kept == "native" else None
+        self.layouts = {kept}
+
+    def _int8_matrix(self) -> torch.Tensor:
+        """The int8 weights (out, in) from whichever layout is held."""
+        if self.qweight is not None:
+            return self.qweight
+        if self.packed is not None:
+            return self.packed.to_dense().t().contiguous()
+        n, k = self.native.shape[0] * NATIVE_ROWS, self.in_features
+        offset = self.native.permute(0, 2, 1, 3).reshape(n, k)[: self.out_features]
+        return (offset ^ 128).view(torch.int8)  # q + 128 and back are the sign bit flipped
 
     def _plain(self) -> torch.Tensor:
         if self.qweight is None:
-            self.qweight = self.packed.to_dense().t().contiguous()
+            self.qweight = self._int8_matrix()
         return self.qweight
 
     def _packed(self) -> torch.Tensor:
         if self.packed is None:
             # Reordered into oneDNN's blocked layout once (an opaque MKLDNN tensor); the hint is the decode shape.
-            self.packed = torch.ops.onednn.qlinear_prepack(self.qweight, [1, self.in_features])
+            self.packed = torch.ops.onednn.qlinear_prepack(self._int8_matrix(), [1, self.in_features])
             self._zero_points = torch.zeros(self.out_features, dtype=torch.int64)
             self._one, self._zero = torch.tensor(1.0), torch.tensor(0)
         return self.packed
+
+    def _native(self) -> torch.Tensor:
+        """(padded out / 16, in / 4, 16, 4) uint8 holding q + 128: the unsigned operand of the kernel's int8 dot
+        products, 4 input channels of 16 output channels in 64 bytes; zero rows pad the output channels."""
+        if self.native is None:
+            n, k = _padded_rows(self.out_features), self.in_features
+            offset = self._int8_matrix().view(torch.uint8) ^ 128  # q + 128
+            if n > self.out_features:
+                offset = F.pad(offset, (0, 0, 0, n - self.out_features), value=128)
+            self.native = offset.view(n // NATIVE_ROWS, NATIVE_ROWS, k // 4, 4).permute(0, 2, 1, 3).contiguous()
+            self._native_scale = F.pad(self.scale, (0, n - self.out_features))
+        return self.native
+
+    def _native_product(self, x: torch.Tensor) -> torch.Tensor:
+        native = self.native
+        xq, scales, q_sums, _ = _quantized_activations(x)
+        n = native.shape[0] * NATIVE_ROWS
+        out = torch.empty(x.shape[0], n)
+        native_kernels().int8_matmul(
+            native.data_ptr(), self._native_scale.data_ptr(), n, self.in_features, xq.data_ptr(),
+            scales.data_ptr(), q_sums.data_ptr(), x.shape[0], out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return _without_padding(out, self.out_features).to(x.dtype)
 
     def _onednn_in_chunks(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= ONEDNN_INT8_CHUNK_ROWS:
@@ -322,28 +499,31 @@ class Int8Linear(QuantizedLinear):
         return self._scale_cache[dtype]
 
     def dequantized_weight(self) -> torch.Tensor:
-        q = self.qweight if self.qweight is not None else self.packed.to_dense().t()  # (out, in) int8
-        return q.float() * self.scale[:, None]
+        return self._int8_matrix().float() * self.scale[:, None]
 
 
 class Int4Linear(QuantizedLinear):
     """int4 weights in groups of `group_size` input channels, asymmetric: in each group,
     weight ~= (q - 8) * scale + zero with q in [0, 15], where [zero - 8 * scale, zero + 7 * scale] spans the group's
-    range. scales_and_zeros: (in / group_size, padded out, 2) bfloat16, the kernel's layout; the kernel works in
-    blocks of 16 output channels, so the weight gets zero rows up to a multiple of 16 (a small vocabulary's LM head).
+    range, scale and zero in bfloat16. The output channels are padded with zero rows to a multiple of 16 (the
+    kernels' blocks; a small vocabulary's LM head).
 
-    Routes: "dequantize" (the weight unpacked to bfloat16, then F.linear: the baseline, where this torch's packed
-    layout is one `_unpack_int4` knows) and "kernel" (torch's int4 kernel, which dequantizes as it multiplies).
-    Both compute in bfloat16.
+    Two weight layouts: the native kernel's (`native`, `native_scales`), made when the layer is, and torch's int4
+    kernel's (`packed`, `scales_and_zeros`), made from it when that route is first used. Routes: "dequantize" (the
+    weight unpacked to bfloat16, then F.linear: the baseline), "kernel" (torch's int4 kernel, which dequantizes as
+    it multiplies, in bfloat16) and, for groups of 32 where the native kernels were built, "native" (activations
+    quantized to int8 in blocks of 32, int8 dot products). Once its routes are chosen, a layer keeps only the
+    layout its decode route reads.
     """
 
     def __init__(self, weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE):
         out_features, in_features = weight.shape
         super().__init__(in_features, out_features)
         self.group_size = int4_group_size(in_features, group_size)
-        self.padded_out = -(-out_features // 16) * 16
+        self.padded_out = _padded_rows(out_features)
+        self.native_available = self.group_size == NATIVE_BLOCK and native_kernels() is not None
         groups = in_features // self.group_size
-        packed, scales_and_zeros = [], []
+        native, native_scales = [], []
         for rows in _row_chunks(self.padded_out):
             w = weight[rows].detach().to(torch.float32, copy=True)  # (chunk, in), modified in place below
             w = F.pad(w, (0, 0, 0, rows.stop - rows.start - w.shape[0]))  # zero rows past out_features
@@ -354,42 +534,94 @@ class Int4Linear(QuantizedLinear):
             zero = (low + 8 * scale.float()).to(torch.bfloat16)
             start = zero.float() - 8 * scale.float()  # the value of q = 0
             q = w.sub_(start[..., None]).div_(scale.float()[..., None]).round_().clamp_(0, 15)
-            q = q.to(torch.int32).view(-1, in_features)
-            packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, INT4_INNER_K_TILES))
-            scales_and_zeros.append(torch.stack([scale, zero], dim=2))  # (chunk, groups, 2)
-        self.register_buffer("packed", torch.cat(packed), persistent=False)  # (padded out, in / 2) uint8
-        scales_and_zeros = torch.cat(scales_and_zeros).transpose(0, 1).contiguous()  # (groups, padded out, 2)
-        self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)
+            native.append(_int4_to_native(q.to(torch.uint8).view(-1, in_features)))
+            scales = torch.stack([scale, zero]).view(2, -1, NATIVE_ROWS, groups).transpose(2, 3)
+            native_scales.append(scales)  # (2, chunk / 16, groups, 16)
+        self.register_buffer("native", torch.cat(native), persistent=False)  # (padded out / 16, in / 8, 16, 4)
+        self.register_buffer("native_scales", torch.cat(native_scales, dim=1).contiguous(), persistent=False)
+        self.packed = self.scales_and_zeros = None  # torch's layout, made when its kernel is first used
+        self.layouts = {"native", "packed"}
         self.can_unpack = _int4_layout() is not None
 
     def routes(self, rows: int) -> list[str]:
-        return ["dequantize", "kernel"] if self.can_unpack else ["kernel"]
+        if "native" not in self.layouts:
+            return ["dequantize", "kernel"] if self.can_unpack else ["kernel"]
+        kernel = ["kernel"] if "packed" in self.layouts else []
+        return ["dequantize"] + kernel + (["native"] if self.native_available else [])
 
     def route_function(self, route: str):
+        if route == "native":
+            return self._native_product
         if route == "kernel":
-            product = lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(  # noqa: E731
-                x, self.packed, self.group_size, self.scales_and_zeros
-            )
+            packed = self._packed()  # made first, so that timing leaves it out
+            product = lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, *packed)  # noqa: E731
         else:
             product = lambda x: F.linear(x, self._dequantize(torch.bfloat16))  # noqa: E731
         # Both are vectorised for bfloat16 only; padding rows of the weight are cut off the output.
-        return lambda x: product(x.to(torch.bfloat16))[:, : self.out_features].to(x.dtype)
+        return lambda x: _without_padding(product(x.to(torch.bfloat16)), self.out_features).to(x.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _routed(self, x.contiguous())
+    def _keep_layouts_of(self, plan: dict[int, list]):
+        """Keep one weight layout (see layout_to_keep); the baseline reads either."""
+        if layout_to_keep(plan, {"kernel": "packed", "native": "native"}, "native") == "packed":
+            self._packed()
+            self.native = self.native_scales = None
+            self.layouts = {"packed"}
+        else:
+            self.packed = self.scales_and_zeros = None
+            self.layouts = {"native"}
+
+    def _packed(self) -> tuple:
+        """torch's int4 layout: the arguments of `_weight_int4pack_mm_for_cpu` after the activations."""
+        if self.packed is None:
+            q = [_native_to_int4(self.native[rows.start // NATIVE_ROWS : rows.stop // NATIVE_ROWS])
+                 for rows in _row_chunks(self.padded_out)]  # fmt: skip
+            packing = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+            self.packed = torch.cat([packing(chunk.to(torch.int32), INT4_INNER_K_TILES) for chunk in q])
+            scale, zero = self.native_scales.transpose(2, 3).reshape(2, self.padded_out, -1)  # 2 x (padded out, groups)
+            self.scales_and_zeros = torch.stack([scale, zero], dim=2).transpose(0, 1).contiguous()  # (groups, out, 2)
+        return self.packed, self.group_size, self.scales_and_zeros
+
+    def _native_product(self, x: torch.Tensor) -> torch.Tensor:
+        xq, scales, q_sums, sums = _quantized_activations(x)
+        out = torch.empty(x.shape[0], self.padded_out)
+        weight_scales, zeros = self.native_scales
+        native_kernels().int4_matmul(
+            self.native.data_ptr(), weight_scales.data_ptr(), zeros.data_ptr(), self.padded_out, self.in_features,
+            xq.data_ptr(), scales.data_ptr(), q_sums.data_ptr(), sums.data_ptr(), x.shape[0], out.data_ptr(),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        return _without_padding(out, self.out_features).to(x.dtype)
 
     def _dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight in `dtype`, padding rows included. (padded out, in)"""
         n, k = self.padded_out, self.in_features
-        q = _unpack_int4(self.packed, n, k, _int4_layout()).view(n, -1, self.group_size).to(dtype)  # (n, groups, size)
-        scale, zero = self.scales_and_zeros.to(dtype).permute(2, 1, 0).unsqueeze(-1)  # 2 x (n, groups, 1)
+        if self.native is not None:
+            q = _native_to_int4(self.native)
+            scale, zero = self.native_scales.to(dtype).transpose(2, 3).reshape(2, n, -1, 1)  # 2 x (n, groups, 1)
+        else:
+            q = _unpack_int4(self.packed, n, k, _int4_layout())
+            scale, zero = self.scales_and_zeros.to(dtype).permute(2, 1, 0).unsqueeze(-1)  # 2 x (n, groups, 1)
+        q = q.view(n, -1, self.group_size).to(dtype)  # (n, groups, size)
         return q.mul_(scale).add_(zero - 8 * scale).view(n, k)
 
     def dequantized_weight(self) -> torch.Tensor:
-        # The kernel itself applied to the identity: exact whatever the packed layout.
-        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size, self.scales_and_zeros)
-        return out[:, : self.out_features].t().float()
+        return self._dequantize(torch.float32)[: self.out_features]
+
+
+def _int4_to_native(q: torch.Tensor) -> torch.Tensor:
+    """(n, k) uint8 in [0, 15], n a multiple of 16 -> (n / 16, k / 8, 16, 4) uint8: per 8 input channels of 16
+    output channels, 64 bytes whose byte 4c + j holds channel c's input j in its low nibble and input 4 + j in its
+    high one, so that masking and shifting a 64-byte load gives the kernel two vectors of 4 inputs x 16 channels."""
+    n, k = q.shape
+    pairs = q.view(n // NATIVE_ROWS, NATIVE_ROWS, k // 8, 2, 4)
+    return (pairs[:, :, :, 0] | pairs[:, :, :, 1] << 4).permute(0, 2, 1, 3).contiguous()
+
+
+def _native_to_int4(native: torch.Tensor) -> torch.Tensor:
+    """The inverse of _int4_to_native: (n / 16, k / 8, 16, 4) -> (n, k) uint8."""
+    blocks, steps = native.shape[:2]
+    by_channel = native.permute(0, 2, 1, 3)  # (n / 16, 16, k / 8, 4)
+    return torch.stack([by_channel & 15, by_channel >> 4], dim=3).reshape(blocks * NATIVE_ROWS, steps * 8)
 
 
 def _row_chunks(n: int):
@@ -505,3 +737,206 @@ def _release_file_pages(tensor: torch.Tensor, file_ranges: list[tuple[int, int]]
         return
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), 4)  # 4: MADV_DONTNEED
+
+
+NATIVE_SOURCE = r"""// Matrix products with int8 and int4 weights for ReplitLM on the CPU, compiled at first use (quantization.py).
+// Weights come in blocks of 16 output channels so that one 512-bit vector holds 4 input channels of each of the 16.
+// Activations are quantized to int8 in blocks of 32 input channels (a scale per block, as llama.cpp's q8_0), and
+// products are summed in int32 per block, then scaled in float32.
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#define VNNI512 1
+#endif
+
+#define BLOCK 32  // input channels per activation block (and per int4 group)
+
+// x: (rows, k) float32 -> xq int8, per (row, block): scale xs, sum of xq, sum of x.
+void quantize_activations(const float *x, int64_t rows, int64_t k, int8_t *xq, float *xs, int32_t *xqsum,
+                          float *xsum) {
+    for (int64_t i = 0; i < rows * (k / BLOCK); i++) {
+        const float *v = x + i * BLOCK;
+        float amax = 0.f, sum = 0.f;
+        for (int j = 0; j < BLOCK; j++) {
+            amax = fmaxf(amax, fabsf(v[j]));
+            sum += v[j];
+        }
+        float scale = amax / 127.f, inverse = amax > 0.f ? 127.f / amax : 0.f;
+        int32_t qsum = 0;
+        for (int j = 0; j < BLOCK; j++) {
+            int32_t q = (int32_t)lrintf(v[j] * inverse);
+            xq[i * BLOCK + j] = (int8_t)q;
+            qsum += q;
+        }
+        xs[i] = scale;
+        xqsum[i] = qsum;
+        xsum[i] = sum;
+    }
+}
+
+// int8 weights: w[n / 16][k / 4][16][4] uint8 holding weight + 128, so that the weights are the unsigned operand
+// of the int8 dot product; the 128 * sum(xq) this adds is taken off per block. y[r][o] = wscale[o] * sum_b xs[r][b]
+// * (sum_{i in b} (w[o][i] + 128) xq[r][i] - 128 xqsum[r][b]).
+// int4 weights: w[n / 16][k / 8][16][4] uint8, byte j of a channel's 4 holding q[8s + j] in its low nibble and
+// q[8s + 4 + j] in its high one; q in [0, 15], weight = (q - 8) * scale + zero, scale and zero bfloat16 per 32
+// input channels: scales[n / 16][k / 32][16]. y[r][o] = sum_g scale xs (sum q xq - 8 xqsum) + zero xsum.
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+#ifdef VNNI512
+static inline __attribute__((always_inline)) void int8_tile(const uint8_t *wb, const float *wscale, int64_t k,
+        const int8_t *xq, const float *xs, const int32_t *xqsum, int R, float *y, int64_t n) {
+    __m512 acc[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    const int64_t blocks = k / BLOCK;
+    for (int64_t b = 0; b < blocks; b++) {
+        __m512i dot[4];
+        for (int r = 0; r < R; r++) dot[r] = _mm512_setzero_si512();
+        for (int j = 0; j < BLOCK / 4; j++) {
+            __m512i w = _mm512_loadu_si512(wb + (b * (BLOCK / 4) + j) * 64);
+            for (int r = 0; r < R; r++) {
+                int32_t four;
+                memcpy(&four, xq + r * k + b * BLOCK + j * 4, 4);
+                dot[r] = _mm512_dpbusd_epi32(dot[r], w, _mm512_set1_epi32(four));
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            __m512i exact = _mm512_sub_epi32(dot[r], _mm512_set1_epi32(128 * xqsum[r * blocks + b]));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), _mm512_set1_ps(xs[r * blocks + b]), acc[r]);
+        }
+    }
+    __m512 scale = _mm512_loadu_ps(wscale);
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(y + r * n, _mm512_mul_ps(acc[r], scale));
+}
+
+static inline __m512 bf16x16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+static inline __attribute__((always_inline)) void int4_tile(const uint8_t *wb, const uint16_t *sb,
+        const uint16_t *zb, int64_t k, const int8_t *xq, const float *xs, const int32_t *xqsum, const float *xsum,
+        int R, float *y, int64_t n) {
+    __m512 acc[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    const int64_t groups = k / BLOCK;
+    const __m512i low = _mm512_set1_epi8(15);
+    for (int64_t g = 0; g < groups; g++) {
+        __m512i dot[4];
+        for (int r = 0; r < R; r++) dot[r] = _mm512_setzero_si512();
+        for (int s = 0; s < BLOCK / 8; s++) {
+            __m512i packed = _mm512_loadu_si512(wb + (g * (BLOCK / 8) + s) * 64);
+            __m512i w0 = _mm512_and_si512(packed, low);
+            __m512i w1 = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
+            for (int r = 0; r < R; r++) {
+                int32_t four0, four1;
+                memcpy(&four0, xq + r * k + g * BLOCK + s * 8, 4);
+                memcpy(&four1, xq + r * k + g * BLOCK + s * 8 + 4, 4);
+                dot[r] = _mm512_dpbusd_epi32(dot[r], w0, _mm512_set1_epi32(four0));
+                dot[r] = _mm512_dpbusd_epi32(dot[r], w1, _mm512_set1_epi32(four1));
+            }
+        }
+        __m512 scale = bf16x16(sb + g * 16), zero = bf16x16(zb + g * 16);
+        for (int r = 0; r < R; r++) {
+            __m512i centred = _mm512_sub_epi32(dot[r], _mm512_set1_epi32(8 * xqsum[r * groups + g]));
+            __m512 part = _mm512_mul_ps(_mm512_cvtepi32_ps(centred), _mm512_set1_ps(xs[r * groups + g]));
+            acc[r] = _mm512_fmadd_ps(part, scale, acc[r]);
+            acc[r] = _mm512_fmadd_ps(zero, _mm512_set1_ps(xsum[r * groups + g]), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(y + r * n, acc[r]);
+}
+#else
+static void int8_tile(const uint8_t *wb, const float *wscale, int64_t k, const int8_t *xq, const float *xs,
+                      const int32_t *xqsum, int R, float *y, int64_t n) {
+    const int64_t blocks = k / BLOCK;
+    for (int r = 0; r < R; r++) {
+        for (int c = 0; c < 16; c++) {
+            float acc = 0.f;
+            for (int64_t b = 0; b < blocks; b++) {
+                int32_t dot = 0;
+                for (int i = 0; i < BLOCK; i++) {
+                    int64_t kk = b * BLOCK + i;
+                    dot += (int32_t)wb[(kk / 4) * 64 + c * 4 + kk % 4] * xq[r * k + kk];
+                }
+                acc += (float)(dot - 128 * xqsum[r * blocks + b]) * xs[r * blocks + b];
+            }
+            y[r * n + c] = acc * wscale[c];
+        }
+    }
+}
+
+static void int4_tile(const uint8_t *wb, const uint16_t *sb, const uint16_t *zb, int64_t k, const int8_t *xq,
+                      const float *xs, const int32_t *xqsum, const float *xsum, int R, float *y, int64_t n) {
+    const int64_t groups = k / BLOCK;
+    for (int r = 0; r < R; r++) {
+        for (int c = 0; c < 16; c++) {
+            float acc = 0.f;
+            for (int64_t g = 0; g < groups; g++) {
+                int32_t dot = 0;
+                for (int i = 0; i < BLOCK; i++) {
+                    int64_t kk = g * BLOCK + i, s = kk / 8, j = kk % 8;
+                    uint8_t byte = wb[s * 64 + c * 4 + j % 4];
+                    dot += (j < 4 ? byte & 15 : byte >> 4) * xq[r * k + kk];
+                }
+                float part = (float)(dot - 8 * xqsum[r * groups + g]) * xs[r * groups + g];
+                acc += part * bf16_to_float(sb[g * 16 + c]) + bf16_to_float(zb[g * 16 + c]) * xsum[r * groups + g];
+            }
+            y[r * n + c] = acc;
+        }
+    }
+}
+#endif
+
+#define TILE 4
+
+void int8_matmul(const uint8_t *w, const float *wscale, int64_t n, int64_t k, const int8_t *xq, const float *xs,
+                 const int32_t *xqsum, int64_t rows, float *y, int threads) {
+    const int64_t blocks = k / BLOCK;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t ob = 0; ob < n / 16; ob++) {
+        const uint8_t *wb = w + ob * 16 * k;
+        for (int64_t r0 = 0; r0 < rows; r0 += TILE) {
+            const int8_t *xr = xq + r0 * k;
+            const float *sr = xs + r0 * blocks;
+            const int32_t *qr = xqsum + r0 * blocks;
+            float *yr = y + r0 * n + ob * 16;
+            switch (rows - r0 < TILE ? rows - r0 : TILE) {
+                case 1: int8_tile(wb, wscale + ob * 16, k, xr, sr, qr, 1, yr, n); break;
+                case 2: int8_tile(wb, wscale + ob * 16, k, xr, sr, qr, 2, yr, n); break;
+                case 3: int8_tile(wb, wscale + ob * 16, k, xr, sr, qr, 3, yr, n); break;
+                default: int8_tile(wb, wscale + ob * 16, k, xr, sr, qr, 4, yr, n); break;
+            }
+        }
+    }
+}
+
+void int4_matmul(const uint8_t *w, const uint16_t *scales, const uint16_t *zeros, int64_t n, int64_t k,
+                 const int8_t *xq, const float *xs, const int32_t *xqsum, const float *xsum, int64_t rows, float *y,
+                 int threads) {
+    const int64_t groups = k / BLOCK;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t ob = 0; ob < n / 16; ob++) {
+        const uint8_t *wb = w + ob * 8 * k;
+        const uint16_t *sb = scales + ob * 16 * groups, *zb = zeros + ob * 16 * groups;
+        for (int64_t r0 = 0; r0 < rows; r0 += TILE) {
+            const int8_t *xr = xq + r0 * k;
+            const float *sr = xs + r0 * groups, *ur = xsum + r0 * groups;
+            const int32_t *qr = xqsum + r0 * groups;
+            float *yr = y + r0 * n + ob * 16;
+            switch (rows - r0 < TILE ? rows - r0 : TILE) {
+                case 1: int4_tile(wb, sb, zb, k, xr, sr, qr, ur, 1, yr, n); break;
+                case 2: int4_tile(wb, sb, zb, k, xr, sr, qr, ur, 2, yr, n); break;
+                case 3: int4_tile(wb, sb, zb, k, xr, sr, qr, ur, 3, yr, n); break;
+                default: int4_tile(wb, sb, zb, k, xr, sr, qr, ur, 4, yr, n); break;
+            }
+        }
+    }
+}
+"""

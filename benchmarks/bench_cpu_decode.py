@@ -217,7 +217,7 @@ def print_routes():
     print("\n| layer | " + " | ".join(f"{bucket} rows" for bucket in ROW_BUCKETS) + " |")
     print("|---|" + "---|" * len(ROW_BUCKETS))
     for key, plan in sorted(ROUTES.choices.items()):
-        print(f"| {key} | " + " | ".join(plan[bucket] for bucket in ROW_BUCKETS) + " |")
+        print(f"| {key} | " + " | ".join(plan[bucket][0] for bucket in ROW_BUCKETS) + " |")
 
 
 def logits_of(model, windows: torch.Tensor, batch: int = 8) -> torch.Tensor:
