@@ -286,7 +286,10 @@ def _cpu_flags() -> str:
         return platform.processor()
 
 
-def _compile_native(compiler: str, directory: Path, library: Path) -> bool:
+NATIVE_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
+
+
+def _compile_native(compiler: str, directory: Path, library: Path, flags=NATIVE_FLAGS) -> bool:
     """Compile into `library` through a temporary file, so that a concurrent or interrupted build never leaves a
     half-written library under the final name. OpenMP where the compiler has it (the library then shares torch's
     already loaded libgomp), else one thread."""
@@ -299,7 +302,7 @@ def _compile_native(compiler: str, directory: Path, library: Path) -> bool:
     temporary = library.with_suffix(f".{os.getpid()}.tmp")
     try:
         for openmp in (["-fopenmp"], []):
-            command = [compiler, "-O3", "-march=native", "-shared", "-fPIC", *openmp, str(source), "-o", str(temporary)]
+            command = [compiler, *flags, *openmp, str(source), "-o", str(temporary)]
             if subprocess.run(command, capture_output=True, timeout=300).returncode == 0:
                 temporary.replace(library)
                 return True
@@ -315,6 +318,8 @@ def _bind_native(library: ctypes.CDLL) -> ctypes.CDLL:
         "quantize_activations": [pointer, size, size, pointer, pointer, pointer, pointer],
         "int8_matmul": [pointer, pointer, size, size, pointer, pointer, pointer, size, pointer, integer],
         "int4_matmul": [pointer, pointer, pointer, size, size, pointer, pointer, pointer, pointer, size, pointer, integer],
+        "int8_dequantize": [pointer, pointer, size, size, pointer, integer],
+        "int4_dequantize": [pointer, pointer, pointer, size, size, pointer, integer],
     }  # fmt: skip
     for name, arguments in signatures.items():
         function = getattr(library, name)
@@ -417,8 +422,7 @@ class Int8Linear(QuantizedLinear):
         if route == "weight_only":
             plain = self._plain()
             return lambda x: torch.ops.aten._weight_int8pack_mm(x, plain, self._scales_as(x.dtype))
-        # The per-channel scale commutes with the product.
-        return lambda x: F.linear(x, self._int8_matrix().to(x.dtype)) * self._scales_as(x.dtype)
+        return self._dequantized_product
 
     def _keep_layouts_of(self, plan: dict[int, list]):
         """Keep one weight layout (see layout_to_keep): holding two would double the int8 weights. Buckets whose
@@ -464,6 +468,15 @@ class Int8Linear(QuantizedLinear):
             self.native = offset.view(n // NATIVE_ROWS, NATIVE_ROWS, k // 4, 4).permute(0, 2, 1, 3).contiguous()
             self._native_scale = F.pad(self.scale, (0, n - self.out_features))
         return self.native
+
+    def _dequantized_product(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and self.native is not None and native_kernels() is not None:
+            weight = torch.empty(self.native.shape[0] * NATIVE_ROWS, self.in_features, dtype=torch.bfloat16)
+            native_kernels().int8_dequantize(self.native.data_ptr(), self._native_scale.data_ptr(), weight.shape[0],
+                                             self.in_features, weight.data_ptr(), torch.get_num_threads())  # fmt: skip
+            return _without_padding(F.linear(x, weight), self.out_features)
+        # The per-channel scale commutes with the product.
+        return F.linear(x, self._int8_matrix().to(x.dtype)) * self._scales_as(x.dtype)
 
     def _native_product(self, x: torch.Tensor) -> torch.Tensor:
         native = self.native
@@ -595,6 +608,12 @@ class Int4Linear(QuantizedLinear):
     def _dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight in `dtype`, padding rows included. (padded out, in)"""
         n, k = self.padded_out, self.in_features
+        if dtype == torch.bfloat16 and self.native is not None and self.native_available:
+            weight = torch.empty(n, k, dtype=torch.bfloat16)
+            scales, zeros = self.native_scales
+            native_kernels().int4_dequantize(self.native.data_ptr(), scales.data_ptr(), zeros.data_ptr(), n, k,
+                                             weight.data_ptr(), torch.get_num_threads())  # fmt: skip
+            return weight
         if self.native is not None:
             q = _native_to_int4(self.native)
             scale, zero = self.native_scales.to(dtype).transpose(2, 3).reshape(2, n, -1, 1)  # 2 x (n, groups, 1)
@@ -935,6 +954,93 @@ void int4_matmul(const uint8_t *w, const uint16_t *scales, const uint16_t *zeros
                 case 2: int4_tile(wb, sb, zb, k, xr, sr, qr, ur, 2, yr, n); break;
                 case 3: int4_tile(wb, sb, zb, k, xr, sr, qr, ur, 3, yr, n); break;
                 default: int4_tile(wb, sb, zb, k, xr, sr, qr, ur, 4, yr, n); break;
+            }
+        }
+    }
+}
+// The weights back in bfloat16, row-major (n, k), for a long prompt's matrix product (the float32 value rounded
+// to the nearest bfloat16, ties to even).
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    bits += 0x7FFF + ((bits >> 16) & 1);
+    return (uint16_t)(bits >> 16);
+}
+
+void int8_dequantize(const uint8_t *w, const float *wscale, int64_t n, int64_t k, uint16_t *out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t ob = 0; ob < n / 16; ob++) {
+        const uint8_t *wb = w + ob * 16 * k;
+        for (int quad = 0; quad < 4; quad++) {  // 4 channels at a time: 16 bytes of each 64, 4 inputs each
+            uint16_t *rows = out + (ob * 16 + quad * 4) * k;
+            const float *s = wscale + ob * 16 + quad * 4;
+#ifdef VNNI512
+            const __m512 scale = _mm512_set_ps(s[3], s[3], s[3], s[3], s[2], s[2], s[2], s[2],
+                                               s[1], s[1], s[1], s[1], s[0], s[0], s[0], s[0]);
+            for (int64_t k4 = 0; k4 < k / 4; k4++) {
+                __m512i q = _mm512_sub_epi32(
+                    _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wb + k4 * 64 + quad * 16))),
+                    _mm512_set1_epi32(128));
+                __m512i bits = _mm512_castps_si512(_mm512_mul_ps(_mm512_cvtepi32_ps(q), scale));
+                __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+                bits = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+                uint64_t four[4];  // channel c's 4 bfloat16 values in four[c]
+                _mm256_storeu_si256((__m256i *)four, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+                for (int c = 0; c < 4; c++) memcpy(rows + c * k + k4 * 4, &four[c], 8);
+            }
+#else
+            for (int c = 0; c < 4; c++)
+                for (int64_t k4 = 0; k4 < k / 4; k4++)
+                    for (int j = 0; j < 4; j++)
+                        rows[c * k + k4 * 4 + j] =
+                            float_to_bf16((float)((int)wb[k4 * 64 + quad * 16 + c * 4 + j] - 128) * s[c]);
+#endif
+        }
+    }
+}
+
+void int4_dequantize(const uint8_t *w, const uint16_t *scales, const uint16_t *zeros, int64_t n, int64_t k,
+                     uint16_t *out, int threads) {
+    const int64_t groups = k / BLOCK;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t ob = 0; ob < n / 16; ob++) {
+        const uint8_t *wb = w + ob * 8 * k;
+        const uint16_t *sb = scales + ob * 16 * groups, *zb = zeros + ob * 16 * groups;
+        for (int quad = 0; quad < 4; quad++) {  // 4 channels at a time: 16 bytes of each 64, 8 inputs each
+            uint16_t *rows = out + (ob * 16 + quad * 4) * k;
+            for (int64_t g = 0; g < groups; g++) {
+                float scale[4], base[4];
+                for (int c = 0; c < 4; c++) {
+                    scale[c] = bf16_to_float(sb[g * 16 + quad * 4 + c]);
+                    base[c] = bf16_to_float(zb[g * 16 + quad * 4 + c]) - 8 * scale[c];
+                }
+#ifdef VNNI512
+                const __m512 s = _mm512_set_ps(scale[3], scale[3], scale[3], scale[3], scale[2], scale[2], scale[2],
+                                               scale[2], scale[1], scale[1], scale[1], scale[1], scale[0], scale[0],
+                                               scale[0], scale[0]);
+                const __m512 b = _mm512_set_ps(base[3], base[3], base[3], base[3], base[2], base[2], base[2], base[2],
+                                               base[1], base[1], base[1], base[1], base[0], base[0], base[0], base[0]);
+                for (int64_t step = g * (BLOCK / 8); step < (g + 1) * (BLOCK / 8); step++) {
+                    __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wb + step * 64 + quad * 16)));
+                    for (int half = 0; half < 2; half++) {  // low nibbles: inputs 0-3 of the 8; high: 4-7
+                        __m512i q = _mm512_and_si512(half ? _mm512_srli_epi32(bytes, 4) : bytes, _mm512_set1_epi32(15));
+                        __m512i bits = _mm512_castps_si512(_mm512_fmadd_ps(_mm512_cvtepi32_ps(q), s, b));
+                        __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+                        bits = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+                        uint64_t four[4];  // channel c's 4 bfloat16 values in four[c]
+                        _mm256_storeu_si256((__m256i *)four, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+                        for (int c = 0; c < 4; c++) memcpy(rows + c * k + step * 8 + half * 4, &four[c], 8);
+                    }
+                }
+#else
+                for (int64_t step = g * (BLOCK / 8); step < (g + 1) * (BLOCK / 8); step++)
+                    for (int c = 0; c < 4; c++)
+                        for (int j = 0; j < 4; j++) {
+                            const uint8_t byte = wb[step * 64 + quad * 16 + c * 4 + j];
+                            rows[c * k + step * 8 + j] = float_to_bf16((float)(byte & 15) * scale[c] + base[c]);
+                            rows[c * k + step * 8 + 4 + j] = float_to_bf16((float)(byte >> 4) * scale[c] + base[c]);
+                        }
+#endif
             }
         }
     }

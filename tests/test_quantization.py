@@ -2,6 +2,7 @@
 measurement (fake timings), int8 and int4 weights, the packed int4 layout, the whole model against bfloat16, and
 loading with from_pretrained(..., weight_quantization=...)."""
 
+import ctypes
 import json
 import os
 import subprocess
@@ -129,6 +130,28 @@ def test_without_a_compiler_the_native_routes_fall_back(monkeypatch, tmp_path, s
             assert relative_error(layer(x), x.float() @ weight.float().t()) < ROUTE_BOUNDS[type(layer).__name__[:4].lower()]
     finally:
         quantization.native_kernels.cache_clear()
+
+
+@pytest.mark.skipif(quantization.native_kernels() is None, reason="no C compiler here")
+def test_the_native_kernels_without_avx512_compute_the_same(monkeypatch, tmp_path):
+    """The plain C the kernels fall back to where the CPU has no AVX512-VNNI, built here with AVX512 turned off:
+    the same products and dequantized weights as this machine's build."""
+    library = tmp_path / "plain.so"
+    compiler = os.environ.get("CC") or "cc"
+    assert quantization._compile_native(compiler, tmp_path, library, (*quantization.NATIVE_FLAGS, "-mno-avx512f"))
+    plain = quantization._bind_native(ctypes.CDLL(str(library)))
+    weight = gaussian(100, 96).to(torch.bfloat16)
+    x = torch.randn(5, 96, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(3))
+    for make in (Int8Linear, Int4Linear):
+        layer = make(weight)
+        layer.route_function("native")  # makes the native layout
+        here = {route: layer.route_function(route)(x) for route in ("native", "dequantize")}
+        for route, out in here.items():  # the dequantizing route unpacks the native layout in C here
+            assert relative_error(out, x.float() @ layer.dequantized_weight().t()) < 0.01, route
+        monkeypatch.setattr(quantization, "native_kernels", lambda: plain)
+        for route, expected in here.items():
+            torch.testing.assert_close(layer.route_function(route)(x), expected, atol=2e-2, rtol=1e-2)
+        monkeypatch.undo()
 
 
 def test_float32_and_training_keep_f_linear():
@@ -454,8 +477,15 @@ def test_int8_model_generates_like_bfloat16(mode, monkeypatch):
     assert out.shape == (4, 29)
 
 
-def test_int4_model_runs_prompt_and_decode_routes():
+@pytest.mark.parametrize("route", ["dequantize", "kernel", "native"])
+def test_int4_model_runs_prompt_and_decode_routes(monkeypatch, route):
+    """Through each route alone (routes differ in how they round the activations, which this check is not about)."""
+    if route == "native" and quantization.native_kernels() is None:
+        pytest.skip("no C compiler here")
+    timings = {"dequantize": 1.0, "kernel": 1.0, "native": 1.0, route: 0.5}
+    monkeypatch.setattr(quantization, "ROUTES", chooser_with(FakeTimer(timings)))
     _, model = quantized_pair("int4")
+    model = tag_all_routes(monkeypatch, model)
     ids = torch.randint(3, VOCAB, (4, 48), generator=torch.Generator().manual_seed(3))
     # A prompt of many rows, then single tokens (routes chosen per row bucket): the cached decode agrees with one
     # forward pass over everything.
@@ -466,6 +496,13 @@ def test_int4_model_runs_prompt_and_decode_routes():
     step2 = model(ids[:, -1:], past_key_values=cache, use_cache=True).logits
     cached = torch.cat([first.logits, step1, step2], dim=1).float()
     assert relative_error(cached, full.float()) < 0.02
+
+
+def tag_all_routes(monkeypatch, model):
+    for layer in model.modules():
+        if isinstance(layer, QuantizedLinear):
+            tag_routes(monkeypatch, layer)
+    return model
 
 
 # --- loading ---------------------------------------------------------------------------------------------------
