@@ -32,8 +32,8 @@ def definitions(path: Path, classes: bool = True, docstrings: bool = True) -> li
     """Each function and method (and with `classes`, each class) of a file, nested ones too, moved to column 0: its
     text from its first decorator to its last line, with the `def` line's indentation taken off every line that
     starts with it (lines inside a multi-line string that do not are left as they are). Only those that parse once
-    moved; a file that does not parse gives none. Without `docstrings`: only the functions that have a docstring
-    on lines of its own, followed by more code, each without its docstring."""
+    moved; a file that does not parse gives none. Without `docstrings`, each function that has a docstring on lines
+    of its own, followed by more code, comes without it."""
     source = read_text(path)
     try:
         tree = ast.parse(source)
@@ -47,18 +47,17 @@ def definitions(path: Path, classes: bool = True, docstrings: bool = True) -> li
             continue
         first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
         text = lines[first - 1 : node.end_lineno]
-        if not docstrings:
-            body = node.body
-            if not (
-                isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-                and len(body) > 1
-                and isinstance(body[0], ast.Expr)
-                and isinstance(body[0].value, ast.Constant)
-                and isinstance(body[0].value.value, str)
-                and body[0].lineno > node.lineno
-                and body[1].lineno > body[0].end_lineno
-            ):
-                continue
+        body = node.body
+        if (
+            not docstrings
+            and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and len(body) > 1
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+            and body[0].lineno > node.lineno
+            and body[1].lineno > body[0].end_lineno
+        ):
             text = text[: body[0].lineno - first] + text[body[0].end_lineno - first + 1 :]
         indent = text[0][: len(text[0]) - len(text[0].lstrip(" \t"))]
         moved = "".join(line[len(indent) :] if line.startswith(indent) else line for line in text)

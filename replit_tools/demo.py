@@ -38,7 +38,9 @@ from replit_lm.modeling_replit_lm import ReplitLM
 from replit_lm.replit_lm_tokenizer import ReplitLMTokenizer
 
 DEMO_SHAPE = dict(d_model=256, n_heads=8, n_layers=4, vocab_size=4096, max_seq_len=1024)
-STAGE2 = dict(steps=800, lr=1e-3, definitions=10, file_starts=2, without_docstrings=True)
+STAGE2 = dict(steps=3000, lr=1e-3, definitions=10, file_starts=2, docstrings="strip")
+DOCSTRING_MODES = {"keep": (True,), "both": (True, False), "strip": (False,)}
+"""The second stage's definition documents: as written, also without their docstrings, or only without them."""
 
 
 def sentences(files: list[Path], max_chars: int = RECIPE["max_sentence_length"] // 4):
@@ -173,9 +175,10 @@ def file_starts(tokenizer, stream: torch.Tensor) -> torch.Tensor:
 
 def stage_two_batches(tokenizer, train_files, held_out_files, train_stream, args):
     """The second stage's batch maker, with the number of definition documents and their tokens."""
-    documents = definition_documents(train_files, exclude_files=held_out_files)
-    if args.stage2_without_docstrings:
-        documents += definition_documents(train_files, exclude_files=held_out_files, docstrings=False)
+    versions = DOCSTRING_MODES[args.stage2_docstrings]
+    documents = [definition_documents(train_files, held_out_files, docstrings=keep) for keep in versions]
+    # A function without a docstring is the same document in both versions: once.
+    documents = list(dict.fromkeys(document for part in documents for document in part))
     defs, def_starts = encode_documents(tokenizer, documents)
     batches = StageTwoBatches(train_stream, file_starts(tokenizer, train_stream), defs, def_starts, args.batch_size,
                               args.seq_len, args.stage2_definitions, args.stage2_file_starts)  # fmt: skip
@@ -198,9 +201,9 @@ def main():
     parser.add_argument("--stage2-file-starts", type=int, default=STAGE2["file_starts"],
                         help="windows of each second-stage batch that start at a file's start (the rest: random "
                              "windows of the files)")  # fmt: skip
-    parser.add_argument("--stage2-without-docstrings", action=argparse.BooleanOptionalAction,
-                        default=STAGE2["without_docstrings"],
-                        help="add a copy without its docstring of each function that has one")  # fmt: skip
+    parser.add_argument("--stage2-docstrings", choices=sorted(DOCSTRING_MODES), default=STAGE2["docstrings"],
+                        help="the definitions as written (keep), also without their docstrings (both), or only "
+                             "without them (strip)")  # fmt: skip
     parser.add_argument("--save-stage1", type=Path, metavar="DIR",
                         help="also write the model after stage 1 there (a model folder), for --from-stage1")  # fmt: skip
     parser.add_argument("--from-stage1", type=Path, metavar="DIR",

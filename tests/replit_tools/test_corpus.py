@@ -61,4 +61,9 @@ def test_definitions_without_docstrings(tmp_path):
         'def only_doc():\n    """Nothing else."""\n\n\n'
         'def g():\n    return 1\n'
     )
-    assert definitions(path, docstrings=False) == ["def f(a):\n    return a\n"]
+    # A docstring on lines of its own, followed by code, is taken out; a docstring that is the whole body stays.
+    assert definitions(path, docstrings=False) == [
+        "def f(a):\n    return a\n",
+        'def only_doc():\n    """Nothing else."""\n',
+        "def g():\n    return 1\n",
+    ]
