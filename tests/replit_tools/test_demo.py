@@ -7,6 +7,8 @@ from conftest import ROOT
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from replit_tools import CODE_FILES, DEMO_MODEL as DEMO
+from replit_tools.completion import Settings
+from replit_tools.loading import load_completer
 
 
 def test_demo_folder_is_complete_and_uses_the_roots_code():
@@ -40,3 +42,18 @@ def test_demo_evaluation_is_recorded_and_documented():
     guide = (ROOT / "docs" / "demo.md").read_text()
     assert f"{report['held_out_loss']:.3f}" in guide
     assert f"{round(100 * report['parse_rate'])}%" in guide
+
+
+README_PROMPTS = ("def fibonacci(n):", "def is_prime(n):", "class Stack:", "import os")
+
+
+def test_the_readme_shows_what_the_demo_writes():
+    """The README's demo block is the greedy completions of its four prompts (as `generate.py --greedy` prints
+    them), so that it never shows a model the repository no longer has."""
+    readme = (ROOT / "README.md").read_text()
+    marker = readme.index("What the demo model writes for the four prompts")
+    start = readme.index("```python\n", marker) + len("```python\n")
+    block = readme[start : readme.index("```", start)]
+    settings = Settings(greedy=True, max_new_tokens=128)
+    completions = [c.text for c in load_completer(DEMO).complete(list(README_PROMPTS), settings)]
+    assert block == "\n".join(prompt + completion.rstrip("\n") + "\n" for prompt, completion in zip(README_PROMPTS, completions))
