@@ -317,7 +317,8 @@ def _bind_native(library: ctypes.CDLL) -> ctypes.CDLL:
     signatures = {
         "quantize_activations": [pointer, size, size, pointer, pointer, pointer, pointer],
         "int8_matmul": [pointer, pointer, size, size, pointer, pointer, pointer, size, pointer, integer],
-        "int4_matmul": [pointer, pointer, pointer, size, size, pointer, pointer, pointer, pointer, size, pointer, integer],
+        "int4_matmul": [pointer, pointer, pointer, size, size, pointer, pointer, pointer, pointer, size, pointer,
+                        integer],
         "int8_dequantize": [pointer, pointer, size, size, pointer, integer],
         "int4_dequantize": [pointer, pointer, pointer, size, size, pointer, integer],
     }  # fmt: skip
@@ -758,7 +759,7 @@ def _release_file_pages(tensor: torch.Tensor, file_ranges: list[tuple[int, int]]
     libc.madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), 4)  # 4: MADV_DONTNEED
 
 
-NATIVE_SOURCE = r"""// Matrix products with int8 and int4 weights for ReplitLM on the CPU, compiled at first use (quantization.py).
+NATIVE_SOURCE = r"""// Matrix products with int8 and int4 weights for ReplitLM on the CPU, compiled at first use.
 // Weights come in blocks of 16 output channels so that one 512-bit vector holds 4 input channels of each of the 16.
 // Activations are quantized to int8 in blocks of 32 input channels (a scale per block, as llama.cpp's q8_0), and
 // products are summed in int32 per block, then scaled in float32.
@@ -1021,7 +1022,8 @@ void int4_dequantize(const uint8_t *w, const uint16_t *scales, const uint16_t *z
                 const __m512 b = _mm512_set_ps(base[3], base[3], base[3], base[3], base[2], base[2], base[2], base[2],
                                                base[1], base[1], base[1], base[1], base[0], base[0], base[0], base[0]);
                 for (int64_t step = g * (BLOCK / 8); step < (g + 1) * (BLOCK / 8); step++) {
-                    __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wb + step * 64 + quad * 16)));
+                    const __m128i *chunk = (const __m128i *)(wb + step * 64 + quad * 16);
+                    __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(chunk));
                     for (int half = 0; half < 2; half++) {  // low nibbles: inputs 0-3 of the 8; high: 4-7
                         __m512i q = _mm512_and_si512(half ? _mm512_srli_epi32(bytes, 4) : bytes, _mm512_set1_epi32(15));
                         __m512i bits = _mm512_castps_si512(_mm512_fmadd_ps(_mm512_cvtepi32_ps(q), s, b));

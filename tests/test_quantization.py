@@ -127,7 +127,8 @@ def test_without_a_compiler_the_native_routes_fall_back(monkeypatch, tmp_path, s
         x = torch.randn(2, 64, dtype=torch.bfloat16)
         for layer in (Int8Linear(weight), Int4Linear(weight)):
             assert "native" not in layer.routes(1)
-            assert relative_error(layer(x), x.float() @ weight.float().t()) < ROUTE_BOUNDS[type(layer).__name__[:4].lower()]
+            bound = ROUTE_BOUNDS[type(layer).__name__[:4].lower()]
+            assert relative_error(layer(x), x.float() @ weight.float().t()) < bound
     finally:
         quantization.native_kernels.cache_clear()
 
@@ -262,7 +263,8 @@ def test_choices_are_kept_per_machine_in_the_cache_file(tmp_path, monkeypatch):
 
     assert chooser_with(no_timing).plan(NamedRoutes(["linear", "mv"]), torch.bfloat16) == plan
     # Another dtype is another choice.
-    assert routes_of(chooser_with(FakeTimer({"linear": 0.1, "mv": 0.5})).plan(NamedRoutes(["linear", "mv"]), torch.float32))[1] == ["linear", "mv"]
+    float32 = chooser_with(FakeTimer({"linear": 0.1, "mv": 0.5})).plan(NamedRoutes(["linear", "mv"]), torch.float32)
+    assert routes_of(float32)[1] == ["linear", "mv"]
 
 
 def test_row_buckets():
@@ -317,7 +319,8 @@ def test_int8_keeps_only_the_weight_layout_its_decode_route_reads(monkeypatch, w
     # Later calls read the kept layout: their bucket's route where it reads that layout, else its baseline.
     ranking = quantization.ROUTES.plan(layer, x.dtype)[row_bucket(3)]
     route = next(route for route, _ in ranking if route in layer.routes(3))
-    assert layer.routes(3) == ["dequantize"] + {"packed": ["onednn"], "native": ["native"], "plain": ["weight_only"]}[kept]
+    own_routes = {"packed": ["onednn"], "native": ["native"], "plain": ["weight_only"]}
+    assert layer.routes(3) == ["dequantize"] + own_routes[kept]
     assert torch.equal(layer(x), layer.route_function(route)(x))
     assert held_layouts(layer) == {kept}
 

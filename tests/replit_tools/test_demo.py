@@ -56,4 +56,5 @@ def test_the_readme_shows_what_the_demo_writes():
     block = readme[start : readme.index("```", start)]
     settings = Settings(greedy=True, max_new_tokens=128)
     completions = [c.text for c in load_completer(DEMO).complete(list(README_PROMPTS), settings)]
-    assert block == "\n".join(prompt + completion.rstrip("\n") + "\n" for prompt, completion in zip(README_PROMPTS, completions))
+    shown = [prompt + completion.rstrip("\n") + "\n" for prompt, completion in zip(README_PROMPTS, completions)]
+    assert block == "\n".join(shown)
