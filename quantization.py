@@ -81,6 +81,17 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's instruction-set flags (Linux: /proc/cpuinfo; x86 "flags", Arm "Features"), which the native
+    kernels are built for; benchmarks print the ones that matter. Empty where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            line = next(line for line in cpuinfo if line.startswith(("flags", "Features")))
+        return set(line.split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
 def _time_call(fn, x: torch.Tensor, repeats: int) -> float:
     """The fastest of up to `repeats` calls of fn(x), in seconds; a call longer than LONG_CALL_SECONDS is not
     repeated (its noise is small next to it, and the measurement stays short)."""
@@ -266,7 +277,8 @@ def native_kernels() -> ctypes.CDLL | None:
         return None
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-        key = hashlib.sha256("\n".join([NATIVE_SOURCE, compiler, version, _cpu_flags()]).encode()).hexdigest()[:16]
+        machine = f"{cpu_model()} {' '.join(sorted(cpu_flags()))}"
+        key = hashlib.sha256("\n".join([NATIVE_SOURCE, compiler, version, machine]).encode()).hexdigest()[:16]
         for directory in (Path.home() / ".cache" / "replit_lm" / "kernels", Path(tempfile.gettempdir())):
             library = directory / f"replit_lm_kernels_{key}.so"
             if library.exists() or _compile_native(compiler, directory, library):
@@ -276,14 +288,6 @@ def native_kernels() -> ctypes.CDLL | None:
         return None
     warnings.warn(f"{compiler} could not compile the native int8/int4 kernels: they are not used")
     return None
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return next((line for line in cpuinfo if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return platform.processor()
 
 
 NATIVE_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
@@ -366,7 +370,11 @@ class QuantizedLinear(nn.Module):
         out = _routed(self, x.contiguous())
         if x.dtype not in self._planned_dtypes:  # the routes are chosen: keep the one layout they need
             self._planned_dtypes.add(x.dtype)
-            self._keep_layouts_of(ROUTES.plan(self, x.dtype))
+            # Only among the routes this layer can take here: a stored plan may rank one that is not available in
+            # this process (the native kernels turned off or not built, no oneDNN).
+            offered = set(self.routes(1))
+            plan = ROUTES.plan(self, x.dtype)
+            self._keep_layouts_of({bucket: [p for p in ranking if p[0] in offered] for bucket, ranking in plan.items()})
         return out
 
     def _keep_layouts_of(self, plan: dict[int, list]):

@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 from replit_tools.mpt_reference import mpt_config  # noqa: E402  (also registers the package `replit_lm`)
 from replit_lm.configuration_replit_lm import ReplitLMConfig  # noqa: E402
 from replit_lm.modeling_replit_lm import ReplitLM  # noqa: E402
-from replit_lm.quantization import ROUTES, ROW_BUCKETS, QuantizedLinear, cpu_model  # noqa: E402
+from replit_lm.quantization import ROUTES, ROW_BUCKETS, QuantizedLinear, cpu_flags, cpu_model  # noqa: E402
 
 GB = 1e9
 
@@ -202,12 +202,7 @@ KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_
 
 
 def machine_description() -> str:
-    flags = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(next(line.split(":", 1)[1].split() for line in f if line.startswith("flags")))
-    except (OSError, StopIteration):
-        pass
+    flags = cpu_flags()
     present = " ".join(flag for flag in KERNEL_FLAGS if flag in flags) or "unknown"
     return f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; flags: {present}"
 

@@ -339,6 +339,19 @@ def test_the_kept_layout_decodes_fastest_and_breaks_near_ties_by_the_prompt():
     assert quantization.layout_to_keep(plan, reads, "plain") == "plain"
 
 
+def test_a_stored_plan_ranking_a_route_not_available_here_does_not_choose_the_layout(monkeypatch):
+    """A route cache written where the native kernels were built, read where they are not: the layer keeps the
+    layout of the fastest route it can take, not the native one it could only dequantize from."""
+    layer = Int8Linear(gaussian(96, 64).to(torch.bfloat16))
+    layer.native_available, layer.onednn_available = False, False
+    ranking = [["native", 0.1], ["weight_only", 0.5], ["dequantize", 1.0]]
+    chooser = RouteChooser()
+    chooser.choices["Int8Linear 96x64 bfloat16"] = {bucket: ranking for bucket in quantization.ROW_BUCKETS}
+    monkeypatch.setattr(quantization, "ROUTES", chooser)
+    layer(torch.randn(3, 64, dtype=torch.bfloat16))
+    assert layer.layouts == {"plain"} and layer.native is None and layer.qweight is not None
+
+
 @pytest.mark.skipif(quantization.native_kernels() is None, reason="needs the native kernels (a C compiler)")
 @pytest.mark.parametrize("winner", ["kernel", "native", "dequantize"])
 def test_int4_keeps_only_the_weight_layout_its_decode_route_reads(monkeypatch, winner):
