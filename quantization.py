@@ -319,10 +319,10 @@ def _compile_native(compiler: str, directory: Path, library: Path, flags=NATIVE_
 def _bind_native(library: ctypes.CDLL) -> ctypes.CDLL:
     pointer, size, integer = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     signatures = {
-        "quantize_activations": [pointer, size, size, pointer, pointer, pointer, pointer],
-        "int8_matmul": [pointer, pointer, size, size, pointer, pointer, pointer, size, pointer, integer],
+        "quantize_activations": [pointer, integer, size, size, pointer, pointer, pointer, pointer],
+        "int8_matmul": [pointer, pointer, size, size, pointer, pointer, pointer, size, pointer, integer, integer],
         "int4_matmul": [pointer, pointer, pointer, size, size, pointer, pointer, pointer, pointer, size, pointer,
-                        integer],
+                        integer, integer],
         "int8_dequantize": [pointer, pointer, size, size, pointer, integer],
         "int4_dequantize": [pointer, pointer, pointer, size, size, pointer, integer],
     }  # fmt: skip
@@ -332,17 +332,30 @@ def _bind_native(library: ctypes.CDLL) -> ctypes.CDLL:
     return library
 
 
-def _quantized_activations(x: torch.Tensor):
-    """x (rows, k) quantized for the native kernels: int8 values, and per block of NATIVE_BLOCK input channels
-    of each row the scale, the sum of the int8 values and the sum of x."""
-    x = x.to(torch.float32).contiguous()
+NATIVE_DTYPES = (torch.bfloat16, torch.float32)  # what the native kernels read and write; others go as float32
+
+
+def _native_product(kernel: str, weights: tuple, n: int, x: torch.Tensor) -> torch.Tensor:
+    """x (rows, k) times the n (padded) output channels held in `weights` (pointers' tensors, in the kernel's order)
+    through the native `kernel`, in x's dtype: the activations quantized to int8 first, per block of NATIVE_BLOCK
+    input channels of each row, with their scale, the sum of the int8 values and the sum of x. (rows, n)"""
+    dtype = x.dtype
+    x = x if dtype in NATIVE_DTYPES else x.to(torch.float32)
     rows, k = x.shape
+    bf16 = int(x.dtype == torch.bfloat16)
+    library = native_kernels()
     xq = torch.empty(rows, k, dtype=torch.int8)
-    scales, sums = torch.empty(2, rows * k // NATIVE_BLOCK).unbind()
+    scales, sums = torch.empty(2, rows * k // NATIVE_BLOCK)
     q_sums = torch.empty(rows * k // NATIVE_BLOCK, dtype=torch.int32)
-    native_kernels().quantize_activations(x.data_ptr(), rows, k, xq.data_ptr(), scales.data_ptr(),
-                                          q_sums.data_ptr(), sums.data_ptr())  # fmt: skip
-    return xq, scales, q_sums, sums
+    library.quantize_activations(x.data_ptr(), bf16, rows, k, xq.data_ptr(), scales.data_ptr(), q_sums.data_ptr(),
+                                 sums.data_ptr())  # fmt: skip
+    activations = (xq, scales, q_sums) if kernel == "int8_matmul" else (xq, scales, q_sums, sums)
+    out = torch.empty(rows, n, dtype=x.dtype)
+    getattr(library, kernel)(
+        *(t.data_ptr() for t in weights), n, k, *(t.data_ptr() for t in activations), rows, out.data_ptr(), bf16,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return out.to(dtype)
 
 
 def _without_padding(out: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -488,15 +501,9 @@ class Int8Linear(QuantizedLinear):
         return F.linear(x, self._int8_matrix().to(x.dtype)) * self._scales_as(x.dtype)
 
     def _native_product(self, x: torch.Tensor) -> torch.Tensor:
-        native = self.native
-        xq, scales, q_sums, _ = _quantized_activations(x)
-        n = native.shape[0] * NATIVE_ROWS
-        out = torch.empty(x.shape[0], n)
-        native_kernels().int8_matmul(
-            native.data_ptr(), self._native_scale.data_ptr(), n, self.in_features, xq.data_ptr(),
-            scales.data_ptr(), q_sums.data_ptr(), x.shape[0], out.data_ptr(), torch.get_num_threads(),
-        )  # fmt: skip
-        return _without_padding(out, self.out_features).to(x.dtype)
+        n = self.native.shape[0] * NATIVE_ROWS
+        out = _native_product("int8_matmul", (self.native, self._native_scale), n, x)
+        return _without_padding(out, self.out_features)
 
     def _onednn_in_chunks(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= ONEDNN_INT8_CHUNK_ROWS:
@@ -604,15 +611,8 @@ class Int4Linear(QuantizedLinear):
         return self.packed, self.group_size, self.scales_and_zeros
 
     def _native_product(self, x: torch.Tensor) -> torch.Tensor:
-        xq, scales, q_sums, sums = _quantized_activations(x)
-        out = torch.empty(x.shape[0], self.padded_out)
-        weight_scales, zeros = self.native_scales
-        native_kernels().int4_matmul(
-            self.native.data_ptr(), weight_scales.data_ptr(), zeros.data_ptr(), self.padded_out, self.in_features,
-            xq.data_ptr(), scales.data_ptr(), q_sums.data_ptr(), sums.data_ptr(), x.shape[0], out.data_ptr(),
-            torch.get_num_threads(),
-        )  # fmt: skip
-        return _without_padding(out, self.out_features).to(x.dtype)
+        out = _native_product("int4_matmul", (self.native, *self.native_scales), self.padded_out, x)
+        return _without_padding(out, self.out_features)
 
     def _dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight in `dtype`, padding rows included. (padded out, in)"""
@@ -770,7 +770,8 @@ def _release_file_pages(tensor: torch.Tensor, file_ranges: list[tuple[int, int]]
 NATIVE_SOURCE = r"""// Matrix products with int8 and int4 weights for ReplitLM on the CPU, compiled at first use.
 // Weights come in blocks of 16 output channels so that one 512-bit vector holds 4 input channels of each of the 16.
 // Activations are quantized to int8 in blocks of 32 input channels (a scale per block, as llama.cpp's q8_0), and
-// products are summed in int32 per block, then scaled in float32.
+// products are summed in int32 per block, then scaled in float32. Activations and outputs are bfloat16 or float32
+// (`bf16` flags), so that no conversion runs around a product.
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
@@ -780,12 +781,33 @@ NATIVE_SOURCE = r"""// Matrix products with int8 and int4 weights for ReplitLM o
 #endif
 
 #define BLOCK 32  // input channels per activation block (and per int4 group)
+// Bytes of weights requested ahead of the loads: the hardware prefetchers alone left the int4 kernel at 14 GB/s of
+// memory bandwidth where int8 reached 18, on a 2-core Xeon; 2048 ahead took int4 to 17-18 GB/s (1024 and 4096
+// did about as well).
+#define PREFETCH_AHEAD 2048
 
-// x: (rows, k) float32 -> xq int8, per (row, block): scale xs, sum of xq, sum of x.
-void quantize_activations(const float *x, int64_t rows, int64_t k, int8_t *xq, float *xs, int32_t *xqsum,
-                          float *xsum) {
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+// float32 rounded to the nearest bfloat16, ties to even (as torch's conversion, NaN aside).
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    bits += 0x7FFF + ((bits >> 16) & 1);
+    return (uint16_t)(bits >> 16);
+}
+
+// x: (rows, k) float32, or bfloat16 where x_bf16 -> xq int8, per (row, block): scale xs, sum of xq, sum of x.
+void quantize_activations(const void *x, int x_bf16, int64_t rows, int64_t k, int8_t *xq, float *xs,
+                          int32_t *xqsum, float *xsum) {
     for (int64_t i = 0; i < rows * (k / BLOCK); i++) {
-        const float *v = x + i * BLOCK;
+        float v[BLOCK];
+        for (int j = 0; j < BLOCK; j++)
+            v[j] = x_bf16 ? bf16_to_float(((const uint16_t *)x)[i * BLOCK + j]) : ((const float *)x)[i * BLOCK + j];
         float amax = 0.f, sum = 0.f;
         for (int j = 0; j < BLOCK; j++) {
             amax = fmaxf(amax, fabsf(v[j]));
@@ -810,17 +832,24 @@ void quantize_activations(const float *x, int64_t rows, int64_t k, int8_t *xq, f
 // int4 weights: w[n / 16][k / 8][16][4] uint8, byte j of a channel's 4 holding q[8s + j] in its low nibble and
 // q[8s + 4 + j] in its high one; q in [0, 15], weight = (q - 8) * scale + zero, scale and zero bfloat16 per 32
 // input channels: scales[n / 16][k / 32][16]. y[r][o] = sum_g scale xs (sum q xq - 8 xqsum) + zero xsum.
-
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
+// y: (rows, n), float32 or bfloat16 where y_bf16.
 
 #ifdef VNNI512
+static inline __m512i bf16_bits(__m512 v) {  // float_to_bf16 of 16 floats, in the low half of each 32-bit lane
+    __m512i bits = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    return _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+}
+
+static inline void store16(void *y, int64_t at, __m512 v, int y_bf16) {
+    if (y_bf16)
+        _mm256_storeu_si256((__m256i *)((uint16_t *)y + at), _mm512_cvtepi32_epi16(bf16_bits(v)));
+    else
+        _mm512_storeu_ps((float *)y + at, v);
+}
+
 static inline __attribute__((always_inline)) void int8_tile(const uint8_t *wb, const float *wscale, int64_t k,
-        const int8_t *xq, const float *xs, const int32_t *xqsum, int R, float *y, int64_t n) {
+        const int8_t *xq, const float *xs, const int32_t *xqsum, int R, void *y, int64_t n, int y_bf16) {
     __m512 acc[4];
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     const int64_t blocks = k / BLOCK;
@@ -829,6 +858,7 @@ static inline __attribute__((always_inline)) void int8_tile(const uint8_t *wb, c
         for (int r = 0; r < R; r++) dot[r] = _mm512_setzero_si512();
         for (int j = 0; j < BLOCK / 4; j++) {
             __m512i w = _mm512_loadu_si512(wb + (b * (BLOCK / 4) + j) * 64);
+            _mm_prefetch((const char *)(wb + (b * (BLOCK / 4) + j) * 64 + PREFETCH_AHEAD), _MM_HINT_T0);
             for (int r = 0; r < R; r++) {
                 int32_t four;
                 memcpy(&four, xq + r * k + b * BLOCK + j * 4, 4);
@@ -841,7 +871,7 @@ static inline __attribute__((always_inline)) void int8_tile(const uint8_t *wb, c
         }
     }
     __m512 scale = _mm512_loadu_ps(wscale);
-    for (int r = 0; r < R; r++) _mm512_storeu_ps(y + r * n, _mm512_mul_ps(acc[r], scale));
+    for (int r = 0; r < R; r++) store16(y, r * n, _mm512_mul_ps(acc[r], scale), y_bf16);
 }
 
 static inline __m512 bf16x16(const uint16_t *p) {
@@ -850,7 +880,7 @@ static inline __m512 bf16x16(const uint16_t *p) {
 
 static inline __attribute__((always_inline)) void int4_tile(const uint8_t *wb, const uint16_t *sb,
         const uint16_t *zb, int64_t k, const int8_t *xq, const float *xs, const int32_t *xqsum, const float *xsum,
-        int R, float *y, int64_t n) {
+        int R, void *y, int64_t n, int y_bf16) {
     __m512 acc[4];
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     const int64_t groups = k / BLOCK;
@@ -860,6 +890,7 @@ static inline __attribute__((always_inline)) void int4_tile(const uint8_t *wb, c
         for (int r = 0; r < R; r++) dot[r] = _mm512_setzero_si512();
         for (int s = 0; s < BLOCK / 8; s++) {
             __m512i packed = _mm512_loadu_si512(wb + (g * (BLOCK / 8) + s) * 64);
+            _mm_prefetch((const char *)(wb + (g * (BLOCK / 8) + s) * 64 + PREFETCH_AHEAD), _MM_HINT_T0);
             __m512i w0 = _mm512_and_si512(packed, low);
             __m512i w1 = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
             for (int r = 0; r < R; r++) {
@@ -878,11 +909,18 @@ static inline __attribute__((always_inline)) void int4_tile(const uint8_t *wb, c
             acc[r] = _mm512_fmadd_ps(zero, _mm512_set1_ps(xsum[r * groups + g]), acc[r]);
         }
     }
-    for (int r = 0; r < R; r++) _mm512_storeu_ps(y + r * n, acc[r]);
+    for (int r = 0; r < R; r++) store16(y, r * n, acc[r], y_bf16);
 }
 #else
+static inline void store1(void *y, int64_t at, float v, int y_bf16) {
+    if (y_bf16)
+        ((uint16_t *)y)[at] = float_to_bf16(v);
+    else
+        ((float *)y)[at] = v;
+}
+
 static void int8_tile(const uint8_t *wb, const float *wscale, int64_t k, const int8_t *xq, const float *xs,
-                      const int32_t *xqsum, int R, float *y, int64_t n) {
+                      const int32_t *xqsum, int R, void *y, int64_t n, int y_bf16) {
     const int64_t blocks = k / BLOCK;
     for (int r = 0; r < R; r++) {
         for (int c = 0; c < 16; c++) {
@@ -895,13 +933,14 @@ static void int8_tile(const uint8_t *wb, const float *wscale, int64_t k, const i
                 }
                 acc += (float)(dot - 128 * xqsum[r * blocks + b]) * xs[r * blocks + b];
             }
-            y[r * n + c] = acc * wscale[c];
+            store1(y, r * n + c, acc * wscale[c], y_bf16);
         }
     }
 }
 
 static void int4_tile(const uint8_t *wb, const uint16_t *sb, const uint16_t *zb, int64_t k, const int8_t *xq,
-                      const float *xs, const int32_t *xqsum, const float *xsum, int R, float *y, int64_t n) {
+                      const float *xs, const int32_t *xqsum, const float *xsum, int R, void *y, int64_t n,
+                      int y_bf16) {
     const int64_t groups = k / BLOCK;
     for (int r = 0; r < R; r++) {
         for (int c = 0; c < 16; c++) {
@@ -916,7 +955,7 @@ static void int4_tile(const uint8_t *wb, const uint16_t *sb, const uint16_t *zb,
                 float part = (float)(dot - 8 * xqsum[r * groups + g]) * xs[r * groups + g];
                 acc += part * bf16_to_float(sb[g * 16 + c]) + bf16_to_float(zb[g * 16 + c]) * xsum[r * groups + g];
             }
-            y[r * n + c] = acc;
+            store1(y, r * n + c, acc, y_bf16);
         }
     }
 }
@@ -925,7 +964,7 @@ static void int4_tile(const uint8_t *wb, const uint16_t *sb, const uint16_t *zb,
 #define TILE 4
 
 void int8_matmul(const uint8_t *w, const float *wscale, int64_t n, int64_t k, const int8_t *xq, const float *xs,
-                 const int32_t *xqsum, int64_t rows, float *y, int threads) {
+                 const int32_t *xqsum, int64_t rows, void *y, int y_bf16, int threads) {
     const int64_t blocks = k / BLOCK;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t ob = 0; ob < n / 16; ob++) {
@@ -934,20 +973,20 @@ void int8_matmul(const uint8_t *w, const float *wscale, int64_t n, int64_t k, co
             const int8_t *xr = xq + r0 * k;
             const float *sr = xs + r0 * blocks;
             const int32_t *qr = xqsum + r0 * blocks;
-            float *yr = y + r0 * n + ob * 16;
+            void *yr = (char *)y + (r0 * n + ob * 16) * (y_bf16 ? 2 : 4);
             switch (rows - r0 < TILE ? rows - r0 : TILE) {
-                case 1: int8_tile(wb, wscale + ob * 16, k, xr, sr, qr, 1, yr, n); break;
-                case 2: int8_tile(wb, wscale + ob * 16, k, xr, sr, qr, 2, yr, n); break;
-                case 3: int8_tile(wb, wscale + ob * 16, k, xr, sr, qr, 3, yr, n); break;
-                default: int8_tile(wb, wscale + ob * 16, k, xr, sr, qr, 4, yr, n); break;
+                case 1: int8_tile(wb, wscale + ob * 16, k, xr, sr, qr, 1, yr, n, y_bf16); break;
+                case 2: int8_tile(wb, wscale + ob * 16, k, xr, sr, qr, 2, yr, n, y_bf16); break;
+                case 3: int8_tile(wb, wscale + ob * 16, k, xr, sr, qr, 3, yr, n, y_bf16); break;
+                default: int8_tile(wb, wscale + ob * 16, k, xr, sr, qr, 4, yr, n, y_bf16); break;
             }
         }
     }
 }
 
 void int4_matmul(const uint8_t *w, const uint16_t *scales, const uint16_t *zeros, int64_t n, int64_t k,
-                 const int8_t *xq, const float *xs, const int32_t *xqsum, const float *xsum, int64_t rows, float *y,
-                 int threads) {
+                 const int8_t *xq, const float *xs, const int32_t *xqsum, const float *xsum, int64_t rows, void *y,
+                 int y_bf16, int threads) {
     const int64_t groups = k / BLOCK;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t ob = 0; ob < n / 16; ob++) {
@@ -957,24 +996,17 @@ void int4_matmul(const uint8_t *w, const uint16_t *scales, const uint16_t *zeros
             const int8_t *xr = xq + r0 * k;
             const float *sr = xs + r0 * groups, *ur = xsum + r0 * groups;
             const int32_t *qr = xqsum + r0 * groups;
-            float *yr = y + r0 * n + ob * 16;
+            void *yr = (char *)y + (r0 * n + ob * 16) * (y_bf16 ? 2 : 4);
             switch (rows - r0 < TILE ? rows - r0 : TILE) {
-                case 1: int4_tile(wb, sb, zb, k, xr, sr, qr, ur, 1, yr, n); break;
-                case 2: int4_tile(wb, sb, zb, k, xr, sr, qr, ur, 2, yr, n); break;
-                case 3: int4_tile(wb, sb, zb, k, xr, sr, qr, ur, 3, yr, n); break;
-                default: int4_tile(wb, sb, zb, k, xr, sr, qr, ur, 4, yr, n); break;
+                case 1: int4_tile(wb, sb, zb, k, xr, sr, qr, ur, 1, yr, n, y_bf16); break;
+                case 2: int4_tile(wb, sb, zb, k, xr, sr, qr, ur, 2, yr, n, y_bf16); break;
+                case 3: int4_tile(wb, sb, zb, k, xr, sr, qr, ur, 3, yr, n, y_bf16); break;
+                default: int4_tile(wb, sb, zb, k, xr, sr, qr, ur, 4, yr, n, y_bf16); break;
             }
         }
     }
 }
-// The weights back in bfloat16, row-major (n, k), for a long prompt's matrix product (the float32 value rounded
-// to the nearest bfloat16, ties to even).
-static inline uint16_t float_to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    bits += 0x7FFF + ((bits >> 16) & 1);
-    return (uint16_t)(bits >> 16);
-}
+// The weights back in bfloat16, row-major (n, k), for a long prompt's matrix product.
 
 void int8_dequantize(const uint8_t *w, const float *wscale, int64_t n, int64_t k, uint16_t *out, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -990,11 +1022,9 @@ void int8_dequantize(const uint8_t *w, const float *wscale, int64_t n, int64_t k
                 __m512i q = _mm512_sub_epi32(
                     _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wb + k4 * 64 + quad * 16))),
                     _mm512_set1_epi32(128));
-                __m512i bits = _mm512_castps_si512(_mm512_mul_ps(_mm512_cvtepi32_ps(q), scale));
-                __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-                bits = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+                __m512i bits = bf16_bits(_mm512_mul_ps(_mm512_cvtepi32_ps(q), scale));
                 uint64_t four[4];  // channel c's 4 bfloat16 values in four[c]
-                _mm256_storeu_si256((__m256i *)four, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+                _mm256_storeu_si256((__m256i *)four, _mm512_cvtepi32_epi16(bits));
                 for (int c = 0; c < 4; c++) memcpy(rows + c * k + k4 * 4, &four[c], 8);
             }
 #else
@@ -1034,11 +1064,9 @@ void int4_dequantize(const uint8_t *w, const uint16_t *scales, const uint16_t *z
                     __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(chunk));
                     for (int half = 0; half < 2; half++) {  // low nibbles: inputs 0-3 of the 8; high: 4-7
                         __m512i q = _mm512_and_si512(half ? _mm512_srli_epi32(bytes, 4) : bytes, _mm512_set1_epi32(15));
-                        __m512i bits = _mm512_castps_si512(_mm512_fmadd_ps(_mm512_cvtepi32_ps(q), s, b));
-                        __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-                        bits = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+                        __m512i bits = bf16_bits(_mm512_fmadd_ps(_mm512_cvtepi32_ps(q), s, b));
                         uint64_t four[4];  // channel c's 4 bfloat16 values in four[c]
-                        _mm256_storeu_si256((__m256i *)four, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+                        _mm256_storeu_si256((__m256i *)four, _mm512_cvtepi32_epi16(bits));
                         for (int c = 0; c < 4; c++) memcpy(rows + c * k + step * 8 + half * 4, &four[c], 8);
                     }
                 }

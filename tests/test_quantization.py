@@ -109,6 +109,22 @@ def test_the_native_routes_are_offered_where_the_kernels_were_built():
     assert "native" not in Int4Linear(weight, group_size=64).routes(1)  # the kernel's groups are of 32
 
 
+@pytest.mark.skipif(quantization.native_kernels() is None, reason="no C compiler here")
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_the_native_kernels_read_and_write_each_dtype(kind):
+    """bfloat16 and float32 go in and out of the kernels as they are (the bfloat16 output rounded as torch rounds,
+    ties to even, so bit for bit the float32 output converted); other dtypes through float32."""
+    layer = make_layer(kind, gaussian(100, 96).to(torch.bfloat16))
+    product = layer.route_function("native")
+    x = torch.randn(5, 96, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    in_float32 = product(x.float())
+    assert in_float32.dtype == torch.float32
+    assert relative_error(in_float32, x.float() @ layer.dequantized_weight().t()) < 0.01
+    assert torch.equal(product(x), in_float32.to(torch.bfloat16))
+    in_float16 = product(x.half())
+    assert in_float16.dtype == torch.float16 and torch.equal(in_float16, in_float32.half())
+
+
 @pytest.mark.parametrize("setting", [dict(CC="/nonexistent/cc"), dict(CC="false"), {quantization.NATIVE_ENV: "off"}])
 def test_without_a_compiler_the_native_routes_fall_back(monkeypatch, tmp_path, setting):
     """No compiler, one that fails, or the kernels turned off: no native route, the others compute as before."""
