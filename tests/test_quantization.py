@@ -623,8 +623,10 @@ print(status("VmHWM") - before)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads peak RSS from /proc")
 @pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
 def test_loading_peak_memory_stays_under_the_checkpoint_size(tmp_path, mode):
-    """A 400 MB bfloat16 checkpoint loads, quantized or not, without the process growing by more than 1.2x its size
-    (the float weights are views of the mapped file, dropped layer by layer as they are quantized)."""
+    """A 400 MB bfloat16 checkpoint loads without the process growing by more than 1.2x its size, or, quantized,
+    by more than what the quantized model needs (the float weights are views of the mapped file, dropped layer by
+    layer as they are quantized, and what quantizing frees goes back to the system: measured 1.01x, 0.70x, 0.47x;
+    int8 was 1.1-1.24x while freed heap memory stayed with the process)."""
     torch.manual_seed(0)
     folders = []
     for name, shape in (("tiny", dict(d_model=64, n_layers=1)), ("big", dict(d_model=1024, n_layers=16))):
@@ -639,7 +641,7 @@ def test_loading_peak_memory_stays_under_the_checkpoint_size(tmp_path, mode):
     out = subprocess.run([sys.executable, script, *folders, mode], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     grown = int(out.stdout.split()[-1])
-    assert grown < 1.2 * size, f"{mode}: grew by {grown / size:.2f}x the checkpoint's {size / 1e6:.0f} MB"
+    assert grown < {"bf16": 1.2, "int8": 0.95, "int4": 0.7}[mode] * size, f"{mode}: grew by {grown / size:.2f}x the checkpoint's {size / 1e6:.0f} MB"
 
 
 DEMO = ROOT / "demo"
