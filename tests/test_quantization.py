@@ -113,7 +113,7 @@ def test_the_native_routes_are_offered_where_the_kernels_were_built():
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_the_native_kernels_read_and_write_each_dtype(kind):
     """bfloat16 and float32 go in and out of the kernels as they are (the bfloat16 output rounded as torch rounds,
-    ties to even, so bit for bit the float32 output converted); other dtypes through float32."""
+    ties to even, so bit for bit the float32 output converted); other dtypes through float32; any strides."""
     layer = make_layer(kind, gaussian(100, 96).to(torch.bfloat16))
     product = layer.route_function("native")
     x = torch.randn(5, 96, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
@@ -123,6 +123,8 @@ def test_the_native_kernels_read_and_write_each_dtype(kind):
     assert torch.equal(product(x), in_float32.to(torch.bfloat16))
     in_float16 = product(x.half())
     assert in_float16.dtype == torch.float16 and torch.equal(in_float16, in_float32.half())
+    strided = x.float().t().contiguous().t()  # the same values, column-major
+    assert not strided.is_contiguous() and torch.equal(product(strided), in_float32)
 
 
 @pytest.mark.parametrize("setting", [dict(CC="/nonexistent/cc"), dict(CC="false"), {quantization.NATIVE_ENV: "off"}])
