@@ -320,9 +320,9 @@ def _bind_native(library: ctypes.CDLL) -> ctypes.CDLL:
     pointer, size, integer = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     signatures = {  # name: (arguments, result)
         "int8_matmul": ([pointer, pointer, size, size, pointer, size, pointer, integer, integer], integer),
-        "int4_matmul": ([pointer, pointer, pointer, size, size, pointer, size, pointer, integer, integer], integer),
+        "int4_matmul": ([pointer, pointer, size, size, pointer, size, pointer, integer, integer], integer),
         "int8_dequantize": ([pointer, pointer, size, size, pointer, integer], None),
-        "int4_dequantize": ([pointer, pointer, pointer, size, size, pointer, integer], None),
+        "int4_dequantize": ([pointer, pointer, size, size, pointer, integer], None),
     }  # fmt: skip
     for name, (arguments, result) in signatures.items():
         function = getattr(library, name)
@@ -347,7 +347,7 @@ def _native_product(kernel: str, weights: tuple, n: int, x: torch.Tensor) -> tor
     )  # fmt: skip
     if not done:
         raise MemoryError(f"{kernel}: no memory for the quantized activations of {tuple(x.shape)}")
-    return out.to(dtype)
+    return out if out.dtype == dtype else out.to(dtype)  # even a no-op .to costs tens of microseconds here
 
 
 def _without_padding(out: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -604,7 +604,7 @@ class Int4Linear(QuantizedLinear):
         return self.packed, self.group_size, self.scales_and_zeros
 
     def _native_product(self, x: torch.Tensor) -> torch.Tensor:
-        out = _native_product("int4_matmul", (self.native, *self.native_scales), self.padded_out, x)
+        out = _native_product("int4_matmul", (self.native, self.native_scales), self.padded_out, x)
         return _without_padding(out, self.out_features)
 
     def _dequantize(self, dtype: torch.dtype) -> torch.Tensor:
@@ -612,8 +612,7 @@ class Int4Linear(QuantizedLinear):
         n, k = self.padded_out, self.in_features
         if dtype == torch.bfloat16 and self.native is not None and self.native_available:
             weight = torch.empty(n, k, dtype=torch.bfloat16)
-            scales, zeros = self.native_scales
-            native_kernels().int4_dequantize(self.native.data_ptr(), scales.data_ptr(), zeros.data_ptr(), n, k,
+            native_kernels().int4_dequantize(self.native.data_ptr(), self.native_scales.data_ptr(), n, k,
                                              weight.data_ptr(), torch.get_num_threads())  # fmt: skip
             return weight
         if self.native is not None:
@@ -856,7 +855,8 @@ static int quantize_activations(const void *x, int x_bf16, int64_t rows, int64_t
 // * (sum_{i in b} (w[o][i] + 128) xq[r][i] - 128 xqsum[r][b]).
 // int4 weights: w[n / 16][k / 8][16][4] uint8, byte j of a channel's 4 holding q[8s + j] in its low nibble and
 // q[8s + 4 + j] in its high one; q in [0, 15], weight = (q - 8) * scale + zero, scale and zero bfloat16 per 32
-// input channels: scales[n / 16][k / 32][16]. y[r][o] = sum_g scale xs (sum q xq - 8 xqsum) + zero xsum.
+// input channels: scales[2][n / 16][k / 32][16], the scales then the zeros. y[r][o] = sum_g scale xs (sum q xq -
+// 8 xqsum) + zero xsum.
 // y: (rows, n), float32 or bfloat16 where y_bf16.
 
 #ifdef VNNI512
@@ -1017,7 +1017,7 @@ int int8_matmul(const uint8_t *w, const float *wscale, int64_t n, int64_t k, con
     return 1;
 }
 
-int int4_matmul(const uint8_t *w, const uint16_t *scales, const uint16_t *zeros, int64_t n, int64_t k,
+int int4_matmul(const uint8_t *w, const uint16_t *scales, int64_t n, int64_t k,
                 const void *x, int64_t rows, void *y, int bf16, int threads) {
     activations a;
     if (!quantize_activations(x, bf16, rows, k, threads, &a)) return 0;
@@ -1028,7 +1028,7 @@ int int4_matmul(const uint8_t *w, const uint16_t *scales, const uint16_t *zeros,
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t ob = 0; ob < n / 16; ob++) {
         const uint8_t *wb = w + ob * 8 * k;
-        const uint16_t *sb = scales + ob * 16 * groups, *zb = zeros + ob * 16 * groups;
+        const uint16_t *sb = scales + ob * 16 * groups, *zb = sb + n * groups;
         for (int64_t r0 = 0; r0 < rows; r0 += TILE) {
             const int8_t *xr = xq + r0 * k;
             const float *sr = xs + r0 * groups, *ur = xsum + r0 * groups;
@@ -1077,13 +1077,13 @@ void int8_dequantize(const uint8_t *w, const float *wscale, int64_t n, int64_t k
     }
 }
 
-void int4_dequantize(const uint8_t *w, const uint16_t *scales, const uint16_t *zeros, int64_t n, int64_t k,
+void int4_dequantize(const uint8_t *w, const uint16_t *scales, int64_t n, int64_t k,
                      uint16_t *out, int threads) {
     const int64_t groups = k / BLOCK;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t ob = 0; ob < n / 16; ob++) {
         const uint8_t *wb = w + ob * 8 * k;
-        const uint16_t *sb = scales + ob * 16 * groups, *zb = zeros + ob * 16 * groups;
+        const uint16_t *sb = scales + ob * 16 * groups, *zb = sb + n * groups;
         for (int quad = 0; quad < 4; quad++) {  // 4 channels at a time: 16 bytes of each 64, 8 inputs each
             uint16_t *rows = out + (ob * 16 + quad * 4) * k;
             for (int64_t g = 0; g < groups; g++) {
