@@ -122,10 +122,20 @@ class RouteChooser:
         self.timer = _time_call  # tests replace it with fake timings
         self._loaded_from: Path | None = None
 
+    @staticmethod
+    def key(layer, dtype: torch.dtype) -> str:
+        """What a ranking is kept under: the layer's kind and shape, the activations' dtype, and for the quantized
+        layers whether the native kernels are built here. A ranking measured without them (no compiler,
+        REPLIT_LM_NATIVE=off) must not stand once they are, or their routes would never be measured."""
+        native = getattr(layer, "native_available", None)
+        kernels = "" if native is None else " native" if native else " without native"
+        shape = f"{layer.out_features}x{layer.in_features}"
+        return f"{type(layer).__name__} {shape} {str(dtype).removeprefix('torch.')}{kernels}"
+
     def plan(self, layer, dtype: torch.dtype) -> dict[int, list]:
         """The ranking of routes of each row bucket for `layer` with activations of `dtype`, measured on first use:
         [route, seconds] pairs, fastest first."""
-        key = f"{type(layer).__name__} {layer.out_features}x{layer.in_features} {str(dtype).removeprefix('torch.')}"
+        key = self.key(layer, dtype)
         if key not in self.choices:
             self._load()
             if key not in self.choices:
