@@ -232,6 +232,19 @@ def layout_to_keep(plan: dict[int, list], reads: dict[str, str], default: str) -
     return min(near, key=lambda layout: (fastest(64, layout), layout != default))
 
 
+def measure_routes(model: nn.Module) -> None:
+    """Choose now, instead of in the first product, the routes of every layer of `model` that chooses by measurement
+    (a CPU model in bfloat16 or float16, or quantized), for activations of the model's dtype (its embedding's): a
+    server's first request, or a timed first completion, then does not pay for the measurement. Shapes already
+    measured, in this process or in the route cache, cost nothing."""
+    dtype = model.get_input_embeddings().weight.dtype
+    for module in model.modules():
+        on_cpu = next(module.buffers(), next(module.parameters(), torch.empty(0))).device.type == "cpu"
+        routed = isinstance(module, RoutedLinear) and dtype in (torch.bfloat16, torch.float16)
+        if on_cpu and (routed or isinstance(module, QuantizedLinear)):
+            ROUTES.plan(module, dtype)
+
+
 class RoutedLinear(nn.Linear):
     """nn.Linear (no bias) whose bfloat16 and float16 CPU inference takes the route measured fastest for its shape
     (see RouteChooser): F.linear, torch.mv for one row, or W @ x^T for a few rows. float32 (F.linear already reads

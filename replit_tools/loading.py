@@ -15,6 +15,7 @@ from huggingface_hub.utils import logging as hub_logging
 from . import DEMO_MODEL
 from .completion import Completer, CompletionError
 from replit_lm.modeling_replit_lm import ReplitLM
+from replit_lm.quantization import measure_routes
 from replit_lm.replit_lm_tokenizer import ReplitLMTokenizer
 
 # A Hub id (owner/name), tried on the Hub when no such local folder exists.
@@ -78,7 +79,10 @@ def load_completer(
             raise
         message = f"model folder not found: {model} (nor on the Hugging Face Hub: {one_line(error)})"
         raise CompletionError(message) from error
-    return Completer(loaded.to(torch_device).eval(), tokenizer)
+    loaded = loaded.to(torch_device).eval()
+    if torch_device.type == "cpu":
+        measure_routes(loaded)  # part of loading: the first completion then runs at full speed
+    return Completer(loaded, tokenizer)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser):

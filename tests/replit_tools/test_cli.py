@@ -11,6 +11,7 @@ from completion_helpers import DEMO, hub_folder, one_torch_thread, run_script, s
 from replit_tools.completion import Completer, Settings, StreamListener
 from replit_tools.loading import load_completer
 from replit_tools.postprocessing import DEFAULT_STOP_SEQUENCES, find_stop, truncate
+import replit_lm.quantization as quantization
 from replit_lm.modeling_replit_lm import ReplitLM
 from replit_lm.replit_lm_tokenizer import ReplitLMTokenizer
 
@@ -144,6 +145,17 @@ def test_model_options_reach_the_model(tiny):
     assert completer.model.transformer.wte.weight.dtype == torch.bfloat16
     assert (completer.model.config.weight_quantization, completer.model.config.attn_impl) == ("int8", "torch")
     assert isinstance(completer, Completer) and completer.model.device.type == "cpu"
+
+
+def test_the_kernel_routes_are_measured_as_the_model_loads(tiny, monkeypatch):
+    """So that the first completion (a server's first request, a timed run) does not measure them."""
+    monkeypatch.setattr(quantization, "ROUTES", quantization.RouteChooser())
+    completer = load_completer(tiny, dtype="bfloat16", weight_quantization="int4")
+    layers = [m for m in completer.model.modules() if isinstance(m, (quantization.QuantizedLinear, torch.nn.Linear))]
+    assert layers and all(quantization.ROUTES.key(m, torch.bfloat16) in quantization.ROUTES.choices for m in layers)
+    measured = dict(quantization.ROUTES.choices)
+    completer.complete(["def f():"], Settings(max_new_tokens=4, greedy=True))
+    assert quantization.ROUTES.choices == measured  # nothing left to measure
 
 
 @pytest.mark.parametrize("schema", ["mpt", "release"])
