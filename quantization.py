@@ -238,10 +238,11 @@ def measure_routes(model: nn.Module) -> None:
     server's first request, or a timed first completion, then does not pay for the measurement. Shapes already
     measured, in this process or in the route cache, cost nothing."""
     dtype = model.get_input_embeddings().weight.dtype
+    routed_dtype = dtype in (torch.bfloat16, torch.float16)
     for module in model.modules():
-        on_cpu = next(module.buffers(), next(module.parameters(), torch.empty(0))).device.type == "cpu"
-        routed = isinstance(module, RoutedLinear) and dtype in (torch.bfloat16, torch.float16)
-        if on_cpu and (routed or isinstance(module, QuantizedLinear)):
+        # Quantized layers exist on the CPU only (quantize_linear_layers refuses other devices).
+        routed = isinstance(module, RoutedLinear) and routed_dtype and module.weight.device.type == "cpu"
+        if routed or isinstance(module, QuantizedLinear):
             ROUTES.plan(module, dtype)
 
 
@@ -508,7 +509,7 @@ class Int8Linear(QuantizedLinear):
         return self.native
 
     def _dequantized_product(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.bfloat16 and self.native is not None and native_kernels() is not None:
+        if x.dtype == torch.bfloat16 and self.native is not None and self.native_available:
             weight = torch.empty(self.native.shape[0] * NATIVE_ROWS, self.in_features, dtype=torch.bfloat16)
             native_kernels().int8_dequantize(self.native.data_ptr(), self._native_scale.data_ptr(), weight.shape[0],
                                              self.in_features, weight.data_ptr(), torch.get_num_threads())  # fmt: skip
@@ -758,9 +759,15 @@ def _return_freed_heap() -> None:
     glibc serves allocations up to that size from its heap instead of mapping them, and what is freed there stays
     counted to the process until trimmed: without this, loading a 411 MB checkpoint in int8 grew the process by
     1.1-1.24x its size, with it by 0.68-0.88x (int4: 0.47x; tests/test_quantization.py holds both)."""
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    trim = getattr(_libc(), "malloc_trim", None)
     if trim is not None:
         trim(0)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """The C library this process runs on (for madvise and malloc_trim)."""
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def _file_mappings() -> list[tuple[int, int]]:
@@ -791,8 +798,7 @@ def _release_file_pages(tensor: torch.Tensor, file_ranges: list[tuple[int, int]]
     end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page * page
     if end <= begin or not any(start <= begin and end <= stop for start, stop in file_ranges):
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), 4)  # 4: MADV_DONTNEED
+    _libc().madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), 4)  # 4: MADV_DONTNEED
 
 
 NATIVE_SOURCE = r"""// Matrix products with int8 and int4 weights for ReplitLM on the CPU, compiled at first use.
@@ -1068,8 +1074,8 @@ int int4_matmul(const uint8_t *w, const uint16_t *scales, int64_t n, int64_t k,
     free(a.xq);
     return 1;
 }
-// The weights back in bfloat16, row-major (n, k), for a long prompt's matrix product.
 
+// The weights back in bfloat16, row-major (n, k), for a long prompt's matrix product.
 void int8_dequantize(const uint8_t *w, const float *wscale, int64_t n, int64_t k, uint16_t *out, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t ob = 0; ob < n / 16; ob++) {
