@@ -16,9 +16,15 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from .completion import CompletionError, Settings, StreamListener, reject_empty
-from .loading import add_model_arguments, load_from_arguments, one_line, quiet_libraries
-from .postprocessing import DEFAULT_STOP_SEQUENCES
+# Only what parsing needs is imported here; the model's modules (torch, transformers: seconds) load in `run`.
+from .options import (
+    DEFAULT_STOP_SEQUENCES,
+    CompletionError,
+    Settings,
+    add_model_arguments,
+    one_line,
+    reject_empty,
+)
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):
@@ -100,7 +106,9 @@ def settings_from_arguments(args: argparse.Namespace) -> Settings:
     )
 
 
-class _PrintingListener(StreamListener):
+class _PrintingListener:
+    """A completion.StreamListener (all three of its methods), without importing torch to name the base class."""
+
     def __init__(self, headers: bool):
         self.headers = headers
 
@@ -122,8 +130,11 @@ def header(prompt_index: int, index: int) -> str:
 
 def run(args: argparse.Namespace):
     prompts = args.prompts + [read_prompt_file(name) for name in args.file]
-    reject_empty(prompts)  # before the model loads: a bad command line fails at once
+    reject_empty(prompts)  # before torch and the model load: a bad command line fails at once
     settings = settings_from_arguments(args)
+    from .loading import load_from_arguments, quiet_libraries
+
+    quiet_libraries()
     started = time.perf_counter()
     completer = load_from_arguments(args)
     loaded = time.perf_counter()
@@ -151,7 +162,6 @@ def run(args: argparse.Namespace):
 
 def main(argv=None) -> int:
     args = parse_arguments(argv)
-    quiet_libraries()
     try:
         run(args)
     except KeyboardInterrupt:

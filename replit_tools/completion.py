@@ -6,7 +6,6 @@ The server batches completions of different requests: `Completer.generate_rows` 
 that each have their own prompt, token budget, stop sequences and listener, and drops a row from the batch (a
 per-row done flag of a StoppingCriteria) as soon as it is finished or cancelled."""
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -15,8 +14,8 @@ import transformers
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from .options import DEFAULT_STOP_SEQUENCES, CompletionError, Settings, reject_empty
 from .postprocessing import (
-    DEFAULT_STOP_SEQUENCES,
     FinishedCompletion,
     StopSequenceCriteria,
     StreamingPostprocessor,
@@ -27,56 +26,20 @@ from .postprocessing import (
 )
 
 
-class CompletionError(Exception):
-    """A request that cannot be served as given; the message tells the user what to change."""
-
-
-@dataclass(frozen=True)
-class Settings:
-    """How to complete: the model card's sampling settings by default. A temperature of 0 means greedy."""
-
-    max_new_tokens: int = 128
-    greedy: bool = False
-    temperature: float = 0.2
-    top_p: float = 0.95
-    top_k: int = 4
-    num_completions: int = 1
-    stop_sequences: tuple[str, ...] = DEFAULT_STOP_SEQUENCES
-    seed: int | None = None
-
-    def __post_init__(self):
-        checks = (
-            (self.max_new_tokens >= 1, "max new tokens must be at least 1"),
-            (self.num_completions >= 1, "the number of completions must be at least 1"),
-            (
-                math.isfinite(self.temperature) and self.temperature >= 0,
-                f"temperature must be a finite number, 0 (greedy) or more, got {self.temperature}",
-            ),
-            (0 < self.top_p <= 1, f"top-p must be in (0, 1], got {self.top_p}"),
-            (self.top_k >= 0, "top-k must be 0 (no top-k filtering) or more"),
-            (all(self.stop_sequences), "a stop sequence cannot be empty"),
-        )
-        for passed, message in checks:
-            if not passed:
-                raise CompletionError(message)
-
-    @property
-    def do_sample(self) -> bool:
-        return not self.greedy and self.temperature > 0
-
-    def generation_config(self, tokenizer) -> GenerationConfig:
-        sampling = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k) if self.do_sample else {}
-        return GenerationConfig(
-            max_new_tokens=self.max_new_tokens,
-            do_sample=self.do_sample,
-            # Greedy completions of a prompt are all the same: one is computed.
-            num_return_sequences=self.num_completions if self.do_sample else 1,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            # Published snapshots say use_cache=false, a leftover of training; generation needs the cache.
-            use_cache=True,
-            **sampling,
-        )
+def generation_config(settings: Settings, tokenizer) -> GenerationConfig:
+    sampling = dict(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+    sampling = sampling if settings.do_sample else {}
+    return GenerationConfig(
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=settings.do_sample,
+        # Greedy completions of a prompt are all the same: one is computed.
+        num_return_sequences=settings.num_completions if settings.do_sample else 1,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        # Published snapshots say use_cache=false, a leftover of training; generation needs the cache.
+        use_cache=True,
+        **sampling,
+    )
 
 
 @dataclass(frozen=True)
@@ -84,16 +47,6 @@ class Completion(FinishedCompletion):
     prompt_index: int
     index: int  # which of the prompt's completions
     prompt_tokens: int
-
-
-def reject_empty(prompts: list[str]):
-    """Raise CompletionError unless there are prompts and each has some code."""
-    if not prompts:
-        raise CompletionError("no prompt: give PROMPT, --file PATH, or --file - to read standard input")
-    for number, prompt in enumerate(prompts, start=1):
-        if not prompt.strip():
-            which = "the prompt" if len(prompts) == 1 else f"prompt {number}"
-            raise CompletionError(f"{which} is empty or only whitespace: give the code to complete")
 
 
 @dataclass
@@ -294,7 +247,7 @@ class Completer:
             self.model.generate(
                 input_ids=torch.tensor(input_ids, device=self.model.device),
                 attention_mask=torch.tensor(attention_mask, device=self.model.device),
-                generation_config=one_each.generation_config(self.tokenizer),
+                generation_config=generation_config(one_each, self.tokenizer),
                 stopping_criteria=StoppingCriteriaList([steps]),
             )
         for row in rows:
@@ -343,7 +296,7 @@ class Completer:
             sequences = self.model.generate(
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,
-                generation_config=settings.generation_config(self.tokenizer),
+                generation_config=generation_config(settings, self.tokenizer),
                 stopping_criteria=stopping,
                 streamer=streamer,
             )

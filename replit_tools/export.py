@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from . import DEMO_MODEL
-from .loading import model_source, one_line, quiet_libraries
+from .loading import model_source, quiet_libraries
+from .options import one_line
 from .mpt_reference import mpt_config
 from replit_lm.modeling_replit_lm import ReplitLM
 from replit_lm.replit_lm_tokenizer import ReplitLMTokenizer, ReplitLMTokenizerFast, _as_trained, _SentencePieceModel

@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from .cli import unescape
 from .completion import Completer, Completion, CompletionError, Settings
-from .loading import add_model_arguments, load_from_arguments, one_line, quiet_libraries
+from .loading import load_from_arguments, quiet_libraries
+from .options import add_model_arguments, one_line
 from .postprocessing import DEFAULT_STOP_SEQUENCES
 from .sandbox import Limits, isolation_summary, run_programs
 

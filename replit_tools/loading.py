@@ -11,16 +11,17 @@ from pathlib import Path
 import torch
 import transformers
 from huggingface_hub.utils import logging as hub_logging
-
-from . import DEMO_MODEL
-from .completion import Completer, CompletionError
 from replit_lm.modeling_replit_lm import ReplitLM
 from replit_lm.quantization import measure_routes
 from replit_lm.replit_lm_tokenizer import ReplitLMTokenizer
 
+from . import DEMO_MODEL
+from .completion import Completer
+from .options import DTYPE_NAMES, CompletionError, one_line
+
 # A Hub id (owner/name), tried on the Hub when no such local folder exists.
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def model_source(model: str | Path) -> Path | str:
@@ -85,21 +86,6 @@ def load_completer(
     return Completer(loaded, tokenizer)
 
 
-def add_model_arguments(parser: argparse.ArgumentParser):
-    """The options that choose and load the model, shared with serve.py."""
-    group = parser.add_argument_group("model")
-    group.add_argument(
-        "--model",
-        default=str(DEMO_MODEL),
-        help="a model folder laid out like the Hub repository, a downloaded snapshot of replit/replit-code-v1-3b, "
-        "or a Hub id (default: the embedded demo model, demo/ beside this script)",
-    )
-    group.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N or mps")
-    group.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on CUDA, or float32")
-    group.add_argument("--attn-impl", choices=["torch", "triton"], help="attention implementation (default: config's)")
-    group.add_argument("--weight-quantization", choices=["int8", "int4"], help="quantize the weights as they load")
-
-
 def load_from_arguments(args: argparse.Namespace) -> Completer:
     return load_completer(args.model, args.device, args.dtype, args.attn_impl, args.weight_quantization)
 
@@ -109,8 +95,3 @@ def quiet_libraries():
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     hub_logging.set_verbosity_error()
-
-
-def one_line(error: BaseException) -> str:
-    """An exception's message on one line (transformers' messages often span several)."""
-    return " ".join(str(error).split()) or type(error).__name__

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from transformers import StoppingCriteria
 
-DEFAULT_STOP_SEQUENCES = ("\ndef ", "\nasync def ", "\nclass ", "\n@", "\nif __name__", "\nprint(", "\n# ")
+from .options import DEFAULT_STOP_SEQUENCES
 
 # How a completion ended: the end-of-text token, a stop sequence, or the token budget.
 STOP_EOS, STOP_SEQUENCE, STOP_LENGTH = "eos", "stop_sequence", "length"

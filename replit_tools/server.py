@@ -42,7 +42,8 @@ from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .completion import Completer, Completion, CompletionError, Row, Settings
-from .loading import add_model_arguments, load_from_arguments, one_line, quiet_libraries
+from .loading import load_from_arguments, quiet_libraries
+from .options import add_model_arguments, one_line
 from .postprocessing import DEFAULT_STOP_SEQUENCES, STOP_LENGTH, FinishedCompletion
 
 # OpenAI request fields this server cannot honour, with the value that asks for nothing (and is accepted).

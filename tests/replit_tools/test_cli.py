@@ -3,10 +3,13 @@ stop sequences truncate and stop generation early, --json parses, --stream print
 snapshots load with our classes, and bad input is a one-line error."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
-from completion_helpers import DEMO, hub_folder, one_torch_thread, run_script, snapshot_folder  # noqa: F401
+from completion_helpers import DEMO, SCRIPT_ENV, hub_folder, one_torch_thread, run_script, snapshot_folder  # noqa: F401
+from conftest import ROOT
 
 from replit_tools.completion import Completer, Settings, StreamListener
 from replit_tools.loading import load_completer
@@ -190,6 +193,39 @@ def test_bad_input_is_a_one_line_error(tiny, case):
     assert "Traceback" not in stderr
     assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("error: "), stderr
     assert expected in stderr
+
+
+# Runs a script as `python SCRIPT ARGS` does (its folder first on sys.path) and reports on stderr, last, whether torch
+# was imported.
+RUN_AND_REPORT_TORCH = """
+import os, runpy, sys
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    print("torch imported" if "torch" in sys.modules else "torch not imported", file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize(
+    "args, status, output",
+    [
+        (["--help"], 0, "usage: generate.py"),
+        (["--top-p", "2", "def f():"], 1, "error: top-p must be in (0, 1], got 2.0"),
+        ([], 1, "error: no prompt"),
+        (["--stop", "x", "--no-stop", "def f():"], 2, "error: --stop and --no-stop exclude each other"),
+    ],
+)
+def test_help_and_a_bad_command_line_answer_before_torch_loads(args, status, output):
+    """Importing torch and transformers takes seconds; --help and what the command line alone can refuse do not
+    wait for it."""
+    result = subprocess.run([sys.executable, "-c", RUN_AND_REPORT_TORCH, str(ROOT / "generate.py"), *args],
+                            capture_output=True, timeout=60, cwd=ROOT.parent, env=SCRIPT_ENV)  # fmt: skip
+    stdout, stderr = result.stdout.decode(), result.stderr.decode()
+    assert result.returncode == status, stderr
+    assert output in (stdout if status == 0 else stderr)
+    assert stderr.splitlines()[-1] == "torch not imported", stderr
 
 
 @pytest.mark.skipif(not (DEMO / "config.json").exists(), reason="the demo model (demo/) is not built")
