@@ -103,17 +103,15 @@ def first_body_indent(code: str) -> str | None:
     return None
 
 
-def repeats_a_line(code: str, times: int = 3) -> bool:
-    """Whether a non-blank line comes `times` times in a row (ignoring blank lines between): the loops of a small
-    model at greedy or near-greedy settings."""
-    previous, run = None, 0
-    for line in code.splitlines():
-        if not line.strip():
-            continue
-        run = run + 1 if line == previous else 1
-        previous = line
-        if run >= times:
-            return True
+def repeats_a_block(code: str, max_lines: int = 1, times: int = 3) -> bool:
+    """Whether a block of 1 to `max_lines` non-blank lines comes `times` times in a row (blank lines between are
+    ignored): the loops of a small model at greedy or near-greedy settings. With `max_lines` 1, a repeated line."""
+    lines = [line for line in code.splitlines() if line.strip()]
+    for size in range(1, max_lines + 1):
+        for start in range(len(lines) - size * times + 1):
+            block = lines[start : start + size]
+            if all(lines[start + size * k : start + size * (k + 1)] == block for k in range(1, times)):
+                return True
     return False
 
 
@@ -170,7 +168,9 @@ def headers_only(completer: Completer, files: list[Path], prompts: int = 20, see
     return {
         "parsed": sum(parses(code) for code in results),
         "four_space_bodies": sum(first_body_indent(code) == "    " for code in results),
-        "repeating": sum(repeats_a_line(code) for code in results),
+        "repeating": sum(repeats_a_block(code) for code in results),
+        # A loop of two or three lines can stop at a line's end and parse; this counts only loop-free code.
+        "parsed_without_loops": sum(parses(code) and not repeats_a_block(code, max_lines=3) for code in results),
         "prompts": len(items),
         "greedy": greedy,
         "completions": results,

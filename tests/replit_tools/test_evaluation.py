@@ -96,5 +96,8 @@ def test_the_failures_the_headers_only_measure_counts():
     assert evaluation.first_body_indent("def f(n):\n\n    return n") == "    "
     assert evaluation.first_body_indent("def f(n):\n            return n") == " " * 12
     assert evaluation.first_body_indent("def f(n):") is None
-    assert evaluation.repeats_a_line("import os\nimport os\n\nimport os")
-    assert not evaluation.repeats_a_line("import os\nimport sys\nimport os\nimport os")
+    assert evaluation.repeats_a_block("import os\nimport os\n\nimport os")
+    assert not evaluation.repeats_a_block("import os\nimport sys\nimport os\nimport os")
+    two_line_loop = "def f(x):\n" + "    if x:\n        return x\n" * 3
+    assert not evaluation.repeats_a_block(two_line_loop) and evaluation.repeats_a_block(two_line_loop, max_lines=2)
+    assert not evaluation.repeats_a_block("a\nb\na\nb\nc\na\nb", max_lines=3)
