@@ -145,26 +145,41 @@ def train(model, batches, steps, peak_lr, seed, desc="training") -> None:
     model.eval()
 
 
-def write_demo_folder(model, tokenizer, out: Path) -> None:
-    """A complete model repository: weights, config, tokenizer, and links to the root's code (never copies)."""
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+def write_demo_folder(model, tokenizer, out: Path, training: list[dict]) -> None:
+    """A complete model repository: weights, config, tokenizer, links to the root's code (never copies), and
+    training.json: the stages that made the weights, oldest first. It is written beside `out` and then replaces it,
+    so that `out` may be the folder the model came from (--from-model demo) and an interrupted write leaves it whole."""
+    staging = out.with_name(out.name + ".new")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
     model.config.auto_map = json.loads((ROOT / "config.json").read_text())["auto_map"]
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(staging, safe_serialization=True)
     # save_pretrained names the class (ReplitLM), which tools outside transformers' Auto classes cannot find
     # (`transformers serve` builds getattr(transformers, architectures[0])); the Auto class finds it via auto_map.
-    config = json.loads((out / "config.json").read_text())
+    config = json.loads((staging / "config.json").read_text())
     config["architectures"] = json.loads((ROOT / "config.json").read_text())["architectures"]
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    tokenizer.save_pretrained(out)
+    (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tokenizer.save_pretrained(staging)
     # The root's tokenizer_config.json carries the auto_map and the real model's settings; keep them.
     tokenizer_config = json.loads((ROOT / "tokenizer_config.json").read_text())
     tokenizer_config["model_max_length"] = model.config.max_seq_len
-    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
-    shutil.copy(ROOT / "generation_config.json", out / "generation_config.json")
+    (staging / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    shutil.copy(ROOT / "generation_config.json", staging / "generation_config.json")
+    (staging / "training.json").write_text(json.dumps(training, indent=2) + "\n")
     for name in CODE_FILES:
-        (out / name).symlink_to(os.path.relpath(ROOT / name, out.resolve()))
+        (staging / name).symlink_to(os.path.relpath(ROOT / name, out.resolve()))
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+
+
+def earlier_training(folder: Path) -> list[dict]:
+    """The stages recorded in a model folder's training.json, to be continued; one unknown stage where it has none."""
+    record = folder / "training.json"
+    if record.is_file():
+        return json.loads(record.read_text())
+    return [dict(stage="unrecorded", model=str(folder))]
 
 
 def file_starts(tokenizer, stream: torch.Tensor) -> torch.Tensor:
@@ -205,11 +220,13 @@ def main():
                         help="the definitions as written (keep), also without their docstrings (both), or only "
                              "without them (strip)")  # fmt: skip
     parser.add_argument("--save-stage1", type=Path, metavar="DIR",
-                        help="also write the model after stage 1 there (a model folder), for --from-stage1")  # fmt: skip
-    parser.add_argument("--from-stage1", type=Path, metavar="DIR",
-                        help="take the tokenizer and stage-1 model from a --save-stage1 folder of a run with the "
-                             "same seed and stage-1 options, and run stage 2 only: the same model as a whole "
-                             "run, for trying stage-2 options")  # fmt: skip
+                        help="also write the model after stage 1 there (a model folder), for --from-model")  # fmt: skip
+    parser.add_argument("--from-model", type=Path, metavar="DIR",
+                        help="skip stage 1: take the tokenizer and model of a model folder (a --save-stage1 folder, "
+                             "or a finished demo) and run stage 2 on it; its training.json is carried on")  # fmt: skip
+    parser.add_argument("--average-with-start", action="store_true",
+                        help="end stage 2 with the mean of the weights it started from and those it ended with (a "
+                             "checkpoint average; the current demo's last step)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
@@ -220,11 +237,12 @@ def main():
     print(f"data: {len(train_files)} train and {len(held_out_files)} held-out files of {sysconfig.get_paths()['stdlib']}")
     work = args.out.with_name(args.out.name + ".build")
     work.mkdir(parents=True, exist_ok=True)
-    if args.from_stage1:
-        tokenizer = ReplitLMTokenizer.from_pretrained(args.from_stage1)
+    if args.from_model:
+        tokenizer = ReplitLMTokenizer.from_pretrained(args.from_model)
         train_stream = encode_files(tokenizer, train_files)
-        model = ReplitLM.from_pretrained(args.from_stage1, dtype=torch.float32)
-        print(f"stage 1: from {args.from_stage1}")
+        model = ReplitLM.from_pretrained(args.from_model, dtype=torch.float32)
+        training = earlier_training(args.from_model)
+        print(f"stage 1: skipped, continuing from {args.from_model}")
     else:
         spiece = train_sentencepiece(
             sentences(train_files), work / "spiece", DEMO_SHAPE["vocab_size"], seed=args.seed,
@@ -237,21 +255,28 @@ def main():
         print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
         stage1 = lambda generator: random_windows(train_stream, args.batch_size, args.seq_len, generator)  # noqa: E731
         train(model, stage1, args.steps, args.lr, args.seed, desc="stage 1")
+        training = [dict(stage=1, steps=args.steps, lr=args.lr, seed=args.seed, batch_size=args.batch_size,
+                         seq_len=args.seq_len, file_tokens=len(train_stream))]  # fmt: skip
         if args.save_stage1:
-            write_demo_folder(model, tokenizer, args.save_stage1)
-    stats = dict(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, train_tokens=len(train_stream))
+            write_demo_folder(model, tokenizer, args.save_stage1, training)
     if args.stage2_steps:
         stage2, def_count, def_tokens = stage_two_batches(tokenizer, train_files, held_out_files, train_stream, args)
         print(f"stage 2: {def_count:,} definitions at column 0, {def_tokens:,} tokens")
+        # named_parameters lists the tied embedding once (state_dict would name it twice, and average it twice).
+        start = [p.detach().clone() for _, p in model.named_parameters()] if args.average_with_start else []
         train(model, stage2, args.stage2_steps, args.stage2_lr, args.seed + 1, desc="stage 2")
-        stats.update(stage2_steps=args.stage2_steps, stage2_lr=args.stage2_lr,
-                     stage2_definitions=args.stage2_definitions, stage2_file_starts=args.stage2_file_starts,
-                     stage2_documents=def_count, stage2_tokens=def_tokens)  # fmt: skip
-    write_demo_folder(model, tokenizer, args.out)
+        with torch.no_grad():
+            for (_, param), before in zip(model.named_parameters(), start):
+                param.add_(before).div_(2)
+        training.append(dict(stage=2, steps=args.stage2_steps, lr=args.stage2_lr, seed=args.seed + 1,
+                             batch_size=args.batch_size, seq_len=args.seq_len, file_tokens=len(train_stream),
+                             definitions=args.stage2_definitions, file_starts=args.stage2_file_starts,
+                             docstrings=args.stage2_docstrings, definition_documents=def_count,
+                             definition_tokens=def_tokens, averaged_with_start=args.average_with_start))  # fmt: skip
+    write_demo_folder(model, tokenizer, args.out, training)
     shutil.rmtree(work)
 
-    report = evaluate(args.out, held_out_files, seed=args.seed)
-    report.update(stats)
+    report = evaluate(args.out, held_out_files)  # the same prompts whatever the training seed: comparable builds
     (args.out / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 

@@ -3,6 +3,7 @@ on the root's code (links, never copies), with its evaluation recorded in docs/d
 
 import json
 
+import torch
 from conftest import ROOT
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -12,8 +13,11 @@ from replit_tools.loading import load_completer
 
 
 def test_demo_folder_is_complete_and_uses_the_roots_code():
-    for name in ("config.json", "generation_config.json", "model.safetensors", "spiece.model", "tokenizer_config.json"):
+    for name in ("config.json", "generation_config.json", "model.safetensors", "spiece.model", "tokenizer_config.json",
+                 "training.json"):  # fmt: skip
         assert (DEMO / name).is_file(), name
+    stages = json.loads((DEMO / "training.json").read_text())
+    assert stages and all(isinstance(stage["steps"], int) and stage["steps"] > 0 for stage in stages), stages
     for name in CODE_FILES:
         link = DEMO / name
         assert link.is_symlink() and link.resolve() == (ROOT / name).resolve(), name
@@ -58,3 +62,35 @@ def test_the_readme_shows_what_the_demo_writes():
     completions = [c.text for c in load_completer(DEMO).complete(list(README_PROMPTS), settings)]
     shown = [prompt + completion.rstrip("\n") + "\n" for prompt, completion in zip(README_PROMPTS, completions)]
     assert block == "\n".join(shown)
+
+
+def test_a_rebuild_can_continue_the_folder_it_replaces(tmp_path):
+    """`python3 -m replit_tools.demo --from-model demo` continues training the demo and writes it back: the folder
+    is replaced only once the new one is whole (the tokenizer still reads the old spiece.model while it is saved),
+    and training.json carries the earlier stages on."""
+    from replit_lm.configuration_replit_lm import ReplitLMConfig
+    from replit_lm.modeling_replit_lm import ReplitLM
+    from replit_lm.replit_lm_tokenizer import ReplitLMTokenizer
+
+    from replit_tools.demo import earlier_training, write_demo_folder
+
+    out = tmp_path / "demo"
+    tokenizer = ReplitLMTokenizer.from_pretrained(DEMO)
+    model = ReplitLM(ReplitLMConfig(d_model=32, n_heads=2, n_layers=1, vocab_size=4096, max_seq_len=64))
+    assert earlier_training(out) == [{"stage": "unrecorded", "model": str(out)}]
+    write_demo_folder(model, tokenizer, out, [{"stage": 1, "steps": 5}])
+
+    tokenizer = ReplitLMTokenizer.from_pretrained(out)
+    training = earlier_training(out) + [{"stage": 2, "steps": 3}]
+    with torch.no_grad():
+        model.transformer.wte.weight.add_(1.0)
+    write_demo_folder(model, tokenizer, out, training)
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
+    assert json.loads((out / "training.json").read_text()) == [{"stage": 1, "steps": 5}, {"stage": 2, "steps": 3}]
+    for name in CODE_FILES:
+        assert (out / name).resolve() == (ROOT / name).resolve(), name
+    reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    torch.testing.assert_close(reloaded.transformer.wte.weight, model.transformer.wte.weight, rtol=0, atol=0)
+    text = "def add(a, b):\n    return a + b\n"
+    assert AutoTokenizer.from_pretrained(out, trust_remote_code=True).encode(text) == tokenizer.encode(text)
