@@ -20,8 +20,8 @@ import torch
 
 from . import DEMO_MODEL
 from .loading import model_source, quiet_libraries
-from .options import one_line
 from .mpt_reference import mpt_config
+from .options import one_line
 from replit_lm.modeling_replit_lm import ReplitLM
 from replit_lm.replit_lm_tokenizer import ReplitLMTokenizer, ReplitLMTokenizerFast, _as_trained, _SentencePieceModel
 
