@@ -145,6 +145,14 @@ def train(model, batches, steps, peak_lr, seed, desc="training") -> None:
     model.eval()
 
 
+@torch.no_grad()
+def average_with(model, earlier: list[torch.Tensor]) -> None:
+    """Set each parameter to the mean of its value and the earlier one (`earlier` in `model.parameters()` order).
+    parameters() gives the tied embedding once; state_dict would name it twice and average it twice."""
+    for param, before in zip(model.parameters(), earlier, strict=True):
+        param.add_(before).div_(2)
+
+
 def write_demo_folder(model, tokenizer, out: Path, training: list[dict]) -> None:
     """A complete model repository: weights, config, tokenizer, links to the root's code (never copies), and
     training.json: the stages that made the weights, oldest first. It is written beside `out` and then replaces it,
@@ -262,12 +270,10 @@ def main():
     if args.stage2_steps:
         stage2, def_count, def_tokens = stage_two_batches(tokenizer, train_files, held_out_files, train_stream, args)
         print(f"stage 2: {def_count:,} definitions at column 0, {def_tokens:,} tokens")
-        # named_parameters lists the tied embedding once (state_dict would name it twice, and average it twice).
-        start = [p.detach().clone() for _, p in model.named_parameters()] if args.average_with_start else []
+        start = [param.detach().clone() for param in model.parameters()] if args.average_with_start else None
         train(model, stage2, args.stage2_steps, args.stage2_lr, args.seed + 1, desc="stage 2")
-        with torch.no_grad():
-            for (_, param), before in zip(model.named_parameters(), start):
-                param.add_(before).div_(2)
+        if start is not None:
+            average_with(model, start)
         training.append(dict(stage=2, steps=args.stage2_steps, lr=args.stage2_lr, seed=args.seed + 1,
                              batch_size=args.batch_size, seq_len=args.seq_len, file_tokens=len(train_stream),
                              definitions=args.stage2_definitions, file_starts=args.stage2_file_starts,

@@ -94,3 +94,23 @@ def test_a_rebuild_can_continue_the_folder_it_replaces(tmp_path):
     torch.testing.assert_close(reloaded.transformer.wte.weight, model.transformer.wte.weight, rtol=0, atol=0)
     text = "def add(a, b):\n    return a + b\n"
     assert AutoTokenizer.from_pretrained(out, trust_remote_code=True).encode(text) == tokenizer.encode(text)
+
+
+def test_averaging_with_the_start_averages_every_weight_once():
+    """--average-with-start: each weight the mean of before and after, the tied embedding (also the output layer)
+    included exactly once."""
+    from replit_lm.configuration_replit_lm import ReplitLMConfig
+    from replit_lm.modeling_replit_lm import ReplitLM
+    from replit_tools.demo import average_with
+
+    model = ReplitLM(ReplitLMConfig(d_model=32, n_heads=2, n_layers=2, vocab_size=64, max_seq_len=16))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    start = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p))
+    after = {name: p.detach().clone() for name, p in model.named_parameters()}
+    average_with(model, start)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, (before[name] + after[name]) / 2, rtol=0, atol=0, msg=name)
