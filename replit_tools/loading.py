@@ -11,13 +11,13 @@ from pathlib import Path
 import torch
 import transformers
 from huggingface_hub.utils import logging as hub_logging
-from replit_lm.modeling_replit_lm import ReplitLM
-from replit_lm.quantization import measure_routes
-from replit_lm.replit_lm_tokenizer import ReplitLMTokenizer
 
 from . import DEMO_MODEL
 from .completion import Completer
 from .options import DTYPE_NAMES, CompletionError, one_line
+from replit_lm.modeling_replit_lm import ReplitLM
+from replit_lm.quantization import measure_routes
+from replit_lm.replit_lm_tokenizer import ReplitLMTokenizer
 
 # A Hub id (owner/name), tried on the Hub when no such local folder exists.
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")

@@ -72,7 +72,8 @@ def add_model_arguments(parser: argparse.ArgumentParser):
         "or a Hub id (default: the embedded demo model, demo/ beside this script)",
     )
     group.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N or mps")
-    group.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES], help="auto: bfloat16 on CUDA, or float32")
+    group.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES],
+                       help="auto: bfloat16 on CUDA, or float32")  # fmt: skip
     group.add_argument("--attn-impl", choices=["torch", "triton"], help="attention implementation (default: config's)")
     group.add_argument("--weight-quantization", choices=["int8", "int4"], help="quantize the weights as they load")
 

@@ -9,7 +9,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from replit_tools import CODE_FILES, DEMO_MODEL as DEMO
 from replit_tools.completion import Settings
+from replit_tools.demo import average_with, earlier_training, write_demo_folder
 from replit_tools.loading import load_completer
+from replit_lm.configuration_replit_lm import ReplitLMConfig
+from replit_lm.modeling_replit_lm import ReplitLM
+from replit_lm.replit_lm_tokenizer import ReplitLMTokenizer
 
 
 def test_demo_folder_is_complete_and_uses_the_roots_code():
@@ -68,12 +72,6 @@ def test_a_rebuild_can_continue_the_folder_it_replaces(tmp_path):
     """`python3 -m replit_tools.demo --from-model demo` continues training the demo and writes it back: the folder
     is replaced only once the new one is whole (the tokenizer still reads the old spiece.model while it is saved),
     and training.json carries the earlier stages on."""
-    from replit_lm.configuration_replit_lm import ReplitLMConfig
-    from replit_lm.modeling_replit_lm import ReplitLM
-    from replit_lm.replit_lm_tokenizer import ReplitLMTokenizer
-
-    from replit_tools.demo import earlier_training, write_demo_folder
-
     out = tmp_path / "demo"
     tokenizer = ReplitLMTokenizer.from_pretrained(DEMO)
     model = ReplitLM(ReplitLMConfig(d_model=32, n_heads=2, n_layers=1, vocab_size=4096, max_seq_len=64))
@@ -99,10 +97,6 @@ def test_a_rebuild_can_continue_the_folder_it_replaces(tmp_path):
 def test_averaging_with_the_start_averages_every_weight_once():
     """--average-with-start: each weight the mean of before and after, the tied embedding (also the output layer)
     included exactly once."""
-    from replit_lm.configuration_replit_lm import ReplitLMConfig
-    from replit_lm.modeling_replit_lm import ReplitLM
-    from replit_tools.demo import average_with
-
     model = ReplitLM(ReplitLMConfig(d_model=32, n_heads=2, n_layers=2, vocab_size=64, max_seq_len=16))
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     start = [p.detach().clone() for p in model.parameters()]
