@@ -9,16 +9,19 @@ baseline first, and each layer of that shape then takes the fastest. The choices
 version and thread count in a small JSON file (`ROUTE_CACHE_ENV`). docs/cpu.md has the measurements.
 
 - `RoutedLinear` (float weights): F.linear, torch.mv for one row, or W @ x^T for a few rows.
-- `Int8Linear`: int8 weights per output channel; oneDNN's int8 matmul with activations quantized per row on the
-  fly, the int8 weight-only kernel, this module's own kernel ("native", below), or the weight dequantized to the
-  activations' dtype.
+- `Int8Linear`: int8 weights with a scale per block of 32 input channels (llama.cpp's q8_0 layout) through this
+  module's own kernel ("native", below) or the weight unpacked to the activations' dtype; without the native
+  kernels, a scale per output channel, for oneDNN's int8 matmul (activations quantized per row on the fly) and
+  torch's int8 weight-only kernel, which read no other scales.
 - `Int4Linear`: int4 weights in groups of `INT4_GROUP_SIZE` input channels with a scale and a zero point per
   group; torch's int4 kernel, the native kernel, or the weight dequantized to bfloat16.
 
 The native kernels are C (`NATIVE_SOURCE`) compiled with the machine's C compiler at first use, for its own
-instruction set, and kept in ~/.cache/replit_lm/kernels: int8 dot products (AVX512-VNNI where the CPU has it) of
-the weights with activations quantized to int8 in blocks of 32, as llama.cpp's q8_0. Where no compiler is found
-or compiling fails, their routes are not offered and the others remain.
+instruction set, and kept in ~/.cache/replit_lm/kernels: integer dot products (AVX512-VNNI where the CPU has it)
+of the weights with activations quantized in blocks of 32, to int8 as llama.cpp's q8_0 does, or for int8 weights
+to int16, which keeps the float product. Where no compiler is found or compiling fails, their routes are not
+offered and the others remain. A weight unpacked for a product goes into a scratch tensor reused by every layer
+(`_scratch`).
 
 `from_pretrained(path, trust_remote_code=True, weight_quantization="int8")` (or "int4") loads the checkpoint in
 bfloat16 and replaces every Linear layer, the LM head included, one layer at a time. The token embedding stays
@@ -37,6 +40,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -64,8 +68,13 @@ of at least r rows (the last bucket's beyond it)."""
 ROUTE_CACHE_ENV = "REPLIT_LM_ROUTE_CACHE"
 """The file that keeps route choices between runs (default ~/.cache/replit_lm/cpu_routes.json); "off" keeps them
 in memory only."""
+ROUTES_VERSION = "routes 2"
+"""Part of the route cache's key, changed when the routes a layer offers change (2: int8 in blocks of 32, the
+unpacking routes W @ x^T), so that rankings stored by an older version are measured again."""
 TIMING_REPEATS = 3
 LONG_CALL_SECONDS = 0.05
+SMALL_ROWS = 64
+"""Rows up to which the W @ x^T routes are offered (some CPUs multiply a few rows faster that way)."""
 
 
 def row_bucket(rows: int) -> int:
@@ -169,7 +178,7 @@ class RouteChooser:
         return Path(setting) if setting else Path.home() / ".cache" / "replit_lm" / "cpu_routes.json"
 
     def _machine(self) -> str:
-        return f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+        return f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {ROUTES_VERSION}"
 
     def _load(self):
         path = self._cache_file()
@@ -252,8 +261,6 @@ class RoutedLinear(nn.Linear):
     its weights at the memory's speed there, and stays bit for bit what the reference computes), training, other
     devices and layers with a bias use F.linear."""
 
-    SMALL_ROWS = 64
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
             x.device.type != "cpu"
@@ -266,15 +273,33 @@ class RoutedLinear(nn.Linear):
         return _routed(self, x)
 
     def routes(self, rows: int) -> list[str]:
-        return ["linear"] + (["mv"] if rows == 1 else []) + (["matmul_t"] if rows <= self.SMALL_ROWS else [])
+        return ["linear"] + (["mv"] if rows == 1 else []) + (["matmul_t"] if rows <= SMALL_ROWS else [])
 
     def route_function(self, route: str):
         if route == "mv":
             return lambda x: torch.mv(self.weight, x.view(-1)).view(1, -1)
-        if route == "matmul_t":
-            # (out, rows) -> (rows, out), made contiguous: SDPA's fused CPU kernel needs unit stride in q.
-            return lambda x: torch.matmul(self.weight, x.t()).t().contiguous()
-        return lambda x: F.linear(x, self.weight)
+        return functools.partial(_product, weight=self.weight, transposed=route == "matmul_t")
+
+
+def _product(x: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """x (rows, in) times weight (out, in) transposed: F.linear, or W @ x^T, which some CPUs do faster for a few
+    rows, made row-major (SDPA's fused CPU kernel needs unit stride in q). (rows, out)"""
+    return torch.mm(weight, x.t()).t().contiguous() if transposed else F.linear(x, weight)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(n: int, k: int) -> torch.Tensor:
+    """A bfloat16 (n, k) tensor of this thread's, shared by every layer: a quantized weight unpacked for one
+    product. Reused because a fresh one costs more in page faults than the unpacking itself (a 10240 x 2560 int8
+    weight: 20 ms into a new tensor, 3 ms into this one, on a 2-core Xeon). It grows to the largest weight
+    unpacked (the LM head: 168 MB at the real width)."""
+    buffer = getattr(_SCRATCH, "buffer", None)
+    if buffer is None or buffer.numel() < n * k:
+        _SCRATCH.buffer = None  # freed before the larger one is made
+        buffer = _SCRATCH.buffer = torch.empty(n * k, dtype=torch.bfloat16)
+    return buffer[: n * k].view(n, k)
 
 
 def _has_onednn_int8() -> bool:
@@ -343,7 +368,7 @@ def _compile_native(compiler: str, directory: Path, library: Path, flags=NATIVE_
 def _bind_native(library: ctypes.CDLL) -> ctypes.CDLL:
     pointer, size, integer = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     signatures = {  # name: (arguments, result)
-        "int8_matmul": ([pointer, pointer, size, size, pointer, size, pointer, integer, integer], integer),
+        "int8_matmul": ([pointer, pointer, size, size, pointer, size, pointer, integer, integer, integer], integer),
         "int4_matmul": ([pointer, pointer, size, size, pointer, size, pointer, integer, integer], integer),
         "int8_dequantize": ([pointer, pointer, size, size, pointer, integer], None),
         "int4_dequantize": ([pointer, pointer, size, size, pointer, integer], None),
@@ -357,17 +382,18 @@ def _bind_native(library: ctypes.CDLL) -> ctypes.CDLL:
 NATIVE_DTYPES = (torch.bfloat16, torch.float32)  # what the native kernels read and write; others go as float32
 
 
-def _native_product(kernel: str, weights: tuple, n: int, x: torch.Tensor) -> torch.Tensor:
+def _native_product(kernel: str, weights: tuple, n: int, x: torch.Tensor, *options: int) -> torch.Tensor:
     """x (rows, k) times the n (padded) output channels held in `weights` (the tensors of the kernel's weight
-    arguments, in order) through the native `kernel`, in x's dtype. The kernel quantizes the activations itself.
-    One call: each torch call around a product costs more than its own work here, the caches being cold after the
-    weights streamed through. (rows, n)"""
+    arguments, in order) through the native `kernel`, in x's dtype; `options`: the kernel's integer arguments
+    between the dtype flag and the thread count. The kernel quantizes the activations itself. One call: each torch
+    call around a product costs more than its own work here, the caches being cold after the weights streamed
+    through. (rows, n)"""
     dtype = x.dtype
     x = (x if dtype in NATIVE_DTYPES else x.to(torch.float32)).contiguous()
     out = torch.empty(x.shape[0], n, dtype=x.dtype)
     done = getattr(native_kernels(), kernel)(
         *(t.data_ptr() for t in weights), n, x.shape[1], x.data_ptr(), x.shape[0], out.data_ptr(),
-        int(x.dtype == torch.bfloat16), torch.get_num_threads(),
+        int(x.dtype == torch.bfloat16), *options, torch.get_num_threads(),
     )  # fmt: skip
     if not done:
         raise MemoryError(f"{kernel}: no memory for the quantized activations of {tuple(x.shape)}")
@@ -416,61 +442,79 @@ class QuantizedLinear(nn.Module):
 
 
 class Int8Linear(QuantizedLinear):
-    """int8 weights with one float32 scale per output channel: weight ~= q * scale[:, None].
+    """int8 weights, symmetric: weight ~= q * scale with q in [-127, 127] and a scale per block of `block_size`
+    input channels: blocks of 32 with bfloat16 scales (llama.cpp's q8_0 layout) where the native kernels were
+    built, else (or `per_channel`) one float32 scale per output channel, the only scales torch's int8 kernels
+    read.
 
-    Routes: "dequantize" (the weight in the activations' dtype, then F.linear: the baseline), "weight_only" (torch's
-    int8 weight-only kernel), where torch has oneDNN's int8 matmul "onednn", and where the native kernels were
-    built "native". The last two quantize the activations too, so that the int32 products are exact and the error
-    is that of rounding the weights and the activations: oneDNN symmetrically per row (token),
-    x ~= xq * x_scale, xq = round(x / x_scale) in [-127, 127], x_scale = max|x| / 127; the native kernel the same
-    per block of 32 input channels. Each route reads one weight layout: the plain int8 matrix, oneDNN's blocked
-    copy, or the native kernel's interleaved one; once its routes are chosen, a layer keeps only the layout its
-    decode route reads.
+    In blocks of 32, the weights are held in the native kernel's layout only, and the routes are "dequantize" (the
+    weight unpacked to the activations' dtype, then F.linear: the baseline), "native" (the activations quantized to
+    int16 per block, which leaves the product the float one to about 1e-5) and, for more than 8 rows (a prompt),
+    "native_int8" (the activations quantized to int8 per block of 32, as in llama.cpp's q8_0 products: about twice
+    as fast with AVX512-VNNI, with q8_0's rounding error). Per output channel: "dequantize", "weight_only" (torch's
+    int8 weight-only kernel) and, where torch has oneDNN's int8 matmul, "onednn" (activations quantized to int8
+    per row); each reads a layout of its own, the plain int8 matrix or oneDNN's blocked copy, and once its routes
+    are chosen a layer keeps only the layout its decode route reads.
     """
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, per_channel: bool = False):
         super().__init__(weight.shape[1], weight.shape[0])
         self.onednn_available = _has_onednn_int8()
-        self.native_available = self.in_features % NATIVE_BLOCK == 0 and native_kernels() is not None
-        scale = torch.empty(self.out_features)
+        self.native_available = (
+            not per_channel and self.in_features % NATIVE_BLOCK == 0 and native_kernels() is not None
+        )
+        self.block_size = NATIVE_BLOCK if self.native_available else self.in_features
+        self.scale_blocks = blocks = self.in_features // self.block_size
+        scale = torch.empty(self.out_features, blocks)
         q = torch.empty(self.out_features, self.in_features, dtype=torch.int8)
         for rows in _row_chunks(self.out_features):
-            w = weight[rows].detach().to(torch.float32, copy=True)  # (chunk, in), modified in place below
-            scale[rows] = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
-            q[rows] = w.div_(scale[rows, None]).round_().clamp_(-127, 127)
-        self.register_buffer("scale", scale, persistent=False)  # (out,)
+            w = weight[rows].detach().to(torch.float32, copy=True).view(-1, blocks, self.block_size)
+            s = w.abs().amax(dim=2).clamp(min=torch.finfo(torch.float32).tiny) / 127  # (chunk, blocks)
+            if self.native_available:  # rounded to bfloat16 before the weights are quantized against it
+                s = s.to(torch.bfloat16).float()
+            scale[rows] = s
+            q[rows] = w.div_(s[..., None]).round_().clamp_(-127, 127).view(-1, self.in_features)
+        self.register_buffer("scale", scale, persistent=False)  # (out, blocks); None in the native layout
         self.register_buffer("qweight", q, persistent=False)  # (out, in); None once no chosen route reads it
         self.packed = None  # oneDNN's blocked layout of qweight, made when that route is first used
-        self.native = None  # the native kernel's layout, made when that route is first used
-        self.layouts = {"plain", "packed", "native"}  # the layouts this layer may use; one once routes are chosen
+        self.native = None  # the native kernel's layout
         self._scale_cache = {}  # the weight-only kernel wants the scales in the activations' dtype
+        if self.native_available:  # the scales live on in the native layout's bfloat16 copy
+            self._native()
+            self.qweight = self.scale = None
+            self.layouts = {"native"}
+        else:
+            self.layouts = {"plain", "packed"}  # the layouts this layer may use; one once routes are chosen
 
     def routes(self, rows: int) -> list[str]:
-        routes = ["dequantize"] + (["weight_only"] if "plain" in self.layouts else [])  # the baseline reads any
-        routes += ["onednn"] if self.onednn_available and "packed" in self.layouts else []
-        return routes + (["native"] if self.native_available and "native" in self.layouts else [])
+        routes = ["dequantize"] + (["dequantize_t"] if rows <= SMALL_ROWS else [])  # these read any layout
+        if "native" in self.layouts:
+            return routes + ["native"] + (["native_int8"] if rows > 8 else [])
+        routes += ["weight_only"] if "plain" in self.layouts else []
+        return routes + (["onednn"] if self.onednn_available and "packed" in self.layouts else [])
 
     def route_function(self, route: str):
         """The product through `route`, with the weight layout it reads made first (so that timing leaves it out)."""
+        if route in ("native", "native_int8"):
+            return functools.partial(self._native_product, wide=route == "native")
         if route == "onednn":
             self._packed()
             return self._onednn_in_chunks
-        if route == "native":
-            self._native()
-            return self._native_product
         if route == "weight_only":
             plain = self._plain()
             return lambda x: torch.ops.aten._weight_int8pack_mm(x, plain, self._scales_as(x.dtype))
-        return self._dequantized_product
+        return functools.partial(self._dequantized_product, transposed=route == "dequantize_t")
 
     def _keep_layouts_of(self, plan: dict[int, list]):
         """Keep one weight layout (see layout_to_keep): holding two would double the int8 weights. Buckets whose
-        fastest route reads another layout take the fastest that reads this one."""
-        kept = layout_to_keep(plan, {"weight_only": "plain", "onednn": "packed", "native": "native"}, "plain")
+        fastest route reads another layout take the fastest that reads this one. In blocks, the native layout is
+        the only one."""
+        if "native" in self.layouts:
+            return
+        kept = layout_to_keep(plan, {"weight_only": "plain", "onednn": "packed"}, "plain")
         getattr(self, f"_{kept}")()
         self.qweight = self.qweight if kept == "plain" else None
         self.packed = self.packed if kept == "packed" else None
-        self.native = self.native if kept == "native" else None
         self.layouts = {kept}
 
     def _int8_matrix(self) -> torch.Tensor:
@@ -498,28 +542,32 @@ class Int8Linear(QuantizedLinear):
 
     def _native(self) -> torch.Tensor:
         """(padded out / 16, in / 4, 16, 4) uint8 holding q + 128: the unsigned operand of the kernel's int8 dot
-        products, 4 input channels of 16 output channels in 64 bytes; zero rows pad the output channels."""
+        products, 4 input channels of 16 output channels in 64 bytes; zero rows pad the output channels. The
+        scales beside it, (padded out / 16, in / 32, 16) bfloat16."""
         if self.native is None:
             n, k = _padded_rows(self.out_features), self.in_features
             offset = self._int8_matrix().view(torch.uint8) ^ 128  # q + 128
+            scale = self.scale.to(torch.bfloat16)
             if n > self.out_features:
                 offset = F.pad(offset, (0, 0, 0, n - self.out_features), value=128)
+                scale = F.pad(scale, (0, 0, 0, n - self.out_features))
             self.native = offset.view(n // NATIVE_ROWS, NATIVE_ROWS, k // 4, 4).permute(0, 2, 1, 3).contiguous()
-            self._native_scale = F.pad(self.scale, (0, n - self.out_features))
+            self._native_scale = scale.view(n // NATIVE_ROWS, NATIVE_ROWS, -1).transpose(1, 2).contiguous()
         return self.native
 
-    def _dequantized_product(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.bfloat16 and self.native is not None and self.native_available:
-            weight = torch.empty(self.native.shape[0] * NATIVE_ROWS, self.in_features, dtype=torch.bfloat16)
+    def _dequantized_product(self, x: torch.Tensor, transposed: bool) -> torch.Tensor:
+        if self.native is None:  # a scale per output channel commutes with the product
+            return _product(x, self._int8_matrix().to(x.dtype), transposed) * self._scales_as(x.dtype)
+        if x.dtype == torch.bfloat16:
+            weight = _scratch(self.native.shape[0] * NATIVE_ROWS, self.in_features)
             native_kernels().int8_dequantize(self.native.data_ptr(), self._native_scale.data_ptr(), weight.shape[0],
                                              self.in_features, weight.data_ptr(), torch.get_num_threads())  # fmt: skip
-            return _without_padding(F.linear(x, weight), self.out_features)
-        # The per-channel scale commutes with the product.
-        return F.linear(x, self._int8_matrix().to(x.dtype)) * self._scales_as(x.dtype)
+            return _without_padding(_product(x, weight, transposed), self.out_features)
+        return _product(x, self.dequantized_weight().to(x.dtype), transposed)
 
-    def _native_product(self, x: torch.Tensor) -> torch.Tensor:
+    def _native_product(self, x: torch.Tensor, wide: bool) -> torch.Tensor:
         n = self.native.shape[0] * NATIVE_ROWS
-        out = _native_product("int8_matmul", (self.native, self._native_scale), n, x)
+        out = _native_product("int8_matmul", (self.native, self._native_scale), n, x, int(wide))
         return _without_padding(out, self.out_features)
 
     def _onednn_in_chunks(self, x: torch.Tensor) -> torch.Tensor:
@@ -534,18 +582,24 @@ class Int8Linear(QuantizedLinear):
         xq = torch.round(x / x_scale).to(torch.int8)  # (rows, in)
         # oneDNN takes one activation scale per tensor: pass 1 and apply the per-row scales to the output.
         out = torch.ops.onednn.qlinear_pointwise.tensor(
-            xq, self._one, self._zero, packed, self.scale, self._zero_points,
+            xq, self._one, self._zero, packed, self.scale[:, 0], self._zero_points,
             None, 1.0, 0, torch.float32, "none", [], "",
         )  # fmt: skip
         return (out * x_scale).to(x.dtype)  # (rows, out)
 
     def _scales_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """The per-output-channel scales (out,) in `dtype`."""
         if dtype not in self._scale_cache:
-            self._scale_cache[dtype] = self.scale.to(dtype)
+            self._scale_cache[dtype] = self.scale[:, 0].to(dtype)
         return self._scale_cache[dtype]
 
     def dequantized_weight(self) -> torch.Tensor:
-        return self._int8_matrix().float() * self.scale[:, None]
+        if self.native is not None:
+            scale = self._native_scale.float().transpose(1, 2).reshape(-1, self.scale_blocks)[: self.out_features]
+        else:
+            scale = self.scale
+        q = self._int8_matrix().float().view(self.out_features, -1, self.block_size)
+        return (q * scale[..., None]).view(self.out_features, self.in_features)
 
 
 class Int4Linear(QuantizedLinear):
@@ -590,10 +644,11 @@ class Int4Linear(QuantizedLinear):
         self.can_unpack = _int4_layout() is not None
 
     def routes(self, rows: int) -> list[str]:
+        unpacking = ["dequantize"] + (["dequantize_t"] if rows <= SMALL_ROWS else [])
         if "native" not in self.layouts:
-            return ["dequantize", "kernel"] if self.can_unpack else ["kernel"]
+            return unpacking + ["kernel"] if self.can_unpack else ["kernel"]
         kernel = ["kernel"] if "packed" in self.layouts else []
-        return ["dequantize"] + kernel + (["native"] if self.native_available else [])
+        return unpacking + kernel + (["native"] if self.native_available else [])
 
     def route_function(self, route: str):
         if route == "native":
@@ -602,7 +657,8 @@ class Int4Linear(QuantizedLinear):
             packed = self._packed()  # made first, so that timing leaves it out
             product = lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, *packed)  # noqa: E731
         else:
-            product = lambda x: F.linear(x, self._dequantize(torch.bfloat16))  # noqa: E731
+            transposed = route == "dequantize_t"
+            product = lambda x: _product(x, self._dequantize(torch.bfloat16, scratch=True), transposed)  # noqa: E731
         # Both are vectorised for bfloat16 only; padding rows of the weight are cut off the output.
         return lambda x: _without_padding(product(x.to(torch.bfloat16)), self.out_features).to(x.dtype)
 
@@ -631,11 +687,12 @@ class Int4Linear(QuantizedLinear):
         out = _native_product("int4_matmul", (self.native, self.native_scales), self.padded_out, x)
         return _without_padding(out, self.out_features)
 
-    def _dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight in `dtype`, padding rows included. (padded out, in)"""
+    def _dequantize(self, dtype: torch.dtype, scratch: bool = False) -> torch.Tensor:
+        """The weight in `dtype`, padding rows included; unpacked by the native kernel into this thread's scratch
+        tensor (see `_scratch`: valid until the next product) where `scratch` and it can. (padded out, in)"""
         n, k = self.padded_out, self.in_features
         if dtype == torch.bfloat16 and self.native is not None and self.native_available:
-            weight = torch.empty(n, k, dtype=torch.bfloat16)
+            weight = _scratch(n, k) if scratch else torch.empty(n, k, dtype=torch.bfloat16)
             native_kernels().int4_dequantize(self.native.data_ptr(), self.native_scales.data_ptr(), n, k,
                                              weight.data_ptr(), torch.get_num_threads())  # fmt: skip
             return weight
@@ -803,9 +860,10 @@ def _release_file_pages(tensor: torch.Tensor, file_ranges: list[tuple[int, int]]
 
 NATIVE_SOURCE = r"""// Matrix products with int8 and int4 weights for ReplitLM on the CPU, compiled at first use.
 // Weights come in blocks of 16 output channels so that one 512-bit vector holds 4 input channels of each of the 16.
-// Activations are quantized to int8 in blocks of 32 input channels (a scale per block, as llama.cpp's q8_0), and
-// products are summed in int32 per block, then scaled in float32. Activations and outputs are bfloat16 or float32
-// (`bf16` flags), so that no conversion runs around a product.
+// Activations are quantized in blocks of 32 input channels (a scale per block, as llama.cpp's q8_0): to int8, or
+// for the int8 weights' precise kernel to int16 (a rounding error 256 times smaller than bfloat16's, so that the
+// product is the float one); products are summed in int32 per block, then scaled in float32. Activations and outputs
+// are bfloat16 or float32 (`bf16` flags), so that no conversion runs around a product.
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -836,23 +894,26 @@ static inline uint16_t float_to_bf16(float f) {
     return (uint16_t)(bits >> 16);
 }
 
-// Activations quantized: xq int8 (rows, k); per (row, block) the scale xs, the sum of xq and the sum of x.
+
+// Activations quantized: xq (rows, k) int8, or int16 where wide; per (row, block) the scale xs, the sum of xq and
+// the sum of x.
 typedef struct {
-    int8_t *xq;
+    void *xq;
     float *xs, *xsum;
     int32_t *xqsum;
 } activations;
 
 // x: (rows, k) float32, or bfloat16 where x_bf16, quantized into one allocation (free a.xq). 0 if out of memory.
-static int quantize_activations(const void *x, int x_bf16, int64_t rows, int64_t k, int threads, activations *a) {
-    const int64_t blocks = rows * (k / BLOCK);
-    char *buffer = malloc(rows * k + blocks * 12);
+static int quantize_activations(const void *x, int x_bf16, int64_t rows, int64_t k, int wide, int threads,
+                                activations *a) {
+    const int64_t blocks = rows * (k / BLOCK), bytes = rows * k * (wide ? 2 : 1);
+    const float levels = wide ? 32767.f : 127.f;
+    char *buffer = malloc(bytes + blocks * 12);
     if (!buffer) return 0;
-    a->xq = (int8_t *)buffer;
-    a->xs = (float *)(buffer + rows * k);  // rows * k is a multiple of BLOCK: aligned for floats
+    a->xq = buffer;
+    a->xs = (float *)(buffer + bytes);  // rows * k is a multiple of BLOCK: aligned for floats
     a->xsum = a->xs + blocks;
     a->xqsum = (int32_t *)(a->xsum + blocks);
-    int8_t *xq = a->xq;
     float *xs = a->xs, *xsum = a->xsum;
     int32_t *xqsum = a->xqsum;
 #pragma omp parallel for num_threads(threads) schedule(static) if (blocks >= 1024)
@@ -865,11 +926,14 @@ static int quantize_activations(const void *x, int x_bf16, int64_t rows, int64_t
             amax = fmaxf(amax, fabsf(v[j]));
             sum += v[j];
         }
-        float scale = amax / 127.f, inverse = amax > 0.f ? 127.f / amax : 0.f;
+        float scale = amax / levels, inverse = amax > 0.f ? levels / amax : 0.f;
         int32_t qsum = 0;
         for (int j = 0; j < BLOCK; j++) {
             int32_t q = (int32_t)lrintf(v[j] * inverse);
-            xq[i * BLOCK + j] = (int8_t)q;
+            if (wide)
+                ((int16_t *)buffer)[i * BLOCK + j] = (int16_t)q;
+            else
+                ((int8_t *)buffer)[i * BLOCK + j] = (int8_t)q;
             qsum += q;
         }
         xs[i] = scale;
@@ -879,9 +943,11 @@ static int quantize_activations(const void *x, int x_bf16, int64_t rows, int64_t
     return 1;
 }
 
-// int8 weights: w[n / 16][k / 4][16][4] uint8 holding weight + 128, so that the weights are the unsigned operand
-// of the int8 dot product; the 128 * sum(xq) this adds is taken off per block. y[r][o] = wscale[o] * sum_b xs[r][b]
-// * (sum_{i in b} (w[o][i] + 128) xq[r][i] - 128 xqsum[r][b]).
+// int8 weights: w[n / 16][k / 4][16][4] uint8 holding q + 128, so that the weights are the unsigned operand of the
+// int8 dot product; the 128 * sum(xq) this adds is taken off per block. Scales bfloat16 per 32 input channels,
+// wscales[n / 16][k / 32][16]. y[r][o] = sum_b wscale[o][b] xs[r][b] (sum_{i in b} (q[o][i] + 128) xq[r][i] -
+// 128 xqsum[r][b]). With int16 activations, 4 input channels of 8 output channels are widened to 16 bits per
+// 512-bit vector, two inputs per 32-bit lane, and each channel's two lanes are added per block.
 // int4 weights: w[n / 16][k / 8][16][4] uint8, byte j of a channel's 4 holding q[8s + j] in its low nibble and
 // q[8s + 4 + j] in its high one; q in [0, 15], weight = (q - 8) * scale + zero, scale and zero bfloat16 per 32
 // input channels: scales[2][n / 16][k / 32][16], the scales then the zeros. y[r][o] = sum_g scale xs (sum q xq -
@@ -902,34 +968,65 @@ static inline void store16(void *y, int64_t at, __m512 v, int y_bf16) {
         _mm512_storeu_ps((float *)y + at, v);
 }
 
-static inline __attribute__((always_inline)) void int8_tile(const uint8_t *wb, const float *wscale, int64_t k,
-        const int8_t *xq, const float *xs, const int32_t *xqsum, int R, void *y, int64_t n, int y_bf16) {
-    __m512 acc[4];
-    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
-    const int64_t blocks = k / BLOCK;
-    for (int64_t b = 0; b < blocks; b++) {
-        __m512i dot[4];
+static inline __m512 bf16x16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+// The dot products of one block of 32 input channels with R rows of activations, per output channel (16 lanes).
+static inline __attribute__((always_inline)) void int8_block_dots(const uint8_t *wb, int64_t k, int64_t b,
+        const void *xq, int R, int wide, __m512i *dot) {
+    if (!wide) {
         for (int r = 0; r < R; r++) dot[r] = _mm512_setzero_si512();
         for (int j = 0; j < BLOCK / 4; j++) {
             __m512i w = _mm512_loadu_si512(wb + (b * (BLOCK / 4) + j) * 64);
             _mm_prefetch((const char *)(wb + (b * (BLOCK / 4) + j) * 64 + PREFETCH_AHEAD), _MM_HINT_T0);
             for (int r = 0; r < R; r++) {
                 int32_t four;
-                memcpy(&four, xq + r * k + b * BLOCK + j * 4, 4);
+                memcpy(&four, (const int8_t *)xq + r * k + b * BLOCK + j * 4, 4);
                 dot[r] = _mm512_dpbusd_epi32(dot[r], w, _mm512_set1_epi32(four));
             }
         }
+        return;
+    }
+    // int16: channels 0-7 in `low`, 8-15 in `high`, inputs 0-1 of the 4 in a lane, inputs 2-3 in the next.
+    static const int32_t first[16] = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+    __m512i low[4], high[4];
+    for (int r = 0; r < R; r++) low[r] = high[r] = _mm512_setzero_si512();
+    for (int j = 0; j < BLOCK / 4; j++) {
+        const uint8_t *p = wb + (b * (BLOCK / 4) + j) * 64;
+        __m512i w_low = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
+        __m512i w_high = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(p + 32)));
+        _mm_prefetch((const char *)(p + PREFETCH_AHEAD), _MM_HINT_T0);
         for (int r = 0; r < R; r++) {
-            __m512i exact = _mm512_sub_epi32(dot[r], _mm512_set1_epi32(128 * xqsum[r * blocks + b]));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), _mm512_set1_ps(xs[r * blocks + b]), acc[r]);
+            int64_t four;
+            memcpy(&four, (const int16_t *)xq + r * k + b * BLOCK + j * 4, 8);
+            __m512i x = _mm512_set1_epi64(four);
+            low[r] = _mm512_dpwssd_epi32(low[r], w_low, x);
+            high[r] = _mm512_dpwssd_epi32(high[r], w_high, x);
         }
     }
-    __m512 scale = _mm512_loadu_ps(wscale);
-    for (int r = 0; r < R; r++) store16(y, r * n, _mm512_mul_ps(acc[r], scale), y_bf16);
+    const __m512i even = _mm512_loadu_si512(first), odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    for (int r = 0; r < R; r++)
+        dot[r] = _mm512_add_epi32(_mm512_permutex2var_epi32(low[r], even, high[r]),
+                                  _mm512_permutex2var_epi32(low[r], odd, high[r]));
 }
 
-static inline __m512 bf16x16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+static inline __attribute__((always_inline)) void int8_tile(const uint8_t *wb, const uint16_t *sb, int64_t k,
+        const void *xq, const float *xs, const int32_t *xqsum, int R, int wide, void *y, int64_t n, int y_bf16) {
+    __m512 acc[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    const int64_t blocks = k / BLOCK;
+    for (int64_t b = 0; b < blocks; b++) {
+        __m512i dot[4];
+        int8_block_dots(wb, k, b, xq, R, wide, dot);
+        __m512 scale = bf16x16(sb + b * 16);
+        for (int r = 0; r < R; r++) {
+            __m512i exact = _mm512_sub_epi32(dot[r], _mm512_set1_epi32(128 * xqsum[r * blocks + b]));
+            __m512 both = _mm512_mul_ps(scale, _mm512_set1_ps(xs[r * blocks + b]));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), both, acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) store16(y, r * n, acc[r], y_bf16);
 }
 
 static inline __attribute__((always_inline)) void int4_tile(const uint8_t *wb, const uint16_t *sb,
@@ -973,8 +1070,8 @@ static inline void store1(void *y, int64_t at, float v, int y_bf16) {
         ((float *)y)[at] = v;
 }
 
-static void int8_tile(const uint8_t *wb, const float *wscale, int64_t k, const int8_t *xq, const float *xs,
-                      const int32_t *xqsum, int R, void *y, int64_t n, int y_bf16) {
+static void int8_tile(const uint8_t *wb, const uint16_t *sb, int64_t k, const void *xq, const float *xs,
+                      const int32_t *xqsum, int R, int wide, void *y, int64_t n, int y_bf16) {
     const int64_t blocks = k / BLOCK;
     for (int r = 0; r < R; r++) {
         for (int c = 0; c < 16; c++) {
@@ -983,11 +1080,13 @@ static void int8_tile(const uint8_t *wb, const float *wscale, int64_t k, const i
                 int32_t dot = 0;
                 for (int i = 0; i < BLOCK; i++) {
                     int64_t kk = b * BLOCK + i;
-                    dot += (int32_t)wb[(kk / 4) * 64 + c * 4 + kk % 4] * xq[r * k + kk];
+                    int32_t x = wide ? ((const int16_t *)xq)[r * k + kk] : ((const int8_t *)xq)[r * k + kk];
+                    dot += (int32_t)wb[(kk / 4) * 64 + c * 4 + kk % 4] * x;
                 }
-                acc += (float)(dot - 128 * xqsum[r * blocks + b]) * xs[r * blocks + b];
+                float both = bf16_to_float(sb[b * 16 + c]) * xs[r * blocks + b];
+                acc += (float)(dot - 128 * xqsum[r * blocks + b]) * both;
             }
-            store1(y, r * n + c, acc * wscale[c], y_bf16);
+            store1(y, r * n + c, acc, y_bf16);
         }
     }
 }
@@ -1017,28 +1116,29 @@ static void int4_tile(const uint8_t *wb, const uint16_t *sb, const uint16_t *zb,
 
 #define TILE 4
 
-// y (rows, n) = x (rows, k) times the weights, x and y bfloat16 where bf16, else float32. 0 if out of memory.
-int int8_matmul(const uint8_t *w, const float *wscale, int64_t n, int64_t k, const void *x, int64_t rows, void *y,
-                int bf16, int threads) {
+// y (rows, n) = x (rows, k) times the weights, x and y bfloat16 where bf16, else float32; the activations
+// quantized to int16 where wide, else int8. 0 if out of memory.
+int int8_matmul(const uint8_t *w, const uint16_t *wscales, int64_t n, int64_t k, const void *x, int64_t rows,
+                void *y, int bf16, int wide, int threads) {
     activations a;
-    if (!quantize_activations(x, bf16, rows, k, threads, &a)) return 0;
-    const int8_t *xq = a.xq;
+    if (!quantize_activations(x, bf16, rows, k, wide, threads, &a)) return 0;
     const float *xs = a.xs;
     const int32_t *xqsum = a.xqsum;
-    const int64_t blocks = k / BLOCK;
+    const int64_t blocks = k / BLOCK, width = wide ? 2 : 1;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t ob = 0; ob < n / 16; ob++) {
         const uint8_t *wb = w + ob * 16 * k;
+        const uint16_t *sb = wscales + ob * 16 * blocks;
         for (int64_t r0 = 0; r0 < rows; r0 += TILE) {
-            const int8_t *xr = xq + r0 * k;
+            const void *xr = (const char *)a.xq + r0 * k * width;
             const float *sr = xs + r0 * blocks;
             const int32_t *qr = xqsum + r0 * blocks;
             void *yr = (char *)y + (r0 * n + ob * 16) * (bf16 ? 2 : 4);
             switch (rows - r0 < TILE ? rows - r0 : TILE) {
-                case 1: int8_tile(wb, wscale + ob * 16, k, xr, sr, qr, 1, yr, n, bf16); break;
-                case 2: int8_tile(wb, wscale + ob * 16, k, xr, sr, qr, 2, yr, n, bf16); break;
-                case 3: int8_tile(wb, wscale + ob * 16, k, xr, sr, qr, 3, yr, n, bf16); break;
-                default: int8_tile(wb, wscale + ob * 16, k, xr, sr, qr, 4, yr, n, bf16); break;
+                case 1: int8_tile(wb, sb, k, xr, sr, qr, 1, wide, yr, n, bf16); break;
+                case 2: int8_tile(wb, sb, k, xr, sr, qr, 2, wide, yr, n, bf16); break;
+                case 3: int8_tile(wb, sb, k, xr, sr, qr, 3, wide, yr, n, bf16); break;
+                default: int8_tile(wb, sb, k, xr, sr, qr, 4, wide, yr, n, bf16); break;
             }
         }
     }
@@ -1049,7 +1149,7 @@ int int8_matmul(const uint8_t *w, const float *wscale, int64_t n, int64_t k, con
 int int4_matmul(const uint8_t *w, const uint16_t *scales, int64_t n, int64_t k,
                 const void *x, int64_t rows, void *y, int bf16, int threads) {
     activations a;
-    if (!quantize_activations(x, bf16, rows, k, threads, &a)) return 0;
+    if (!quantize_activations(x, bf16, rows, k, 0, threads, &a)) return 0;
     const int8_t *xq = a.xq;
     const float *xs = a.xs, *xsum = a.xsum;
     const int32_t *xqsum = a.xqsum;
@@ -1076,32 +1176,37 @@ int int4_matmul(const uint8_t *w, const uint16_t *scales, int64_t n, int64_t k,
 }
 
 // The weights back in bfloat16, row-major (n, k), for a long prompt's matrix product.
-void int8_dequantize(const uint8_t *w, const float *wscale, int64_t n, int64_t k, uint16_t *out, int threads) {
+void int8_dequantize(const uint8_t *w, const uint16_t *wscales, int64_t n, int64_t k, uint16_t *out, int threads) {
+    const int64_t blocks = k / BLOCK;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t ob = 0; ob < n / 16; ob++) {
         const uint8_t *wb = w + ob * 16 * k;
+        const uint16_t *sb = wscales + ob * 16 * blocks;
         for (int quad = 0; quad < 4; quad++) {  // 4 channels at a time: 16 bytes of each 64, 4 inputs each
             uint16_t *rows = out + (ob * 16 + quad * 4) * k;
-            const float *s = wscale + ob * 16 + quad * 4;
+            for (int64_t b = 0; b < blocks; b++) {
+                float s[4];
+                for (int c = 0; c < 4; c++) s[c] = bf16_to_float(sb[b * 16 + quad * 4 + c]);
 #ifdef VNNI512
-            const __m512 scale = _mm512_set_ps(s[3], s[3], s[3], s[3], s[2], s[2], s[2], s[2],
-                                               s[1], s[1], s[1], s[1], s[0], s[0], s[0], s[0]);
-            for (int64_t k4 = 0; k4 < k / 4; k4++) {
-                __m512i q = _mm512_sub_epi32(
-                    _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wb + k4 * 64 + quad * 16))),
-                    _mm512_set1_epi32(128));
-                __m512i bits = bf16_bits(_mm512_mul_ps(_mm512_cvtepi32_ps(q), scale));
-                uint64_t four[4];  // channel c's 4 bfloat16 values in four[c]
-                _mm256_storeu_si256((__m256i *)four, _mm512_cvtepi32_epi16(bits));
-                for (int c = 0; c < 4; c++) memcpy(rows + c * k + k4 * 4, &four[c], 8);
-            }
+                const __m512 scale = _mm512_set_ps(s[3], s[3], s[3], s[3], s[2], s[2], s[2], s[2],
+                                                   s[1], s[1], s[1], s[1], s[0], s[0], s[0], s[0]);
+                for (int64_t k4 = b * (BLOCK / 4); k4 < (b + 1) * (BLOCK / 4); k4++) {
+                    __m512i q = _mm512_sub_epi32(
+                        _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wb + k4 * 64 + quad * 16))),
+                        _mm512_set1_epi32(128));
+                    __m512i bits = bf16_bits(_mm512_mul_ps(_mm512_cvtepi32_ps(q), scale));
+                    uint64_t four[4];  // channel c's 4 bfloat16 values in four[c]
+                    _mm256_storeu_si256((__m256i *)four, _mm512_cvtepi32_epi16(bits));
+                    for (int c = 0; c < 4; c++) memcpy(rows + c * k + k4 * 4, &four[c], 8);
+                }
 #else
-            for (int c = 0; c < 4; c++)
-                for (int64_t k4 = 0; k4 < k / 4; k4++)
-                    for (int j = 0; j < 4; j++)
-                        rows[c * k + k4 * 4 + j] =
-                            float_to_bf16((float)((int)wb[k4 * 64 + quad * 16 + c * 4 + j] - 128) * s[c]);
+                for (int c = 0; c < 4; c++)
+                    for (int64_t k4 = b * (BLOCK / 4); k4 < (b + 1) * (BLOCK / 4); k4++)
+                        for (int j = 0; j < 4; j++)
+                            rows[c * k + k4 * 4 + j] =
+                                float_to_bf16((float)((int)wb[k4 * 64 + quad * 16 + c * 4 + j] - 128) * s[c]);
 #endif
+            }
         }
     }
 }

@@ -40,9 +40,9 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 @pytest.fixture
-def without_onednn(monkeypatch):
-    """Quantize as on a torch build without oneDNN's int8 matmul: the int8 weight-only kernel."""
-    monkeypatch.setattr(quantization, "_has_onednn_int8", lambda: False)
+def per_channel_int8(monkeypatch):
+    """int8 layers made as where the native kernels are not built: a scale per output channel, torch's kernels."""
+    monkeypatch.setattr(quantization, "native_kernels", lambda: None)
 
 
 def gaussian(out_features, in_features, seed=0):
@@ -52,10 +52,10 @@ def gaussian(out_features, in_features, seed=0):
 # --- layers ----------------------------------------------------------------------------------------------------
 
 # Relative error of a route's output against float32 math, for Gaussian weights and activations: bfloat16 rounds
-# the output once; int8 rounds each weight to 1/254 of its row's range (about 0.7%), plus about 0.8% for the
-# activations on the routes that quantize them too (oneDNN's per row, the native kernel's per block of 32); int4
-# rounds to 1/15 of its group's range (about 9%).
-ROUTE_BOUNDS = {"bfloat16": 0.01, "int8": 0.009, "int8 onednn": 0.012, "int8 native": 0.012, "int4": 0.11}
+# the output once; int8 rounds each weight to 1/254 of its block's or row's range (about 0.6-0.7%), plus about 0.8%
+# for the activations on the routes that quantize them to int8 too (oneDNN's per row, the native kernel's per block
+# of 32); int4 rounds to 1/15 of its group's range (about 9%).
+ROUTE_BOUNDS = {"bfloat16": 0.01, "int8": 0.009, "int8 onednn": 0.012, "int8 native_int8": 0.012, "int4": 0.11}
 
 
 def make_layer(kind: str, weight: torch.Tensor):
@@ -65,17 +65,12 @@ def make_layer(kind: str, weight: torch.Tensor):
         return layer.requires_grad_(False)
     if kind.startswith("int4"):  # "int4": groups of 32 (the default, and the native kernel's); "int4/64"
         return Int4Linear(weight, group_size=int(kind.partition("/")[2] or quantization.INT4_GROUP_SIZE))
-    return Int8Linear(weight)
-
-
-def every_route(kind: str, rows: int):
-    layer = make_layer(kind, gaussian(8, 64).to(torch.bfloat16))
-    return [(kind, route) for route in layer.routes(rows)]
+    return Int8Linear(weight, per_channel=kind == "int8/channel")  # "int8": blocks of 32 where the kernels run
 
 
 @pytest.mark.parametrize("shape", [(144, 64), (80, 128), (256, 256), (100, 96)])
 @pytest.mark.parametrize("rows", [1, 3, 70])
-@pytest.mark.parametrize("kind", ["bfloat16", "int8", "int4", "int4/64"])
+@pytest.mark.parametrize("kind", ["bfloat16", "int8", "int8/channel", "int4", "int4/64"])
 def test_every_route_against_float_math(shape, rows, kind):
     weight = gaussian(*shape).to(torch.bfloat16)
     layer = make_layer(kind, weight)
@@ -84,10 +79,12 @@ def test_every_route_against_float_math(shape, rows, kind):
     for route in layer.routes(rows):
         out = layer.route_function(route)(x)
         assert out.shape == (rows, shape[0]) and out.dtype == torch.bfloat16 and out.is_contiguous(), route
-        bound = ROUTE_BOUNDS.get(f"{kind} {route}", ROUTE_BOUNDS[kind.partition("/")[0]])
+        bound = ROUTE_BOUNDS.get(f"{kind.partition('/')[0]} {route}", ROUTE_BOUNDS[kind.partition("/")[0]])
         assert relative_error(out, expected) < bound, route
         if kind != "bfloat16":  # what the kernels compute is the product with the weight as quantized
-            assert relative_error(out, x.float() @ layer.dequantized_weight().t()) < 0.01, route
+            as_quantized = relative_error(out, x.float() @ layer.dequantized_weight().t())
+            # int8's native route quantizes the activations to int16: the float product, rounded to bfloat16.
+            assert as_quantized < (0.003 if f"{kind} {route}" == "int8 native" else 0.01), route
 
 
 @pytest.mark.parametrize("kind", ["bfloat16", "int8", "int4"])
@@ -107,6 +104,26 @@ def test_the_native_routes_are_offered_where_the_kernels_were_built():
     weight = gaussian(64, 64).to(torch.bfloat16)
     assert "native" in Int8Linear(weight).routes(1) and "native" in Int4Linear(weight).routes(1)
     assert "native" not in Int4Linear(weight, group_size=64).routes(1)  # the kernel's groups are of 32
+    # int8 activations (q8_0's products) only for a prompt's rows: decoding keeps the float product.
+    assert [rows for rows in (1, 8, 9, 64) if "native_int8" in Int8Linear(weight).routes(rows)] == [9, 64]
+
+
+@pytest.mark.skipif(quantization.native_kernels() is None, reason="no C compiler here")
+def test_int8_with_the_native_kernels_has_a_bfloat16_scale_per_block_of_32(monkeypatch):
+    """q8_0's layout: closer to the weights than a scale per output channel (whose torch kernels are then not
+    offered: they read no other scales), held once, in the native kernels' layout."""
+    weight = gaussian(64, 256).to(torch.bfloat16)
+    weight[:, :32] *= 20  # one block of large weights per row: a row's scale would blur the rest
+    blocks = Int8Linear(weight)
+    assert blocks.block_size == 32 and blocks._native_scale.dtype == torch.bfloat16
+    assert blocks.layouts == {"native"} and blocks.qweight is None and blocks.scale is None
+    assert set(blocks.routes(64)) == {"dequantize", "dequantize_t", "native", "native_int8"}
+    monkeypatch.setattr(quantization, "native_kernels", lambda: None)
+    rows = Int8Linear(weight)
+    assert rows.block_size == 256 and "native" not in rows.routes(1)
+    error = {name: relative_error(layer.dequantized_weight()[:, 32:], weight.float()[:, 32:])
+             for name, layer in (("blocks", blocks), ("rows", rows))}  # fmt: skip
+    assert error["blocks"] < error["rows"] / 10
 
 
 @pytest.mark.skipif(quantization.native_kernels() is None, reason="no C compiler here")
@@ -316,29 +333,28 @@ def held_layouts(layer) -> set:
 
 
 @pytest.mark.skipif(not quantization._has_onednn_int8(), reason="needs oneDNN's int8 matmul")
-@pytest.mark.skipif(quantization.native_kernels() is None, reason="needs the native kernels (a C compiler)")
-@pytest.mark.parametrize("winner", ["onednn", "weight_only", "native", "onednn for one row only"])
-def test_int8_keeps_only_the_weight_layout_its_decode_route_reads(monkeypatch, winner):
+@pytest.mark.parametrize("winner", ["onednn", "weight_only", "onednn for one row only"])
+def test_int8_keeps_only_the_weight_layout_its_decode_route_reads(monkeypatch, per_channel_int8, winner):
     """One layout per layer, whatever the other buckets chose: two would double the int8 weights."""
     if winner == "onednn for one row only":  # fixed cost 0, per row 0.5 s; the others win from 8 rows on
-        timings = {"dequantize": (3.0, 0.01), "weight_only": (3.0, 0.01), "onednn": 0.5, "native": (3.0, 0.02)}
+        timings = {"dequantize": (3.0, 0.01), "dequantize_t": (3.0, 0.01), "weight_only": (3.0, 0.01), "onednn": 0.5}
         winner = "onednn"
     else:
-        timings = {"dequantize": 1.0, "weight_only": 2.0, "onednn": 2.0, "native": 2.0, winner: 0.5}
+        timings = {"dequantize": 1.0, "dequantize_t": 1.0, "weight_only": 2.0, "onednn": 2.0, winner: 0.5}
     monkeypatch.setattr(quantization, "ROUTES", chooser_with(FakeTimer(timings)))
     weight = gaussian(96, 64).to(torch.bfloat16)
     layer = tag_routes(monkeypatch, Int8Linear(weight))
     x = torch.randn(3, 64, dtype=torch.bfloat16)
     out = layer(x)
-    kept = {"onednn": "packed", "native": "native"}.get(winner, "plain")
+    kept = "packed" if winner == "onednn" else "plain"
     assert held_layouts(layer) == layer.layouts == {kept}
     assert relative_error(out, x.float() @ weight.float().t()) < ROUTE_BOUNDS["int8 onednn"]
     assert relative_error(layer.dequantized_weight(), weight.float()) < 0.01
     # Later calls read the kept layout: their bucket's route where it reads that layout, else its baseline.
     ranking = quantization.ROUTES.plan(layer, x.dtype)[row_bucket(3)]
     route = next(route for route, _ in ranking if route in layer.routes(3))
-    own_routes = {"packed": ["onednn"], "native": ["native"], "plain": ["weight_only"]}
-    assert layer.routes(3) == ["dequantize"] + own_routes[kept]
+    own_routes = {"packed": ["onednn"], "plain": ["weight_only"]}
+    assert layer.routes(3) == ["dequantize", "dequantize_t"] + own_routes[kept]
     assert torch.equal(layer(x), layer.route_function(route)(x))
     assert held_layouts(layer) == {kept}
 
@@ -357,11 +373,11 @@ def test_the_kept_layout_decodes_fastest_and_breaks_near_ties_by_the_prompt():
     assert quantization.layout_to_keep(plan, reads, "plain") == "plain"
 
 
-def test_a_stored_plan_ranking_a_route_not_available_here_does_not_choose_the_layout(monkeypatch):
+def test_a_stored_plan_ranking_a_route_not_available_here_does_not_choose_the_layout(monkeypatch, per_channel_int8):
     """A stored ranking whose fastest route this layer cannot take (here oneDNN's, as from a torch build that has
     it): the layer keeps the layout of the fastest route it can take, not the one it could only dequantize from."""
     layer = Int8Linear(gaussian(96, 64).to(torch.bfloat16))
-    layer.native_available, layer.onednn_available = False, False
+    layer.onednn_available = False
     ranking = [["onednn", 0.1], ["weight_only", 0.5], ["dequantize", 1.0]]
     chooser = RouteChooser()
     chooser.choices[chooser.key(layer, torch.bfloat16)] = {bucket: ranking for bucket in quantization.ROW_BUCKETS}
@@ -377,7 +393,7 @@ def test_a_ranking_measured_without_the_native_kernels_is_measured_again_with_th
     monkeypatch.setenv(quantization.ROUTE_CACHE_ENV, str(tmp_path / "routes.json"))
     without = tag_routes(monkeypatch, Int4Linear(gaussian(96, 64).to(torch.bfloat16)))
     without.native_available = False
-    timer = FakeTimer({"dequantize": 1.0, "kernel": 0.5, "native": 0.1})
+    timer = FakeTimer({"dequantize": 1.0, "dequantize_t": 1.0, "kernel": 0.5, "native": 0.1})
     assert "native" not in routes_of(chooser_with(timer).plan(without, torch.bfloat16))[1]
     with_kernels = tag_routes(monkeypatch, Int4Linear(gaussian(96, 64).to(torch.bfloat16)))
     assert routes_of(chooser_with(timer).plan(with_kernels, torch.bfloat16))[1][0] == "native"
@@ -386,7 +402,7 @@ def test_a_ranking_measured_without_the_native_kernels_is_measured_again_with_th
 @pytest.mark.skipif(quantization.native_kernels() is None, reason="needs the native kernels (a C compiler)")
 @pytest.mark.parametrize("winner", ["kernel", "native", "dequantize"])
 def test_int4_keeps_only_the_weight_layout_its_decode_route_reads(monkeypatch, winner):
-    timings = {"dequantize": 1.0, "kernel": 2.0, "native": 2.0, winner: 0.5}
+    timings = {"dequantize": 1.0, "dequantize_t": 1.0, "kernel": 2.0, "native": 2.0, winner: 0.5}
     monkeypatch.setattr(quantization, "ROUTES", chooser_with(FakeTimer(timings)))
     weight = gaussian(96, 64).to(torch.bfloat16)
     layer = tag_routes(monkeypatch, Int4Linear(weight))
@@ -397,13 +413,14 @@ def test_int4_keeps_only_the_weight_layout_its_decode_route_reads(monkeypatch, w
     assert layer.layouts == {kept}
     assert (layer.packed is not None, layer.native is not None) == (kept == "packed", kept == "native")
     assert torch.equal(layer.dequantized_weight(), expected)  # either layout holds the same weights
-    assert set(layer.routes(1)) == ({"dequantize", "kernel"} if kept == "packed" else {"dequantize", "native"})
+    own = {"kernel"} if kept == "packed" else {"native"}
+    assert set(layer.routes(1)) == {"dequantize", "dequantize_t"} | own
     for route in layer.routes(3):
         assert relative_error(layer.route_function(route)(x), x.float() @ expected.t()) < 0.01, route
 
 
 @pytest.mark.skipif(not quantization._has_onednn_int8(), reason="needs oneDNN's int8 matmul")
-def test_int8_long_inputs_run_in_chunks_with_the_same_result():
+def test_int8_long_inputs_run_in_chunks_with_the_same_result(per_channel_int8):
     """Activations are quantized per row, so a prompt split into chunks of rows gives what one call gives."""
     layer = Int8Linear(gaussian(96, 64).to(torch.bfloat16))
     rows = 2 * quantization.ONEDNN_INT8_CHUNK_ROWS + 5
@@ -431,7 +448,7 @@ def test_layers_keep_float32_activations():
 def test_int4_dequantized_weight_agrees_with_the_kernel():
     """The weight the layer holds, unpacked, is the one torch's kernel multiplies by (applied to the identity)."""
     layer = Int4Linear(gaussian(80, 128).to(torch.bfloat16), group_size=32)
-    assert layer.can_unpack and layer.routes(1)[:2] == ["dequantize", "kernel"]
+    assert layer.can_unpack and layer.routes(1)[:3] == ["dequantize", "dequantize_t", "kernel"]
     eye = torch.eye(128, dtype=torch.bfloat16)
     by_kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, *layer._packed())[:, :80].t().float()
     torch.testing.assert_close(layer.dequantized_weight(), by_kernel, atol=4e-3, rtol=0)
@@ -458,6 +475,7 @@ def test_quantizing_in_chunks_of_rows_changes_nothing(cls, monkeypatch):
         else:
             other = getattr(chunked, name)
         assert torch.equal(tensor, other), name
+    assert torch.equal(whole.dequantized_weight(), chunked.dequantized_weight())
 
 
 def test_int4_pads_output_channels_to_the_kernels_blocks():
@@ -524,14 +542,19 @@ def test_int8_model_generates_like_bfloat16(mode, monkeypatch):
     assert out.shape == (4, 29)
 
 
-@pytest.mark.parametrize("route", ["dequantize", "kernel", "native"])
-def test_int4_model_runs_prompt_and_decode_routes(monkeypatch, route):
-    """Through each route alone (routes differ in how they round the activations, which this check is not about)."""
-    if route == "native" and quantization.native_kernels() is None:
+QUANTIZED_ROUTES = {"int4": ["dequantize", "dequantize_t", "kernel", "native"],
+                    "int8": ["dequantize", "dequantize_t", "native", "native_int8"]}  # fmt: skip
+
+
+@pytest.mark.parametrize("mode,route", [(mode, route) for mode, routes in QUANTIZED_ROUTES.items() for route in routes])
+def test_quantized_model_runs_prompt_and_decode_routes(monkeypatch, mode, route):
+    """Through each route where the layer offers it, the baseline elsewhere (routes differ in how they round the
+    activations, which this check is not about)."""
+    if route.startswith("native") and quantization.native_kernels() is None:
         pytest.skip("no C compiler here")
-    timings = {"dequantize": 1.0, "kernel": 1.0, "native": 1.0, route: 0.5}
+    timings = dict.fromkeys(QUANTIZED_ROUTES[mode], 1.0) | {route: 0.5}
     monkeypatch.setattr(quantization, "ROUTES", chooser_with(FakeTimer(timings)))
-    _, model = quantized_pair("int4")
+    _, model = quantized_pair(mode)
     model = tag_all_routes(monkeypatch, model)
     ids = torch.randint(3, VOCAB, (4, 48), generator=torch.Generator().manual_seed(3))
     # A prompt of many rows, then single tokens (routes chosen per row bucket): the cached decode agrees with one
