@@ -297,7 +297,7 @@ def _scratch(n: int, k: int) -> torch.Tensor:
     unpacked (the LM head: 168 MB at the real width)."""
     buffer = getattr(_SCRATCH, "buffer", None)
     if buffer is None or buffer.numel() < n * k:
-        _SCRATCH.buffer = None  # freed before the larger one is made
+        buffer = _SCRATCH.buffer = None  # the smaller one freed before the larger one is made
         buffer = _SCRATCH.buffer = torch.empty(n * k, dtype=torch.bfloat16)
     return buffer[: n * k].view(n, k)
 
@@ -469,7 +469,7 @@ class Int8Linear(QuantizedLinear):
         q = torch.empty(self.out_features, self.in_features, dtype=torch.int8)
         for rows in _row_chunks(self.out_features):
             w = weight[rows].detach().to(torch.float32, copy=True).view(-1, blocks, self.block_size)
-            s = w.abs().amax(dim=2).clamp(min=torch.finfo(torch.float32).tiny) / 127  # (chunk, blocks)
+            s = (w.abs().amax(dim=2) / 127).clamp(min=torch.finfo(torch.float32).tiny)  # (chunk, blocks); > 0
             if self.native_available:  # rounded to bfloat16 before the weights are quantized against it
                 s = s.to(torch.bfloat16).float()
             scale[rows] = s

@@ -114,10 +114,15 @@ def test_int8_with_the_native_kernels_has_a_bfloat16_scale_per_block_of_32(monke
     offered: they read no other scales), held once, in the native kernels' layout."""
     weight = gaussian(64, 256).to(torch.bfloat16)
     weight[:, :32] *= 20  # one block of large weights per row: a row's scale would blur the rest
+    weight[:8, 64:96] = 0  # blocks of zeros: a scale of 0 would give NaN
     blocks = Int8Linear(weight)
+    assert torch.equal(blocks.dequantized_weight()[:8, 64:96], torch.zeros(8, 32))
     assert blocks.block_size == 32 and blocks._native_scale.dtype == torch.bfloat16
     assert blocks.layouts == {"native"} and blocks.qweight is None and blocks.scale is None
     assert set(blocks.routes(64)) == {"dequantize", "dequantize_t", "native", "native_int8"}
+    x = torch.randn(64, 256, dtype=torch.bfloat16)
+    for route in blocks.routes(64):
+        assert relative_error(blocks.route_function(route)(x), x.float() @ weight.float().t()) < 0.01, route
     monkeypatch.setattr(quantization, "native_kernels", lambda: None)
     rows = Int8Linear(weight)
     assert rows.block_size == 256 and "native" not in rows.routes(1)
