@@ -369,6 +369,8 @@ def _bind_native(library: ctypes.CDLL) -> ctypes.CDLL:
     pointer, size, integer = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     signatures = {  # name: (arguments, result)
         "int8_matmul": ([pointer, pointer, size, size, pointer, size, pointer, integer, integer, integer], integer),
+        "int8_matmul_amx": ([pointer, pointer, size, size, pointer, size, pointer, integer, integer], integer),
+        "amx_available": ([], integer),
         "int4_matmul": ([pointer, pointer, size, size, pointer, size, pointer, integer, integer], integer),
         "int8_dequantize": ([pointer, pointer, size, size, pointer, integer], None),
         "int4_dequantize": ([pointer, pointer, size, size, pointer, integer], None),
@@ -398,6 +400,12 @@ def _native_product(kernel: str, weights: tuple, n: int, x: torch.Tensor, *optio
     if not done:
         raise MemoryError(f"{kernel}: no memory for the quantized activations of {tuple(x.shape)}")
     return out if out.dtype == dtype else out.to(dtype)  # even a no-op .to costs tens of microseconds here
+
+
+@functools.cache
+def _has_amx() -> bool:
+    """Whether the native int8 kernel for AMX runs here (built for it, and the tile registers granted)."""
+    return native_kernels() is not None and bool(native_kernels().amx_available())
 
 
 def _without_padding(out: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -489,7 +497,8 @@ class Int8Linear(QuantizedLinear):
     def routes(self, rows: int) -> list[str]:
         routes = ["dequantize"] + (["dequantize_t"] if rows <= SMALL_ROWS else [])  # these read any layout
         if "native" in self.layouts:
-            return routes + ["native"] + (["native_int8"] if rows > 8 else [])
+            prompt = ["native_int8"] + (["native_amx"] if _has_amx() else [])
+            return routes + ["native"] + (prompt if rows > 8 else [])
         routes += ["weight_only"] if "plain" in self.layouts else []
         return routes + (["onednn"] if self.onednn_available and "packed" in self.layouts else [])
 
@@ -497,6 +506,8 @@ class Int8Linear(QuantizedLinear):
         """The product through `route`, with the weight layout it reads made first (so that timing leaves it out)."""
         if route in ("native", "native_int8"):
             return functools.partial(self._native_product, wide=route == "native")
+        if route == "native_amx":
+            return self._amx_product
         if route == "onednn":
             self._packed()
             return self._onednn_in_chunks
@@ -568,6 +579,11 @@ class Int8Linear(QuantizedLinear):
     def _native_product(self, x: torch.Tensor, wide: bool) -> torch.Tensor:
         n = self.native.shape[0] * NATIVE_ROWS
         out = _native_product("int8_matmul", (self.native, self._native_scale), n, x, int(wide))
+        return _without_padding(out, self.out_features)
+
+    def _amx_product(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.native.shape[0] * NATIVE_ROWS
+        out = _native_product("int8_matmul_amx", (self.native, self._native_scale), n, x)
         return _without_padding(out, self.out_features)
 
     def _onednn_in_chunks(self, x: torch.Tensor) -> torch.Tensor:
@@ -871,6 +887,11 @@ NATIVE_SOURCE = r"""// Matrix products with int8 and int4 weights for ReplitLM o
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
 #define VNNI512 1
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define AMX_INT8 1
+#endif
 #endif
 
 #define BLOCK 32  // input channels per activation block (and per int4 group)
@@ -903,19 +924,23 @@ typedef struct {
     int32_t *xqsum;
 } activations;
 
-// x: (rows, k) float32, or bfloat16 where x_bf16, quantized into one allocation (free a.xq). 0 if out of memory.
-static int quantize_activations(const void *x, int x_bf16, int64_t rows, int64_t k, int wide, int threads,
-                                activations *a) {
-    const int64_t blocks = rows * (k / BLOCK), bytes = rows * k * (wide ? 2 : 1);
+// x: (rows, k) float32, or bfloat16 where x_bf16, quantized into one allocation (free a.xq) of `padded` rows, the
+// rows past `rows` zero. 0 if out of memory.
+static int quantize_activations(const void *x, int x_bf16, int64_t rows, int64_t padded, int64_t k, int wide,
+                                int threads, activations *a) {
+    const int64_t width = wide ? 2 : 1, bytes = padded * k * width, all = padded * (k / BLOCK);
+    const int64_t blocks = rows * (k / BLOCK);
     const float levels = wide ? 32767.f : 127.f;
-    char *buffer = malloc(bytes + blocks * 12);
+    char *buffer = malloc(bytes + all * 12);
     if (!buffer) return 0;
     a->xq = buffer;
-    a->xs = (float *)(buffer + bytes);  // rows * k is a multiple of BLOCK: aligned for floats
-    a->xsum = a->xs + blocks;
-    a->xqsum = (int32_t *)(a->xsum + blocks);
+    a->xs = (float *)(buffer + bytes);  // padded * k is a multiple of BLOCK: aligned for floats
+    a->xsum = a->xs + all;
+    a->xqsum = (int32_t *)(a->xsum + all);
     float *xs = a->xs, *xsum = a->xsum;
     int32_t *xqsum = a->xqsum;
+    memset(buffer + rows * k * width, 0, (padded - rows) * k * width);
+    for (int64_t i = blocks; i < all; i++) xs[i] = xsum[i] = 0.f, xqsum[i] = 0;
 #pragma omp parallel for num_threads(threads) schedule(static) if (blocks >= 1024)
     for (int64_t i = 0; i < blocks; i++) {
         float v[BLOCK];
@@ -1121,7 +1146,7 @@ static void int4_tile(const uint8_t *wb, const uint16_t *sb, const uint16_t *zb,
 int int8_matmul(const uint8_t *w, const uint16_t *wscales, int64_t n, int64_t k, const void *x, int64_t rows,
                 void *y, int bf16, int wide, int threads) {
     activations a;
-    if (!quantize_activations(x, bf16, rows, k, wide, threads, &a)) return 0;
+    if (!quantize_activations(x, bf16, rows, rows, k, wide, threads, &a)) return 0;
     const float *xs = a.xs;
     const int32_t *xqsum = a.xqsum;
     const int64_t blocks = k / BLOCK, width = wide ? 2 : 1;
@@ -1146,10 +1171,108 @@ int int8_matmul(const uint8_t *w, const uint16_t *wscales, int64_t n, int64_t k,
     return 1;
 }
 
+// 1 where int8_matmul_amx runs: built for AMX, and Linux lets this process use the tile registers (a process
+// asks for them once).
+int amx_available(void) {
+#ifdef AMX_INT8
+    static int state = -1;
+    if (state < 0) state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    return state;
+#else
+    return 0;
+#endif
+}
+
+// int8_matmul with int8 activations on AMX: per 16 rows, 16 output channels and block of 32 input channels, one
+// tile product (tdpbssd), then the block's scales in AVX512 as int8_tile does. The weights' B tiles are the native
+// layout itself (4 input channels of 16 output channels per 64 bytes is AMX's layout), made signed once per 16
+// output channels (q + 128 back to q: the sign bit flipped) so that no per-block correction is left. 0 if out of
+// memory or AMX is not available.
+int int8_matmul_amx(const uint8_t *w, const uint16_t *wscales, int64_t n, int64_t k, const void *x, int64_t rows,
+                    void *y, int bf16, int threads) {
+#ifdef AMX_INT8
+    if (!amx_available()) return 0;
+    activations a;
+    const int64_t padded = (rows + 15) / 16 * 16, blocks = k / BLOCK;
+    if (!quantize_activations(x, bf16, rows, padded, k, 0, threads, &a)) return 0;
+    // The activations as A tiles, [rows / 16][blocks][16][32]: each tile 512 contiguous bytes.
+    int8_t *xt = aligned_alloc(64, padded * k);
+    if (!xt) {
+        free(a.xq);
+        return 0;
+    }
+    for (int64_t r = 0; r < padded; r++)
+        for (int64_t b = 0; b < blocks; b++)
+            memcpy(xt + ((r / 16 * blocks + b) * 16 + r % 16) * BLOCK, (const int8_t *)a.xq + r * k + b * BLOCK, BLOCK);
+    const float *xs = a.xs;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } config = {0};
+        config.palette = 1;
+        for (int t = 0; t < 2; t++) {  // two blocks in flight, so that one's products overlap the other's scaling
+            config.rows[t] = 16, config.colsb[t] = 64;  // tiles 0-1, the products: 16 rows x 16 int32
+            config.rows[2 + t] = 16, config.colsb[2 + t] = BLOCK;  // tiles 2-3, activations: 16 rows x 32 int8
+            config.rows[4 + t] = BLOCK / 4, config.colsb[4 + t] = 64;  // tiles 4-5, weights: 8 x (16 x 4 int8)
+        }
+        _tile_loadconfig(&config);
+        int8_t *signed_weights = aligned_alloc(64, 16 * k);
+        int32_t dots[2][16][16] __attribute__((aligned(64)));
+        if (!signed_weights) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t ob = 0; ob < n / 16; ob++) {
+            if (!signed_weights) continue;
+            const __m512i sign = _mm512_set1_epi8((char)0x80);
+            for (int64_t i = 0; i < 16 * k; i += 64)
+                _mm512_store_si512(signed_weights + i,
+                                   _mm512_xor_si512(_mm512_loadu_si512(w + ob * 16 * k + i), sign));
+            const uint16_t *sb = wscales + ob * 16 * blocks;
+            for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+                __m512 acc[16];
+                for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+                for (int64_t b = 0; b < blocks; b += 2) {
+                    const int pair = b + 1 < blocks;  // tile numbers must be constants: the pair spelled out
+                    _tile_zero(0);
+                    _tile_loadd(2, xt + (r0 / 16 * blocks + b) * 16 * BLOCK, BLOCK);
+                    _tile_loadd(4, signed_weights + b * (BLOCK / 4) * 64, 64);
+                    _tile_dpbssd(0, 2, 4);
+                    if (pair) {
+                        _tile_zero(1);
+                        _tile_loadd(3, xt + (r0 / 16 * blocks + b + 1) * 16 * BLOCK, BLOCK);
+                        _tile_loadd(5, signed_weights + (b + 1) * (BLOCK / 4) * 64, 64);
+                        _tile_dpbssd(1, 3, 5);
+                    }
+                    _tile_stored(0, dots[0], 64);
+                    if (pair) _tile_stored(1, dots[1], 64);
+                    for (int t = 0; t <= pair; t++) {
+                        const __m512 scale = bf16x16(sb + (b + t) * 16);
+                        for (int i = 0; i < 16; i++) {
+                            __m512 both = _mm512_mul_ps(scale, _mm512_set1_ps(xs[(r0 + i) * blocks + b + t]));
+                            __m512 products = _mm512_cvtepi32_ps(_mm512_load_si512(dots[t][i]));
+                            acc[i] = _mm512_fmadd_ps(products, both, acc[i]);
+                        }
+                    }
+                }
+                for (int i = 0; i < 16 && r0 + i < rows; i++)
+                    store16((char *)y + ((r0 + i) * n + ob * 16) * (bf16 ? 2 : 4), 0, acc[i], bf16);
+            }
+        }
+        free(signed_weights);
+        _tile_release();
+    }
+    free(xt);
+    free(a.xq);
+    return !failed;
+#else
+    (void)w, (void)wscales, (void)n, (void)k, (void)x, (void)rows, (void)y, (void)bf16, (void)threads;
+    return 0;
+#endif
+}
+
 int int4_matmul(const uint8_t *w, const uint16_t *scales, int64_t n, int64_t k,
                 const void *x, int64_t rows, void *y, int bf16, int threads) {
     activations a;
-    if (!quantize_activations(x, bf16, rows, k, 0, threads, &a)) return 0;
+    if (!quantize_activations(x, bf16, rows, rows, k, 0, threads, &a)) return 0;
     const int8_t *xq = a.xq;
     const float *xs = a.xs, *xsum = a.xsum;
     const int32_t *xqsum = a.xqsum;

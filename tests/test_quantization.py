@@ -55,7 +55,8 @@ def gaussian(out_features, in_features, seed=0):
 # the output once; int8 rounds each weight to 1/254 of its block's or row's range (about 0.6-0.7%), plus about 0.8%
 # for the activations on the routes that quantize them to int8 too (oneDNN's per row, the native kernel's per block
 # of 32); int4 rounds to 1/15 of its group's range (about 9%).
-ROUTE_BOUNDS = {"bfloat16": 0.01, "int8": 0.009, "int8 onednn": 0.012, "int8 native_int8": 0.012, "int4": 0.11}
+ROUTE_BOUNDS = {"bfloat16": 0.01, "int8": 0.009, "int8 onednn": 0.012, "int8 native_int8": 0.012,
+                "int8 native_amx": 0.012, "int4": 0.11}  # fmt: skip
 
 
 def make_layer(kind: str, weight: torch.Tensor):
@@ -108,6 +109,19 @@ def test_the_native_routes_are_offered_where_the_kernels_were_built():
     assert [rows for rows in (1, 8, 9, 64) if "native_int8" in Int8Linear(weight).routes(rows)] == [9, 64]
 
 
+@pytest.mark.skipif(not quantization._has_amx(), reason="needs a CPU with AMX (and the native kernels)")
+def test_the_amx_route_computes_what_the_int8_activation_route_does():
+    """The same integer products and the same float steps, on AMX tiles: equal bit for bit, whatever the rows
+    (tiles of 16, the last one padded) and the dtype."""
+    layer = Int8Linear(gaussian(100, 96).to(torch.bfloat16))
+    assert "native_amx" in layer.routes(9) and "native_amx" not in layer.routes(8)
+    amx, vnni = layer.route_function("native_amx"), layer.route_function("native_int8")
+    for rows in (9, 16, 17, 70):
+        x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows))
+        for dtype in (torch.bfloat16, torch.float32):
+            assert torch.equal(amx(x.to(dtype)), vnni(x.to(dtype))), (rows, dtype)
+
+
 @pytest.mark.skipif(quantization.native_kernels() is None, reason="no C compiler here")
 def test_int8_with_the_native_kernels_has_a_bfloat16_scale_per_block_of_32(monkeypatch):
     """q8_0's layout: closer to the weights than a scale per output channel (whose torch kernels are then not
@@ -119,7 +133,7 @@ def test_int8_with_the_native_kernels_has_a_bfloat16_scale_per_block_of_32(monke
     assert torch.equal(blocks.dequantized_weight()[:8, 64:96], torch.zeros(8, 32))
     assert blocks.block_size == 32 and blocks._native_scale.dtype == torch.bfloat16
     assert blocks.layouts == {"native"} and blocks.qweight is None and blocks.scale is None
-    assert set(blocks.routes(64)) == {"dequantize", "dequantize_t", "native", "native_int8"}
+    assert set(blocks.routes(64)) - {"native_amx"} == {"dequantize", "dequantize_t", "native", "native_int8"}
     x = torch.randn(64, 256, dtype=torch.bfloat16)
     for route in blocks.routes(64):
         assert relative_error(blocks.route_function(route)(x), x.float() @ weight.float().t()) < 0.01, route
@@ -548,7 +562,7 @@ def test_int8_model_generates_like_bfloat16(mode, monkeypatch):
 
 
 QUANTIZED_ROUTES = {"int4": ["dequantize", "dequantize_t", "kernel", "native"],
-                    "int8": ["dequantize", "dequantize_t", "native", "native_int8"]}  # fmt: skip
+                    "int8": ["dequantize", "dequantize_t", "native", "native_int8", "native_amx"]}  # fmt: skip
 
 
 @pytest.mark.parametrize("mode,route", [(mode, route) for mode, routes in QUANTIZED_ROUTES.items() for route in routes])
@@ -557,6 +571,8 @@ def test_quantized_model_runs_prompt_and_decode_routes(monkeypatch, mode, route)
     activations, which this check is not about)."""
     if route.startswith("native") and quantization.native_kernels() is None:
         pytest.skip("no C compiler here")
+    if route == "native_amx" and not quantization._has_amx():
+        pytest.skip("no AMX here")
     timings = dict.fromkeys(QUANTIZED_ROUTES[mode], 1.0) | {route: 0.5}
     monkeypatch.setattr(quantization, "ROUTES", chooser_with(FakeTimer(timings)))
     _, model = quantized_pair(mode)
