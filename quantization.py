@@ -459,7 +459,8 @@ class Int8Linear(QuantizedLinear):
     weight unpacked to the activations' dtype, then F.linear: the baseline), "native" (the activations quantized to
     int16 per block, which leaves the product the float one to about 1e-5) and, for more than 8 rows (a prompt),
     "native_int8" (the activations quantized to int8 per block of 32, as in llama.cpp's q8_0 products: about twice
-    as fast with AVX512-VNNI, with q8_0's rounding error). Per output channel: "dequantize", "weight_only" (torch's
+    as fast with AVX512-VNNI, with q8_0's rounding error) and where the CPU has AMX "native_amx" (the same
+    products on AMX tiles, bit for bit). Per output channel: "dequantize", "weight_only" (torch's
     int8 weight-only kernel) and, where torch has oneDNN's int8 matmul, "onednn" (activations quantized to int8
     per row); each reads a layout of its own, the plain int8 matrix or oneDNN's blocked copy, and once its routes
     are chosen a layer keeps only the layout its decode route reads.
