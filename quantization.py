@@ -457,7 +457,7 @@ class Int8Linear(QuantizedLinear):
 
     In blocks of 32, the weights are held in the native kernel's layout only, and the routes are "dequantize" (the
     weight unpacked to the activations' dtype, then F.linear: the baseline), "native" (the activations quantized to
-    int16 per block, which leaves the product the float one to about 1e-5) and, for more than 8 rows (a prompt),
+    int16 per block, which leaves the product the float one to about 1e-5) and, for 9 to 64 rows (a short prompt),
     "native_int8" (the activations quantized to int8 per block of 32, as in llama.cpp's q8_0 products: about twice
     as fast with AVX512-VNNI, with q8_0's rounding error) and where the CPU has AMX "native_amx" (the same
     products on AMX tiles, bit for bit). Per output channel: "dequantize", "weight_only" (torch's
@@ -498,8 +498,10 @@ class Int8Linear(QuantizedLinear):
     def routes(self, rows: int) -> list[str]:
         routes = ["dequantize"] + (["dequantize_t"] if rows <= SMALL_ROWS else [])  # these read any layout
         if "native" in self.layouts:
+            # int8 activations (q8_0's rounding) only for short prompts, where they are much faster; from 512 rows
+            # the unpacked weight is, with the float product's precision.
             prompt = ["native_int8"] + (["native_amx"] if _has_amx() else [])
-            return routes + ["native"] + (prompt if rows > 8 else [])
+            return routes + ["native"] + (prompt if 8 < rows <= SMALL_ROWS else [])
         routes += ["weight_only"] if "plain" in self.layouts else []
         return routes + (["onednn"] if self.onednn_available and "packed" in self.layouts else [])
 

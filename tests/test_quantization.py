@@ -70,7 +70,7 @@ def make_layer(kind: str, weight: torch.Tensor):
 
 
 @pytest.mark.parametrize("shape", [(144, 64), (80, 128), (256, 256), (100, 96)])
-@pytest.mark.parametrize("rows", [1, 3, 70])
+@pytest.mark.parametrize("rows", [1, 3, 40, 70])
 @pytest.mark.parametrize("kind", ["bfloat16", "int8", "int8/channel", "int4", "int4/64"])
 def test_every_route_against_float_math(shape, rows, kind):
     weight = gaussian(*shape).to(torch.bfloat16)
@@ -105,8 +105,9 @@ def test_the_native_routes_are_offered_where_the_kernels_were_built():
     weight = gaussian(64, 64).to(torch.bfloat16)
     assert "native" in Int8Linear(weight).routes(1) and "native" in Int4Linear(weight).routes(1)
     assert "native" not in Int4Linear(weight, group_size=64).routes(1)  # the kernel's groups are of 32
-    # int8 activations (q8_0's products) only for a prompt's rows: decoding keeps the float product.
-    assert [rows for rows in (1, 8, 9, 64) if "native_int8" in Int8Linear(weight).routes(rows)] == [9, 64]
+    # int8 activations (q8_0's products) only for a short prompt's rows: decoding and long prompts keep the float
+    # product.
+    assert [rows for rows in (1, 8, 9, 64, 65, 512) if "native_int8" in Int8Linear(weight).routes(rows)] == [9, 64]
 
 
 @pytest.mark.skipif(not quantization._has_amx(), reason="needs a CPU with AMX (and the native kernels)")
