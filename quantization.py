@@ -369,7 +369,7 @@ def _bind_native(library: ctypes.CDLL) -> ctypes.CDLL:
     pointer, size, integer = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     signatures = {  # name: (arguments, result)
         "int8_matmul": ([pointer, pointer, size, size, pointer, size, pointer, integer, integer, integer], integer),
-        "int8_matmul_amx": ([pointer, pointer, size, size, pointer, size, pointer, integer, integer], integer),
+        "amx_matmul": ([pointer, pointer, size, size, pointer, size, pointer, integer, integer, integer], integer),
         "amx_available": ([], integer),
         "int4_matmul": ([pointer, pointer, size, size, pointer, size, pointer, integer, integer], integer),
         "int8_dequantize": ([pointer, pointer, size, size, pointer, integer], None),
@@ -586,7 +586,7 @@ class Int8Linear(QuantizedLinear):
 
     def _amx_product(self, x: torch.Tensor) -> torch.Tensor:
         n = self.native.shape[0] * NATIVE_ROWS
-        out = _native_product("int8_matmul_amx", (self.native, self._native_scale), n, x)
+        out = _native_product("amx_matmul", (self.native, self._native_scale), n, x, 0)
         return _without_padding(out, self.out_features)
 
     def _onednn_in_chunks(self, x: torch.Tensor) -> torch.Tensor:
@@ -631,7 +631,8 @@ class Int4Linear(QuantizedLinear):
     kernel's (`packed`, `scales_and_zeros`), made from it when that route is first used. Routes: "dequantize" (the
     weight unpacked to bfloat16, then F.linear: the baseline), "kernel" (torch's int4 kernel, which dequantizes as
     it multiplies, in bfloat16) and, for groups of 32 where the native kernels were built, "native" (activations
-    quantized to int8 in blocks of 32, int8 dot products). Once its routes are chosen, a layer keeps only the
+    quantized to int8 in blocks of 32, int8 dot products) and, for more than 8 rows where the CPU has AMX,
+    "native_amx" (the same products on AMX tiles, bit for bit). Once its routes are chosen, a layer keeps only the
     layout its decode route reads.
     """
 
@@ -667,11 +668,12 @@ class Int4Linear(QuantizedLinear):
         if "native" not in self.layouts:
             return unpacking + ["kernel"] if self.can_unpack else ["kernel"]
         kernel = ["kernel"] if "packed" in self.layouts else []
-        return unpacking + kernel + (["native"] if self.native_available else [])
+        native = ["native"] + (["native_amx"] if rows > 8 and _has_amx() else [])
+        return unpacking + kernel + (native if self.native_available else [])
 
     def route_function(self, route: str):
-        if route == "native":
-            return self._native_product
+        if route in ("native", "native_amx"):
+            return functools.partial(self._native_product, amx=route == "native_amx")
         if route == "kernel":
             packed = self._packed()  # made first, so that timing leaves it out
             product = lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, *packed)  # noqa: E731
@@ -683,7 +685,7 @@ class Int4Linear(QuantizedLinear):
 
     def _keep_layouts_of(self, plan: dict[int, list]):
         """Keep one weight layout (see layout_to_keep); the baseline reads either."""
-        if layout_to_keep(plan, {"kernel": "packed", "native": "native"}, "native") == "packed":
+        if layout_to_keep(plan, {"kernel": "packed", "native": "native", "native_amx": "native"}, "native") == "packed":
             self._packed()
             self.native = self.native_scales = None
             self.layouts = {"packed"}
@@ -702,8 +704,12 @@ class Int4Linear(QuantizedLinear):
             self.scales_and_zeros = torch.stack([scale, zero], dim=2).transpose(0, 1).contiguous()  # (groups, out, 2)
         return self.packed, self.group_size, self.scales_and_zeros
 
-    def _native_product(self, x: torch.Tensor) -> torch.Tensor:
-        out = _native_product("int4_matmul", (self.native, self.native_scales), self.padded_out, x)
+    def _native_product(self, x: torch.Tensor, amx: bool) -> torch.Tensor:
+        weights = (self.native, self.native_scales)
+        if amx:
+            out = _native_product("amx_matmul", weights, self.padded_out, x, 1)
+        else:
+            out = _native_product("int4_matmul", weights, self.padded_out, x)
         return _without_padding(out, self.out_features)
 
     def _dequantize(self, dtype: torch.dtype, scratch: bool = False) -> torch.Tensor:
@@ -1174,7 +1180,7 @@ int int8_matmul(const uint8_t *w, const uint16_t *wscales, int64_t n, int64_t k,
     return 1;
 }
 
-// 1 where int8_matmul_amx runs: built for AMX, and Linux lets this process use the tile registers (a process
+// 1 where amx_matmul runs: built for AMX, and Linux lets this process use the tile registers (a process
 // asks for them once).
 int amx_available(void) {
 #ifdef AMX_INT8
@@ -1186,13 +1192,14 @@ int amx_available(void) {
 #endif
 }
 
-// int8_matmul with int8 activations on AMX: per 16 rows, 16 output channels and block of 32 input channels, one
-// tile product (tdpbssd), then the block's scales in AVX512 as int8_tile does. The weights' B tiles are the native
-// layout itself (4 input channels of 16 output channels per 64 bytes is AMX's layout), made signed once per 16
-// output channels (q + 128 back to q: the sign bit flipped) so that no per-block correction is left. 0 if out of
-// memory or AMX is not available.
-int int8_matmul_amx(const uint8_t *w, const uint16_t *wscales, int64_t n, int64_t k, const void *x, int64_t rows,
-                    void *y, int bf16, int threads) {
+// int8_matmul with int8 activations, or int4_matmul, on AMX: per 16 rows, 16 output channels and block of 32
+// input channels, one tile product (tdpbssd), then the block's scales in AVX512 as int8_tile and int4_tile apply
+// them, so that the outputs are theirs bit for bit. The weights' B tiles come from the native layouts once per 16
+// output channels: int8's is AMX's layout already (4 input channels of 16 output channels per 64 bytes), made signed
+// (q + 128 back to q: the sign bit flipped) so that no per-block correction is left; int4's nibbles are spread to
+// one byte each. The activations are laid out as contiguous A tiles. 0 if out of memory or AMX is not available.
+int amx_matmul(const uint8_t *w, const uint16_t *scales, int64_t n, int64_t k, const void *x, int64_t rows, void *y,
+               int bf16, int int4, int threads) {
 #ifdef AMX_INT8
     if (!amx_available()) return 0;
     activations a;
@@ -1207,7 +1214,8 @@ int int8_matmul_amx(const uint8_t *w, const uint16_t *wscales, int64_t n, int64_
     for (int64_t r = 0; r < padded; r++)
         for (int64_t b = 0; b < blocks; b++)
             memcpy(xt + ((r / 16 * blocks + b) * 16 + r % 16) * BLOCK, (const int8_t *)a.xq + r * k + b * BLOCK, BLOCK);
-    const float *xs = a.xs;
+    const float *xs = a.xs, *xsum = a.xsum;
+    const int32_t *xqsum = a.xqsum;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
@@ -1219,17 +1227,25 @@ int int8_matmul_amx(const uint8_t *w, const uint16_t *wscales, int64_t n, int64_
             config.rows[4 + t] = BLOCK / 4, config.colsb[4 + t] = 64;  // tiles 4-5, weights: 8 x (16 x 4 int8)
         }
         _tile_loadconfig(&config);
-        int8_t *signed_weights = aligned_alloc(64, 16 * k);
+        int8_t *tiles = aligned_alloc(64, 16 * k);  // B tiles of 16 output channels, [k / 4][16][4]
         int32_t dots[2][16][16] __attribute__((aligned(64)));
-        if (!signed_weights) failed = 1;
+        if (!tiles) failed = 1;
 #pragma omp for schedule(static)
         for (int64_t ob = 0; ob < n / 16; ob++) {
-            if (!signed_weights) continue;
-            const __m512i sign = _mm512_set1_epi8((char)0x80);
-            for (int64_t i = 0; i < 16 * k; i += 64)
-                _mm512_store_si512(signed_weights + i,
-                                   _mm512_xor_si512(_mm512_loadu_si512(w + ob * 16 * k + i), sign));
-            const uint16_t *sb = wscales + ob * 16 * blocks;
+            if (!tiles) continue;
+            if (int4) {
+                const __m512i low = _mm512_set1_epi8(15);
+                for (int64_t step = 0; step < k / 8; step++) {
+                    __m512i packed = _mm512_loadu_si512(w + ob * 8 * k + step * 64);
+                    _mm512_store_si512(tiles + step * 128, _mm512_and_si512(packed, low));
+                    _mm512_store_si512(tiles + step * 128 + 64, _mm512_and_si512(_mm512_srli_epi16(packed, 4), low));
+                }
+            } else {
+                const __m512i sign = _mm512_set1_epi8((char)0x80);
+                for (int64_t i = 0; i < 16 * k; i += 64)
+                    _mm512_store_si512(tiles + i, _mm512_xor_si512(_mm512_loadu_si512(w + ob * 16 * k + i), sign));
+            }
+            const uint16_t *sb = scales + ob * 16 * blocks, *zb = sb + n * blocks;  // zero points: int4's only
             for (int64_t r0 = 0; r0 < rows; r0 += 16) {
                 __m512 acc[16];
                 for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
@@ -1237,22 +1253,35 @@ int int8_matmul_amx(const uint8_t *w, const uint16_t *wscales, int64_t n, int64_
                     const int pair = b + 1 < blocks;  // tile numbers must be constants: the pair spelled out
                     _tile_zero(0);
                     _tile_loadd(2, xt + (r0 / 16 * blocks + b) * 16 * BLOCK, BLOCK);
-                    _tile_loadd(4, signed_weights + b * (BLOCK / 4) * 64, 64);
+                    _tile_loadd(4, tiles + b * (BLOCK / 4) * 64, 64);
                     _tile_dpbssd(0, 2, 4);
                     if (pair) {
                         _tile_zero(1);
                         _tile_loadd(3, xt + (r0 / 16 * blocks + b + 1) * 16 * BLOCK, BLOCK);
-                        _tile_loadd(5, signed_weights + (b + 1) * (BLOCK / 4) * 64, 64);
+                        _tile_loadd(5, tiles + (b + 1) * (BLOCK / 4) * 64, 64);
                         _tile_dpbssd(1, 3, 5);
                     }
                     _tile_stored(0, dots[0], 64);
                     if (pair) _tile_stored(1, dots[1], 64);
                     for (int t = 0; t <= pair; t++) {
-                        const __m512 scale = bf16x16(sb + (b + t) * 16);
-                        for (int i = 0; i < 16; i++) {
-                            __m512 both = _mm512_mul_ps(scale, _mm512_set1_ps(xs[(r0 + i) * blocks + b + t]));
-                            __m512 products = _mm512_cvtepi32_ps(_mm512_load_si512(dots[t][i]));
-                            acc[i] = _mm512_fmadd_ps(products, both, acc[i]);
+                        const int64_t g = b + t;
+                        const __m512 scale = bf16x16(sb + g * 16);
+                        if (int4) {
+                            const __m512 zero = bf16x16(zb + g * 16);
+                            for (int i = 0; i < 16; i++) {
+                                const int64_t at = (r0 + i) * blocks + g;
+                                __m512i centred = _mm512_sub_epi32(_mm512_load_si512(dots[t][i]),
+                                                                   _mm512_set1_epi32(8 * xqsum[at]));
+                                __m512 part = _mm512_mul_ps(_mm512_cvtepi32_ps(centred), _mm512_set1_ps(xs[at]));
+                                acc[i] = _mm512_fmadd_ps(part, scale, acc[i]);
+                                acc[i] = _mm512_fmadd_ps(zero, _mm512_set1_ps(xsum[at]), acc[i]);
+                            }
+                        } else {
+                            for (int i = 0; i < 16; i++) {
+                                __m512 both = _mm512_mul_ps(scale, _mm512_set1_ps(xs[(r0 + i) * blocks + g]));
+                                __m512 products = _mm512_cvtepi32_ps(_mm512_load_si512(dots[t][i]));
+                                acc[i] = _mm512_fmadd_ps(products, both, acc[i]);
+                            }
                         }
                     }
                 }
@@ -1260,14 +1289,14 @@ int int8_matmul_amx(const uint8_t *w, const uint16_t *wscales, int64_t n, int64_
                     store16((char *)y + ((r0 + i) * n + ob * 16) * (bf16 ? 2 : 4), 0, acc[i], bf16);
             }
         }
-        free(signed_weights);
+        free(tiles);
         _tile_release();
     }
     free(xt);
     free(a.xq);
     return !failed;
 #else
-    (void)w, (void)wscales, (void)n, (void)k, (void)x, (void)rows, (void)y, (void)bf16, (void)threads;
+    (void)w, (void)scales, (void)n, (void)k, (void)x, (void)rows, (void)y, (void)bf16, (void)int4, (void)threads;
     return 0;
 #endif
 }
