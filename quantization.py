@@ -433,9 +433,9 @@ class QuantizedLinear(nn.Module):
         out = _routed(self, x.contiguous())
         if x.dtype not in self._planned_dtypes:  # the routes are chosen: keep the one layout they need
             self._planned_dtypes.add(x.dtype)
-            # Only among the routes this layer can take here: a stored plan may rank one that is not available in
-            # this process (the native kernels turned off or not built, no oneDNN).
-            offered = set(self.routes(1))
+            # Only among the routes this layer can take here, at any row count: a stored plan may rank one that is
+            # not available in this process (the native kernels turned off or not built, no oneDNN, no AMX).
+            offered = {route for bucket in ROW_BUCKETS for route in self.routes(bucket)}
             plan = ROUTES.plan(self, x.dtype)
             self._keep_layouts_of({bucket: [p for p in ranking if p[0] in offered] for bucket, ranking in plan.items()})
             _return_freed_heap()
@@ -447,6 +447,18 @@ class QuantizedLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """The weight as the kernel sees it, (out_features, in_features) float32: for tests and error analysis."""
         raise NotImplementedError
+
+    NATIVE_KERNELS: dict[str, tuple] = {}
+    """The routes that read the native layout: route -> (native kernel, its integer options)."""
+
+    def _native_weights(self) -> tuple:
+        """The tensors of the native kernels' weight arguments, in order."""
+        raise NotImplementedError
+
+    def _native_product(self, x: torch.Tensor, route: str) -> torch.Tensor:
+        kernel, *options = self.NATIVE_KERNELS[route]
+        out = _native_product(kernel, self._native_weights(), self.native.shape[0] * NATIVE_ROWS, x, *options)
+        return _without_padding(out, self.out_features)
 
 
 class Int8Linear(QuantizedLinear):
@@ -466,6 +478,9 @@ class Int8Linear(QuantizedLinear):
     are chosen a layer keeps only the layout its decode route reads.
     """
 
+    NATIVE_KERNELS = {"native": ("int8_matmul", 1), "native_int8": ("int8_matmul", 0), "native_amx": ("amx_matmul", 0)}
+    """int8_matmul's option: int16 activations; amx_matmul's: int4 weights."""
+
     def __init__(self, weight: torch.Tensor, per_channel: bool = False):
         super().__init__(weight.shape[1], weight.shape[0])
         self.onednn_available = _has_onednn_int8()
@@ -473,7 +488,7 @@ class Int8Linear(QuantizedLinear):
             not per_channel and self.in_features % NATIVE_BLOCK == 0 and native_kernels() is not None
         )
         self.block_size = NATIVE_BLOCK if self.native_available else self.in_features
-        self.scale_blocks = blocks = self.in_features // self.block_size
+        blocks = self.in_features // self.block_size
         scale = torch.empty(self.out_features, blocks)
         q = torch.empty(self.out_features, self.in_features, dtype=torch.int8)
         for rows in _row_chunks(self.out_features):
@@ -489,7 +504,7 @@ class Int8Linear(QuantizedLinear):
         self.native = None  # the native kernel's layout
         self._scale_cache = {}  # the weight-only kernel wants the scales in the activations' dtype
         if self.native_available:  # the scales live on in the native layout's bfloat16 copy
-            self._native()
+            self._make_native_layout()
             self.qweight = self.scale = None
             self.layouts = {"native"}
         else:
@@ -507,10 +522,8 @@ class Int8Linear(QuantizedLinear):
 
     def route_function(self, route: str):
         """The product through `route`, with the weight layout it reads made first (so that timing leaves it out)."""
-        if route in ("native", "native_int8"):
-            return functools.partial(self._native_product, wide=route == "native")
-        if route == "native_amx":
-            return self._amx_product
+        if route in self.NATIVE_KERNELS:
+            return functools.partial(self._native_product, route=route)
         if route == "onednn":
             self._packed()
             return self._onednn_in_chunks
@@ -554,20 +567,18 @@ class Int8Linear(QuantizedLinear):
             self._one, self._zero = torch.tensor(1.0), torch.tensor(0)
         return self.packed
 
-    def _native(self) -> torch.Tensor:
-        """(padded out / 16, in / 4, 16, 4) uint8 holding q + 128: the unsigned operand of the kernel's int8 dot
-        products, 4 input channels of 16 output channels in 64 bytes; zero rows pad the output channels. The
-        scales beside it, (padded out / 16, in / 32, 16) bfloat16."""
-        if self.native is None:
-            n, k = _padded_rows(self.out_features), self.in_features
-            offset = self._int8_matrix().view(torch.uint8) ^ 128  # q + 128
-            scale = self.scale.to(torch.bfloat16)
-            if n > self.out_features:
-                offset = F.pad(offset, (0, 0, 0, n - self.out_features), value=128)
-                scale = F.pad(scale, (0, 0, 0, n - self.out_features))
-            self.native = offset.view(n // NATIVE_ROWS, NATIVE_ROWS, k // 4, 4).permute(0, 2, 1, 3).contiguous()
-            self._native_scale = scale.view(n // NATIVE_ROWS, NATIVE_ROWS, -1).transpose(1, 2).contiguous()
-        return self.native
+    def _make_native_layout(self):
+        """`native`: (padded out / 16, in / 4, 16, 4) uint8 holding q + 128, the unsigned operand of the kernel's
+        int8 dot products, 4 input channels of 16 output channels in 64 bytes; zero rows pad the output channels.
+        `_native_scale` beside it: (padded out / 16, in / 32, 16) bfloat16."""
+        n, k = _padded_rows(self.out_features), self.in_features
+        offset = self.qweight.view(torch.uint8) ^ 128  # q + 128
+        scale = self.scale.to(torch.bfloat16)
+        if n > self.out_features:
+            offset = F.pad(offset, (0, 0, 0, n - self.out_features), value=128)
+            scale = F.pad(scale, (0, 0, 0, n - self.out_features))
+        self.native = offset.view(n // NATIVE_ROWS, NATIVE_ROWS, k // 4, 4).permute(0, 2, 1, 3).contiguous()
+        self._native_scale = scale.view(n // NATIVE_ROWS, NATIVE_ROWS, -1).transpose(1, 2).contiguous()
 
     def _dequantized_product(self, x: torch.Tensor, transposed: bool) -> torch.Tensor:
         if self.native is None:  # a scale per output channel commutes with the product
@@ -579,15 +590,8 @@ class Int8Linear(QuantizedLinear):
             return _without_padding(_product(x, weight, transposed), self.out_features)
         return _product(x, self.dequantized_weight().to(x.dtype), transposed)
 
-    def _native_product(self, x: torch.Tensor, wide: bool) -> torch.Tensor:
-        n = self.native.shape[0] * NATIVE_ROWS
-        out = _native_product("int8_matmul", (self.native, self._native_scale), n, x, int(wide))
-        return _without_padding(out, self.out_features)
-
-    def _amx_product(self, x: torch.Tensor) -> torch.Tensor:
-        n = self.native.shape[0] * NATIVE_ROWS
-        out = _native_product("amx_matmul", (self.native, self._native_scale), n, x, 0)
-        return _without_padding(out, self.out_features)
+    def _native_weights(self) -> tuple:
+        return self.native, self._native_scale
 
     def _onednn_in_chunks(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= ONEDNN_INT8_CHUNK_ROWS:
@@ -614,7 +618,8 @@ class Int8Linear(QuantizedLinear):
 
     def dequantized_weight(self) -> torch.Tensor:
         if self.native is not None:
-            scale = self._native_scale.float().transpose(1, 2).reshape(-1, self.scale_blocks)[: self.out_features]
+            scale = self._native_scale.float().transpose(1, 2).reshape(self.native.shape[0] * NATIVE_ROWS, -1)
+            scale = scale[: self.out_features]
         else:
             scale = self.scale
         q = self._int8_matrix().float().view(self.out_features, -1, self.block_size)
@@ -635,6 +640,8 @@ class Int4Linear(QuantizedLinear):
     "native_amx" (the same products on AMX tiles, bit for bit). Once its routes are chosen, a layer keeps only the
     layout its decode route reads.
     """
+
+    NATIVE_KERNELS = {"native": ("int4_matmul",), "native_amx": ("amx_matmul", 1)}
 
     def __init__(self, weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE):
         out_features, in_features = weight.shape
@@ -672,8 +679,8 @@ class Int4Linear(QuantizedLinear):
         return unpacking + kernel + (native if self.native_available else [])
 
     def route_function(self, route: str):
-        if route in ("native", "native_amx"):
-            return functools.partial(self._native_product, amx=route == "native_amx")
+        if route in self.NATIVE_KERNELS:
+            return functools.partial(self._native_product, route=route)
         if route == "kernel":
             packed = self._packed()  # made first, so that timing leaves it out
             product = lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, *packed)  # noqa: E731
@@ -685,7 +692,8 @@ class Int4Linear(QuantizedLinear):
 
     def _keep_layouts_of(self, plan: dict[int, list]):
         """Keep one weight layout (see layout_to_keep); the baseline reads either."""
-        if layout_to_keep(plan, {"kernel": "packed", "native": "native", "native_amx": "native"}, "native") == "packed":
+        reads = {"kernel": "packed"} | dict.fromkeys(self.NATIVE_KERNELS, "native")
+        if layout_to_keep(plan, reads, "native") == "packed":
             self._packed()
             self.native = self.native_scales = None
             self.layouts = {"packed"}
@@ -704,13 +712,8 @@ class Int4Linear(QuantizedLinear):
             self.scales_and_zeros = torch.stack([scale, zero], dim=2).transpose(0, 1).contiguous()  # (groups, out, 2)
         return self.packed, self.group_size, self.scales_and_zeros
 
-    def _native_product(self, x: torch.Tensor, amx: bool) -> torch.Tensor:
-        weights = (self.native, self.native_scales)
-        if amx:
-            out = _native_product("amx_matmul", weights, self.padded_out, x, 1)
-        else:
-            out = _native_product("int4_matmul", weights, self.padded_out, x)
-        return _without_padding(out, self.out_features)
+    def _native_weights(self) -> tuple:
+        return self.native, self.native_scales
 
     def _dequantize(self, dtype: torch.dtype, scratch: bool = False) -> torch.Tensor:
         """The weight in `dtype`, padding rows included; unpacked by the native kernel into this thread's scratch
