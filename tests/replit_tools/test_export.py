@@ -24,7 +24,7 @@ from completion_helpers import (  # noqa: F401
     snapshot_folder,
     stop_process,
 )
-from conftest import SHARED
+from conftest import ROOT, SHARED
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, MptConfig, MptForCausalLM
 
@@ -393,18 +393,24 @@ def transformers_serve():
     )  # fmt: skip
     base_url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + SERVE_STARTUP_SECONDS
-        while True:
-            try:
-                urllib.request.urlopen(base_url + "/health", timeout=5).close()
-                break
-            except OSError:
-                assert server.poll() is None, f"transformers serve exited with status {server.returncode}"
-                assert time.monotonic() < deadline, f"transformers serve did not start in {SERVE_STARTUP_SECONDS} s"
-                time.sleep(1)
+        wait_until_healthy(server, base_url, "transformers serve", SERVE_STARTUP_SECONDS)
         yield base_url + "/v1"
     finally:
         stop_process(server)
+
+
+def wait_until_healthy(server: subprocess.Popen, base_url: str, name: str, seconds: float, log: Path | None = None):
+    """Wait for a server's /health to answer; fail, with the end of its log, if it exits or takes too long."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(base_url + "/health", timeout=5).close()
+            return
+        except OSError:
+            tail = log.read_text(errors="replace")[-3000:] if log else ""
+            assert server.poll() is None, f"{name} exited with status {server.returncode}\n{tail}"
+            assert time.monotonic() < deadline, f"{name} did not start in {seconds} s\n{tail}"
+            time.sleep(1)
 
 
 @pytest.mark.parametrize("layout", ["demo", "hub", "mpt"])
@@ -425,3 +431,85 @@ def test_transformers_serve_completes_plain_and_streamed(transformers_serve, dem
     streamed = "".join(chunk.choices[0].text for chunk in client.completions.create(**request, stream=True)
                        if chunk.choices)  # fmt: skip
     assert plain == streamed == expected
+
+
+# ----- vLLM ----------------------------------------------------------------------------------------------------------
+
+VLLM_STARTUP_SECONDS = 300
+VLLM_TENSOR_PARALLEL = 2
+# vLLM's CPU kernels against ReplitLM's float32 math, log-probabilities of the chosen tokens: 3.4e-6 at most measured.
+VLLM_LOGPROB_ATOL = 1e-4
+
+
+def vllm_python() -> Path:
+    """vLLM lives in an environment of its own (.ci/run makes .venv-vllm: vllm-cpu pins its own dependencies)."""
+    for candidate in (os.environ.get("REPLIT_LM_VLLM_PYTHON"), ROOT / ".venv-vllm" / "bin" / "python"):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    pytest.skip("vLLM is not installed (.ci/run installs vllm-cpu into .venv-vllm; or set REPLIT_LM_VLLM_PYTHON)")
+
+
+@pytest.fixture(scope="module")
+def vllm_serve(demo_mpt, tmp_path_factory):
+    """`vllm serve` on the MPT export, as the export's README says, with tensor parallelism over two CPU workers
+    (each bound to one core: vLLM binds workers to NUMA nodes by default, and these machines have one)."""
+    pytest.importorskip("openai")
+    python = vllm_python()
+    port = free_port()
+    log = tmp_path_factory.mktemp("vllm") / "serve.log"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    with log.open("w") as output:
+        server = subprocess.Popen(
+            # `vllm serve` itself: vllm-cpu's command line asks for the version of a package named vllm and exits.
+            [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(demo_mpt), "--host", "127.0.0.1",
+             "--port", str(port),
+             "--tensor-parallel-size", str(VLLM_TENSOR_PARALLEL), "--dtype", "float32", "--enforce-eager",
+             "--max-model-len", "1024", "--seed", "0"],
+            stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(server, base_url, "vllm serve", VLLM_STARTUP_SECONDS, log)
+        yield base_url + "/v1"
+    finally:
+        stop_process(server)
+        try:
+            os.killpg(server.pid, 9)  # its engine and worker processes
+        except ProcessLookupError:
+            pass
+
+
+def test_vllm_serves_the_mpt_export_with_replit_lms_tokens_and_logprobs(vllm_serve, demo_mpt, ours):
+    import openai
+
+    model, tokenizer = ours
+    client = openai.OpenAI(base_url=vllm_serve, api_key="unused", timeout=300, max_retries=0)
+    prompts = PROMPTS + code_snippets(count=3, seed=1)
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt)
+        generated = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=1,
+                                   pad_token_id=2)[0]  # fmt: skip
+        with torch.no_grad():
+            logprobs = model(generated[None, :-1]).logits[0].log_softmax(-1)
+        new = generated[len(ids) :]
+        expected_logprobs = logprobs[len(ids) - 1 :].gather(-1, new[:, None])[:, 0]
+
+        # Token ids in, token ids out: the comparison is of the model, not of the tokenizers' ties.
+        choice = client.completions.create(
+            model=str(demo_mpt), prompt=ids, max_tokens=24, temperature=0, logprobs=1,
+            extra_body={"return_tokens_as_token_ids": True},
+        ).choices[0]  # fmt: skip
+        got = [int(token.removeprefix("token_id:")) for token in choice.logprobs.tokens]
+        assert got == new.tolist(), prompt
+        assert choice.text == tokenizer.decode(new, skip_special_tokens=True)
+        torch.testing.assert_close(torch.tensor(choice.logprobs.token_logprobs), expected_logprobs,
+                                   atol=VLLM_LOGPROB_ATOL, rtol=0)  # fmt: skip
+
+    # Text in, streamed: vLLM tokenizes with the export's tokenizer.json.
+    request = dict(model=str(demo_mpt), prompt=PROMPTS[0], max_tokens=24, temperature=0)
+    plain = client.completions.create(**request).choices[0].text
+    streamed = "".join(chunk.choices[0].text for chunk in client.completions.create(**request, stream=True)
+                       if chunk.choices)  # fmt: skip
+    ids = tokenizer.encode(PROMPTS[0], return_tensors="pt")
+    expected = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=1, pad_token_id=2)
+    assert plain == streamed == tokenizer.decode(expected[0, ids.shape[1] :], skip_special_tokens=True)
