@@ -1,27 +1,80 @@
 """The demo's data: the running Python's standard library (freely licensed, present on every machine), split by
-file into train and held-out parts, for the demo's training (demo.py) and its evaluation (evaluation.py); and the
+file into train and held-out parts, for the demo's training (demo.py) and its evaluation (evaluation.py); the
+sources of permissively licensed packages from the package index (demo_packages.json), for training only; and the
 training files' functions, methods and classes moved to column 0 as documents of their own (demo.py's second
 stage)."""
 
 import ast
+import email
 import io
+import json
+import subprocess
+import sys
 import sysconfig
+import zipfile
 import zlib
 from pathlib import Path
 
 HELD_OUT_PERCENT = 5
+MAX_FILE_BYTES = 500_000
+PACKAGE_LIST = Path(__file__).with_name("demo_packages.json")
+PERMISSIVE_LICENSES = ("MIT", "BSD", "Apache")
 
 
 def stdlib_sources() -> tuple[list[Path], list[Path]]:
     """The .py files of the running Python's standard library, split by a hash of their path into train and
     held-out (the split does not depend on the order files are found in)."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in stdlib.rglob("*.py") if "site-packages" not in p.parts and p.stat().st_size < 500_000)
+    files = sorted(
+        p for p in stdlib.rglob("*.py") if "site-packages" not in p.parts and p.stat().st_size < MAX_FILE_BYTES
+    )
     train, held_out = [], []
     for path in files:
         bucket = zlib.crc32(str(path.relative_to(stdlib)).encode()) % 100
         (held_out if bucket < HELD_OUT_PERCENT else train).append(path)
     return train, held_out
+
+
+def wheel_license(wheel: Path) -> str:
+    """The licence a wheel's metadata declares: its License-Expression, else License, else its licence classifiers."""
+    with zipfile.ZipFile(wheel) as archive:
+        metadata = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
+        fields = email.message_from_bytes(archive.read(metadata))
+    classifiers = [c.rsplit(" :: ", 1)[-1] for c in fields.get_all("Classifier") or [] if c.startswith("License ::")]
+    return fields.get("License-Expression") or fields.get("License") or "; ".join(classifiers)
+
+
+def unpack_wheel_sources(wheel: Path, out: Path) -> list[Path]:
+    """The .py files of a wheel (under MAX_FILE_BYTES, as for the standard library), unpacked under `out`. A wheel
+    whose licence is not permissive (MIT, BSD, Apache) is refused: the demo's weights are published with this
+    repository."""
+    license_ = wheel_license(wheel)
+    if not any(name in license_ for name in PERMISSIVE_LICENSES):
+        raise ValueError(f"{wheel.name}: licence {license_!r} is not one of {', '.join(PERMISSIVE_LICENSES)}")
+    with zipfile.ZipFile(wheel) as archive:
+        members = [i for i in archive.infolist() if i.filename.endswith(".py") and i.file_size < MAX_FILE_BYTES]
+        for member in members:
+            archive.extract(member, out)
+    return sorted(out / member.filename for member in members)
+
+
+def package_sources(cache: Path, packages: list[dict] | None = None) -> list[Path]:
+    """The sources of the pinned packages of demo_packages.json (name, version, licence), each wheel downloaded once
+    into `cache` with pip and unpacked beside it; every file goes to training (the held-out files stay the standard
+    library's, so that evaluations of every build compare)."""
+    packages = json.loads(PACKAGE_LIST.read_text()) if packages is None else packages
+    files = []
+    for package in packages:
+        pin = f"{package['name']}=={package['version']}"
+        pattern = f"{package['name'].lower().replace('-', '_')}-{package['version']}-*.whl"  # wheels' file names
+        if not any(cache.glob(pattern)):
+            pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-d", cache, pin]
+            subprocess.run(pip, check=True)
+        wheels = sorted(cache.glob(pattern))
+        if not wheels:
+            raise FileNotFoundError(f"pip downloaded no wheel of {pin} into {cache}")
+        files += unpack_wheel_sources(wheels[0], cache / pin)
+    return files
 
 
 def read_text(path: Path) -> str:

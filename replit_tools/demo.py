@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from . import CODE_FILES, DEMO_MODEL, ROOT
-from .corpus import definition_documents, read_text, stdlib_sources
+from .corpus import PACKAGE_LIST, definition_documents, package_sources, read_text, stdlib_sources
 from .evaluation import evaluate
 from .sentencepiece_recipe import RECIPE, train_sentencepiece
 from replit_lm.configuration_replit_lm import ReplitLMConfig
@@ -235,6 +235,11 @@ def main():
     parser.add_argument("--average-with-start", action="store_true",
                         help="end stage 2 with the mean of the weights it started from and those it ended with (a "
                              "checkpoint average; the current demo's last step)")  # fmt: skip
+    parser.add_argument("--packages", action="store_true",
+                        help="also train on the sources of the permissively licensed packages pinned in "
+                             "replit_tools/demo_packages.json, fetched by pip into --package-cache")  # fmt: skip
+    parser.add_argument("--package-cache", type=Path, default=Path.home() / ".cache" / "replit_lm_demo",
+                        help="where --packages keeps the wheels and their unpacked sources")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
@@ -243,6 +248,11 @@ def main():
 
     train_files, held_out_files = stdlib_sources()
     print(f"data: {len(train_files)} train and {len(held_out_files)} held-out files of {sysconfig.get_paths()['stdlib']}")
+    packages = json.loads(PACKAGE_LIST.read_text()) if args.packages else []
+    if packages:
+        package_files = package_sources(args.package_cache, packages)
+        train_files += package_files
+        print(f"data: {len(package_files)} more train files of {len(packages)} packages ({PACKAGE_LIST.name})")
     work = args.out.with_name(args.out.name + ".build")
     work.mkdir(parents=True, exist_ok=True)
     if args.from_model:
@@ -264,7 +274,7 @@ def main():
         stage1 = lambda generator: random_windows(train_stream, args.batch_size, args.seq_len, generator)  # noqa: E731
         train(model, stage1, args.steps, args.lr, args.seed, desc="stage 1")
         training = [dict(stage=1, steps=args.steps, lr=args.lr, seed=args.seed, batch_size=args.batch_size,
-                         seq_len=args.seq_len, file_tokens=len(train_stream))]  # fmt: skip
+                         seq_len=args.seq_len, file_tokens=len(train_stream), packages=packages)]  # fmt: skip
         if args.save_stage1:
             write_demo_folder(model, tokenizer, args.save_stage1, training)
     if args.stage2_steps:
@@ -278,7 +288,8 @@ def main():
                              batch_size=args.batch_size, seq_len=args.seq_len, file_tokens=len(train_stream),
                              definitions=args.stage2_definitions, file_starts=args.stage2_file_starts,
                              docstrings=args.stage2_docstrings, definition_documents=def_count,
-                             definition_tokens=def_tokens, averaged_with_start=args.average_with_start))  # fmt: skip
+                             definition_tokens=def_tokens, averaged_with_start=args.average_with_start,
+                             packages=packages))  # fmt: skip
     write_demo_folder(model, tokenizer, args.out, training)
     shutil.rmtree(work)
 
