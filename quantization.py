@@ -1200,7 +1200,8 @@ int amx_available(void) {
 // them, so that the outputs are theirs bit for bit. The weights' B tiles come from the native layouts once per 16
 // output channels: int8's is AMX's layout already (4 input channels of 16 output channels per 64 bytes), made signed
 // (q + 128 back to q: the sign bit flipped) so that no per-block correction is left; int4's nibbles are spread to
-// one byte each. The activations are laid out as contiguous A tiles. 0 if out of memory or AMX is not available.
+// one byte each, less 8, for the same reason. The activations are laid out as contiguous A tiles. 0 if out of memory
+// or AMX is not available.
 int amx_matmul(const uint8_t *w, const uint16_t *scales, int64_t n, int64_t k, const void *x, int64_t rows, void *y,
                int bf16, int int4, int threads) {
 #ifdef AMX_INT8
@@ -1218,7 +1219,6 @@ int amx_matmul(const uint8_t *w, const uint16_t *scales, int64_t n, int64_t k, c
         for (int64_t b = 0; b < blocks; b++)
             memcpy(xt + ((r / 16 * blocks + b) * 16 + r % 16) * BLOCK, (const int8_t *)a.xq + r * k + b * BLOCK, BLOCK);
     const float *xs = a.xs, *xsum = a.xsum;
-    const int32_t *xqsum = a.xqsum;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
@@ -1236,12 +1236,13 @@ int amx_matmul(const uint8_t *w, const uint16_t *scales, int64_t n, int64_t k, c
 #pragma omp for schedule(static)
         for (int64_t ob = 0; ob < n / 16; ob++) {
             if (!tiles) continue;
-            if (int4) {
-                const __m512i low = _mm512_set1_epi8(15);
+            if (int4) {  // q - 8: the products come centred, as int4_tile makes them with the activations' sums
+                const __m512i low = _mm512_set1_epi8(15), eight = _mm512_set1_epi8(8);
                 for (int64_t step = 0; step < k / 8; step++) {
                     __m512i packed = _mm512_loadu_si512(w + ob * 8 * k + step * 64);
-                    _mm512_store_si512(tiles + step * 128, _mm512_and_si512(packed, low));
-                    _mm512_store_si512(tiles + step * 128 + 64, _mm512_and_si512(_mm512_srli_epi16(packed, 4), low));
+                    _mm512_store_si512(tiles + step * 128, _mm512_sub_epi8(_mm512_and_si512(packed, low), eight));
+                    _mm512_store_si512(tiles + step * 128 + 64,
+                                       _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(packed, 4), low), eight));
                 }
             } else {
                 const __m512i sign = _mm512_set1_epi8((char)0x80);
@@ -1273,9 +1274,8 @@ int amx_matmul(const uint8_t *w, const uint16_t *scales, int64_t n, int64_t k, c
                             const __m512 zero = bf16x16(zb + g * 16);
                             for (int i = 0; i < 16; i++) {
                                 const int64_t at = (r0 + i) * blocks + g;
-                                __m512i centred = _mm512_sub_epi32(_mm512_load_si512(dots[t][i]),
-                                                                   _mm512_set1_epi32(8 * xqsum[at]));
-                                __m512 part = _mm512_mul_ps(_mm512_cvtepi32_ps(centred), _mm512_set1_ps(xs[at]));
+                                __m512 centred = _mm512_cvtepi32_ps(_mm512_load_si512(dots[t][i]));
+                                __m512 part = _mm512_mul_ps(centred, _mm512_set1_ps(xs[at]));
                                 acc[i] = _mm512_fmadd_ps(part, scale, acc[i]);
                                 acc[i] = _mm512_fmadd_ps(zero, _mm512_set1_ps(xsum[at]), acc[i]);
                             }
