@@ -37,9 +37,14 @@ def stdlib_sources() -> tuple[list[Path], list[Path]]:
 
 def wheel_license(wheel: Path) -> str:
     """The licence a wheel's metadata declares: its License-Expression, else License, else its licence classifiers."""
-    with zipfile.ZipFile(wheel) as archive:
-        metadata = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
-        fields = email.message_from_bytes(archive.read(metadata))
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            metadata = next((n for n in archive.namelist() if n.endswith(".dist-info/METADATA")), None)
+            fields = metadata and email.message_from_bytes(archive.read(metadata))
+    except zipfile.BadZipFile as error:
+        raise ValueError(f"{wheel.name}: not a wheel ({error})") from None
+    if fields is None:
+        raise ValueError(f"{wheel.name}: not a wheel (no .dist-info/METADATA)")
     classifiers = [c.rsplit(" :: ", 1)[-1] for c in fields.get_all("Classifier") or [] if c.startswith("License ::")]
     return fields.get("License-Expression") or fields.get("License") or "; ".join(classifiers)
 

@@ -106,6 +106,16 @@ def test_a_wheel_without_a_permissive_licence_is_refused(tmp_path, license_line)
     assert not (tmp_path / "out").exists()
 
 
+def test_a_file_that_is_no_wheel_is_named(tmp_path):
+    with zipfile.ZipFile(tmp_path / "pkg-1.0-py3-none-any.whl", "w") as archive:
+        archive.writestr("pkg/__init__.py", "A = 1\n")
+    with pytest.raises(ValueError, match="pkg-1.0-py3-none-any.whl: not a wheel"):
+        corpus.unpack_wheel_sources(tmp_path / "pkg-1.0-py3-none-any.whl", tmp_path / "out")
+    (tmp_path / "broken.whl").write_bytes(b"not a zip file")
+    with pytest.raises(ValueError, match="broken.whl: not a wheel"):
+        corpus.unpack_wheel_sources(tmp_path / "broken.whl", tmp_path / "out")
+
+
 def test_package_sources_downloads_each_pinned_wheel_once(tmp_path, monkeypatch):
     calls = []
 
