@@ -7,7 +7,6 @@ stage)."""
 import ast
 import email
 import io
-import json
 import subprocess
 import sys
 import sysconfig
@@ -63,11 +62,10 @@ def unpack_wheel_sources(wheel: Path, out: Path) -> list[Path]:
     return sorted(out / member.filename for member in members)
 
 
-def package_sources(cache: Path, packages: list[dict] | None = None) -> list[Path]:
-    """The sources of the pinned packages of demo_packages.json (name, version, licence), each wheel downloaded once
-    into `cache` with pip and unpacked beside it; every file goes to training (the held-out files stay the standard
-    library's, so that evaluations of every build compare)."""
-    packages = json.loads(PACKAGE_LIST.read_text()) if packages is None else packages
+def package_sources(cache: Path, packages: list[dict]) -> list[Path]:
+    """The sources of pinned packages (demo_packages.json's entries: name, version, licence), each wheel downloaded
+    once into `cache` with pip and unpacked beside it; every file goes to training (the held-out files stay the
+    standard library's, so that evaluations of every build compare)."""
     files = []
     for package in packages:
         pin = f"{package['name']}=={package['version']}"

@@ -415,6 +415,13 @@ def wait_until_healthy(server: subprocess.Popen, base_url: str, name: str, secon
             time.sleep(1)
 
 
+def plain_and_streamed(client, **request) -> tuple[str, str]:
+    """The text of one completion asked for plainly, and of the same asked for streamed."""
+    plain = client.completions.create(**request).choices[0].text
+    chunks = client.completions.create(**request, stream=True)
+    return plain, "".join(chunk.choices[0].text for chunk in chunks if chunk.choices)
+
+
 @pytest.mark.parametrize("layout", ["demo", "hub", "mpt"])
 def test_transformers_serve_completes_plain_and_streamed(transformers_serve, demo_mpt, tmp_path, layout):
     import openai
@@ -428,11 +435,8 @@ def test_transformers_serve_completes_plain_and_streamed(transformers_serve, dem
     expected = tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
 
     client = openai.OpenAI(base_url=transformers_serve, api_key="unused", timeout=120, max_retries=0)
-    request = dict(model=str(folder), prompt=PROMPTS[0], max_tokens=24, temperature=0)
-    plain = client.completions.create(**request).choices[0].text
-    streamed = "".join(chunk.choices[0].text for chunk in client.completions.create(**request, stream=True)
-                       if chunk.choices)  # fmt: skip
-    assert plain == streamed == expected
+    texts = plain_and_streamed(client, model=str(folder), prompt=PROMPTS[0], max_tokens=24, temperature=0)
+    assert texts == (expected, expected)
 
 
 # ----- vLLM ----------------------------------------------------------------------------------------------------------
@@ -486,8 +490,8 @@ def test_vllm_serves_the_mpt_export_with_replit_lms_tokens_and_logprobs(vllm_ser
 
     model, tokenizer = ours
     client = openai.OpenAI(base_url=vllm_serve, api_key="unused", timeout=300, max_retries=0)
-    prompts = PROMPTS + code_snippets(count=3, seed=1)
-    for prompt in prompts:
+    expected_texts = []
+    for prompt in PROMPTS + code_snippets(count=3, seed=1):
         ids = tokenizer.encode(prompt)
         generated = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=1,
                                    pad_token_id=2)[0]  # fmt: skip
@@ -503,15 +507,11 @@ def test_vllm_serves_the_mpt_export_with_replit_lms_tokens_and_logprobs(vllm_ser
         ).choices[0]  # fmt: skip
         got = [int(token.removeprefix("token_id:")) for token in choice.logprobs.tokens]
         assert got == new.tolist(), prompt
-        assert choice.text == tokenizer.decode(new, skip_special_tokens=True)
+        expected_texts.append(tokenizer.decode(new, skip_special_tokens=True))
+        assert choice.text == expected_texts[-1]
         torch.testing.assert_close(torch.tensor(choice.logprobs.token_logprobs), expected_logprobs,
                                    atol=VLLM_LOGPROB_ATOL, rtol=0)  # fmt: skip
 
-    # Text in, streamed: vLLM tokenizes with the export's tokenizer.json.
-    request = dict(model=str(demo_mpt), prompt=PROMPTS[0], max_tokens=24, temperature=0)
-    plain = client.completions.create(**request).choices[0].text
-    streamed = "".join(chunk.choices[0].text for chunk in client.completions.create(**request, stream=True)
-                       if chunk.choices)  # fmt: skip
-    ids = tokenizer.encode(PROMPTS[0], return_tensors="pt")
-    expected = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=1, pad_token_id=2)
-    assert plain == streamed == tokenizer.decode(expected[0, ids.shape[1] :], skip_special_tokens=True)
+    # Text in, plain and streamed: vLLM tokenizes with the export's tokenizer.json.
+    texts = plain_and_streamed(client, model=str(demo_mpt), prompt=PROMPTS[0], max_tokens=24, temperature=0)
+    assert texts == (expected_texts[0], expected_texts[0])
