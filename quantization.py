@@ -68,7 +68,7 @@ of at least r rows (the last bucket's beyond it)."""
 ROUTE_CACHE_ENV = "REPLIT_LM_ROUTE_CACHE"
 """The file that keeps route choices between runs (default ~/.cache/replit_lm/cpu_routes.json); "off" keeps them
 in memory only."""
-ROUTES_VERSION = "routes 2"
+ROUTES_VERSION = "routes 3"
 """Part of the route cache's key, changed when the routes a layer offers change (2: int8 in blocks of 32, the
 unpacking routes W @ x^T), so that rankings stored by an older version are measured again."""
 TIMING_REPEATS = 3
@@ -371,6 +371,8 @@ def _bind_native(library: ctypes.CDLL) -> ctypes.CDLL:
         "int8_matmul": ([pointer, pointer, size, size, pointer, size, pointer, integer, integer, integer], integer),
         "amx_matmul": ([pointer, pointer, size, size, pointer, size, pointer, integer, integer, integer], integer),
         "amx_available": ([], integer),
+        "amx_bf16_matmul": ([pointer, pointer, size, size, pointer, size, pointer, integer, integer, integer], integer),
+        "amx_bf16_available": ([], integer),
         "int4_matmul": ([pointer, pointer, size, size, pointer, size, pointer, integer, integer], integer),
         "int8_dequantize": ([pointer, pointer, size, size, pointer, integer], None),
         "int4_dequantize": ([pointer, pointer, size, size, pointer, integer], None),
@@ -406,6 +408,18 @@ def _native_product(kernel: str, weights: tuple, n: int, x: torch.Tensor, *optio
 def _has_amx() -> bool:
     """Whether the native int8 kernel for AMX runs here (built for it, and the tile registers granted)."""
     return native_kernels() is not None and bool(native_kernels().amx_available())
+
+
+@functools.cache
+def _has_amx_bf16() -> bool:
+    """Whether the native kernel for AMX's bfloat16 products runs here."""
+    return native_kernels() is not None and bool(native_kernels().amx_bf16_available())
+
+
+def _amx_bf16_route(rows: int) -> list[str]:
+    """The unpacked weight multiplied on AMX tiles, for a prompt's rows (more than 8: the unpacking, the same work
+    whatever the rows, outweighs the products below that)."""
+    return ["native_amx_bf16"] if rows > 8 and _has_amx_bf16() else []
 
 
 def _without_padding(out: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -478,8 +492,9 @@ class Int8Linear(QuantizedLinear):
     are chosen a layer keeps only the layout its decode route reads.
     """
 
-    NATIVE_KERNELS = {"native": ("int8_matmul", 1), "native_int8": ("int8_matmul", 0), "native_amx": ("amx_matmul", 0)}
-    """int8_matmul's option: int16 activations; amx_matmul's: int4 weights."""
+    NATIVE_KERNELS = {"native": ("int8_matmul", 1), "native_int8": ("int8_matmul", 0), "native_amx": ("amx_matmul", 0),
+                      "native_amx_bf16": ("amx_bf16_matmul", 0)}  # fmt: skip
+    """int8_matmul's option: int16 activations; amx_matmul's and amx_bf16_matmul's: int4 weights."""
 
     def __init__(self, weight: torch.Tensor, per_channel: bool = False):
         super().__init__(weight.shape[1], weight.shape[0])
@@ -516,7 +531,7 @@ class Int8Linear(QuantizedLinear):
             # int8 activations (q8_0's rounding) only for short prompts, where they are much faster; from 512 rows
             # the unpacked weight is, with the float product's precision.
             prompt = ["native_int8"] + (["native_amx"] if _has_amx() else [])
-            return routes + ["native"] + (prompt if 8 < rows <= SMALL_ROWS else [])
+            return routes + ["native"] + (prompt if 8 < rows <= SMALL_ROWS else []) + _amx_bf16_route(rows)
         routes += ["weight_only"] if "plain" in self.layouts else []
         return routes + (["onednn"] if self.onednn_available and "packed" in self.layouts else [])
 
@@ -641,7 +656,8 @@ class Int4Linear(QuantizedLinear):
     layout its decode route reads.
     """
 
-    NATIVE_KERNELS = {"native": ("int4_matmul",), "native_amx": ("amx_matmul", 1)}
+    NATIVE_KERNELS = {"native": ("int4_matmul",), "native_amx": ("amx_matmul", 1),
+                      "native_amx_bf16": ("amx_bf16_matmul", 1)}  # fmt: skip
 
     def __init__(self, weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE):
         out_features, in_features = weight.shape
@@ -675,7 +691,7 @@ class Int4Linear(QuantizedLinear):
         if "native" not in self.layouts:
             return unpacking + ["kernel"] if self.can_unpack else ["kernel"]
         kernel = ["kernel"] if "packed" in self.layouts else []
-        native = ["native"] + (["native_amx"] if rows > 8 and _has_amx() else [])
+        native = ["native"] + (["native_amx"] if rows > 8 and _has_amx() else []) + _amx_bf16_route(rows)
         return unpacking + kernel + (native if self.native_available else [])
 
     def route_function(self, route: str):
@@ -903,6 +919,9 @@ NATIVE_SOURCE = r"""// Matrix products with int8 and int4 weights for ReplitLM o
 #include <sys/syscall.h>
 #include <unistd.h>
 #define AMX_INT8 1
+#if defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define AMX_BF16 1
+#endif
 #endif
 #endif
 
@@ -1297,6 +1316,161 @@ int amx_matmul(const uint8_t *w, const uint16_t *scales, int64_t n, int64_t k, c
     }
     free(xt);
     free(a.xq);
+    return !failed;
+#else
+    (void)w, (void)scales, (void)n, (void)k, (void)x, (void)rows, (void)y, (void)bf16, (void)int4, (void)threads;
+    return 0;
+#endif
+}
+
+// 1 where amx_bf16_matmul runs: AMX's bfloat16 products built in, and the tile registers granted.
+int amx_bf16_available(void) {
+#ifdef AMX_BF16
+    return amx_available();
+#else
+    return 0;
+#endif
+}
+
+#ifdef AMX_BF16
+// Two rows of a bfloat16 B tile (16 output channels x 2 input channels each, [pair][16][2]) from 64 bytes of a
+// native layout holding 4 input channels of each of 16 output channels ([16][4] bytes, the integers q as they are
+// to be converted: signed where `is_signed`), each q unpacked to q * scale + base in float32, then rounded to
+// bfloat16: the values int8_dequantize and int4_dequantize write. scale and base: per output channel, spread to
+// the lanes of 8 channels x 2 inputs (channels 0-7 in [0], 8-15 in [1]).
+static inline __attribute__((always_inline)) void bf16_pair_rows(__m512i four, int is_signed, const __m512 *scale,
+                                                                 const __m512 *base, uint16_t *out) {
+    // Channel c's inputs 2p and 2p + 1 are 16-bit word 2c + p of the 64 bytes; row p wants them at word c.
+    static const uint16_t order[32] = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
+                                       1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+    const __m512i rows = _mm512_permutexvar_epi16(_mm512_loadu_si512(order), four);
+    __m512 values[4];
+    for (int part = 0; part < 4; part++) {  // 16 bytes each: row 0's channels 0-7, 8-15, then row 1's
+        const __m128i bytes = _mm512_extracti32x4_epi32(rows, part);
+        const __m512i q = is_signed ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes);
+        values[part] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), scale[part & 1], base[part & 1]);
+    }
+    _mm512_store_si512(out, (__m512i)_mm512_cvtne2ps_pbh(values[1], values[0]));
+    _mm512_store_si512(out + 32, (__m512i)_mm512_cvtne2ps_pbh(values[3], values[2]));
+}
+
+// The weights of 16 output channels as bfloat16 B tiles, [k / 32][16][16][2]: the values of int8_dequantize or
+// int4_dequantize, laid out for tdpbf16ps (one tile per 32 input channels).
+static void bf16_b_tiles(const uint8_t *wb, const uint16_t *sb, const uint16_t *zb, int64_t k, int int4,
+                         uint16_t *tiles) {
+    static const int32_t low_channels[16] = {0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7};
+    const __m512i spread = _mm512_loadu_si512(low_channels), eight = _mm512_set1_epi32(8);
+    const __m512i nibble = _mm512_set1_epi8(15), sign = _mm512_set1_epi8((char)0x80);
+    for (int64_t b = 0; b < k / BLOCK; b++) {
+        const __m512 s = bf16x16(sb + b * 16);
+        // int4: q * scale + (zero - 8 scale), as int4_dequantize; int8: (q + 128 with the sign bit flipped) * scale.
+        const __m512 offset = int4 ? _mm512_sub_ps(bf16x16(zb + b * 16), _mm512_mul_ps(_mm512_set1_ps(8.f), s))
+                                   : _mm512_setzero_ps();
+        const __m512 scale[2] = {_mm512_permutexvar_ps(spread, s),
+                                 _mm512_permutexvar_ps(_mm512_add_epi32(spread, eight), s)};
+        const __m512 base[2] = {_mm512_permutexvar_ps(spread, offset),
+                                _mm512_permutexvar_ps(_mm512_add_epi32(spread, eight), offset)};
+        uint16_t *tile = tiles + b * 16 * 32;
+        if (int4) {
+            for (int step = 0; step < BLOCK / 8; step++) {  // low nibbles: inputs 0-3 of the 8; high: 4-7
+                const __m512i packed = _mm512_loadu_si512(wb + (b * (BLOCK / 8) + step) * 64);
+                bf16_pair_rows(_mm512_and_si512(packed, nibble), 0, scale, base, tile + step * 128);
+                bf16_pair_rows(_mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble), 0, scale, base,
+                               tile + step * 128 + 64);
+            }
+        } else {
+            for (int step = 0; step < BLOCK / 4; step++)
+                bf16_pair_rows(_mm512_xor_si512(_mm512_loadu_si512(wb + (b * (BLOCK / 4) + step) * 64), sign), 1,
+                               scale, base, tile + step * 64);
+        }
+    }
+}
+
+// C tiles 0-3 (rows 0-15 and 16-31, times channels 0-15 and 16-31) over all of k; tile numbers must be constants,
+// so each of the four cases is spelled out by the compiler from the constant flags.
+static inline __attribute__((always_inline)) void amx_bf16_tiles(const uint16_t *xa, int64_t k, const uint16_t *b0,
+        const uint16_t *b1, int two_rows, int two_columns, float c[4][16][16]) {
+    _tile_zero(0);
+    if (two_columns) _tile_zero(1);
+    if (two_rows) _tile_zero(2);
+    if (two_rows && two_columns) _tile_zero(3);
+    for (int64_t b = 0; b < k / BLOCK; b++) {
+        _tile_loadd(6, b0 + b * 512, 64);
+        if (two_columns) _tile_loadd(7, b1 + b * 512, 64);
+        _tile_loadd(4, xa + b * BLOCK, k * 2);
+        _tile_dpbf16ps(0, 4, 6);
+        if (two_columns) _tile_dpbf16ps(1, 4, 7);
+        if (two_rows) {
+            _tile_loadd(5, xa + 16 * k + b * BLOCK, k * 2);
+            _tile_dpbf16ps(2, 5, 6);
+            if (two_columns) _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+    _tile_stored(0, c[0], 64);
+    if (two_columns) _tile_stored(1, c[1], 64);
+    if (two_rows) _tile_stored(2, c[2], 64);
+    if (two_rows && two_columns) _tile_stored(3, c[3], 64);
+}
+#endif
+
+// int8_matmul or int4_matmul with the activations in bfloat16 (not quantized): per 32 output channels, the weights
+// are unpacked once to bfloat16 B tiles (the values of int8_dequantize / int4_dequantize), then multiplied with
+// every row on AMX (tdpbf16ps, float32 sums): the "dequantize" route's product without the bfloat16 weight ever
+// written out to memory. 0 if out of memory or AMX's bfloat16 products are not available.
+int amx_bf16_matmul(const uint8_t *w, const uint16_t *scales, int64_t n, int64_t k, const void *x, int64_t rows,
+                    void *y, int bf16, int int4, int threads) {
+#ifdef AMX_BF16
+    if (!amx_available()) return 0;
+    const int64_t padded = (rows + 15) / 16 * 16, blocks = k / BLOCK;
+    // The activations in bfloat16, rows padded with zeros to a multiple of 16: x itself where it is so already.
+    uint16_t *xa = (uint16_t *)x;
+    if (!bf16 || padded != rows) {
+        xa = malloc(padded * k * 2);
+        if (!xa) return 0;
+        if (bf16)
+            memcpy(xa, x, rows * k * 2);
+        else
+            for (int64_t i = 0; i < rows * k; i++) xa[i] = float_to_bf16(((const float *)x)[i]);
+        memset(xa + rows * k, 0, (padded - rows) * k * 2);
+    }
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } config = {0};
+        config.palette = 1;
+        for (int t = 0; t < 8; t++) config.rows[t] = 16, config.colsb[t] = 64;  // 16 x 16 float32 or 16 x 32 bf16
+        _tile_loadconfig(&config);
+        uint16_t *tiles = aligned_alloc(64, 2 * 16 * k * 2);  // B tiles of 32 output channels
+        float c[4][16][16] __attribute__((aligned(64)));
+        if (!tiles) failed = 1;
+        const int64_t bytes = int4 ? 8 * k : 16 * k;  // of the native weights per 16 output channels
+#pragma omp for schedule(static)
+        for (int64_t ob = 0; ob < n / 16; ob += 2) {
+            if (!tiles) continue;
+            const int two_columns = ob + 1 < n / 16;
+            for (int t = 0; t <= two_columns; t++) {
+                const uint16_t *sb = scales + (ob + t) * 16 * blocks;
+                bf16_b_tiles(w + (ob + t) * bytes, sb, sb + n * blocks, k, int4, tiles + t * 16 * k);
+            }
+            for (int64_t r0 = 0; r0 < padded; r0 += 32) {
+                const int two_rows = r0 + 16 < padded;
+                const uint16_t *xr = xa + r0 * k, *b1 = tiles + 16 * k;
+                if (two_rows && two_columns) amx_bf16_tiles(xr, k, tiles, b1, 1, 1, c);
+                else if (two_rows) amx_bf16_tiles(xr, k, tiles, b1, 1, 0, c);
+                else if (two_columns) amx_bf16_tiles(xr, k, tiles, b1, 0, 1, c);
+                else amx_bf16_tiles(xr, k, tiles, b1, 0, 0, c);
+                for (int part = 0; part < 4; part++) {
+                    const int64_t row = r0 + (part >> 1) * 16, column = (ob + (part & 1)) * 16;
+                    if ((part & 1) > 0 && !two_columns) continue;
+                    for (int i = 0; i < 16 && row + i < rows; i++)
+                        store16(y, (row + i) * n + column, _mm512_load_ps(c[part][i]), bf16);
+                }
+            }
+        }
+        free(tiles);
+        _tile_release();
+    }
+    if (xa != x) free(xa);
     return !failed;
 #else
     (void)w, (void)scales, (void)n, (void)k, (void)x, (void)rows, (void)y, (void)bf16, (void)int4, (void)threads;

@@ -125,6 +125,27 @@ def test_the_amx_route_computes_what_the_vnni_route_does(layer_class, vnni_route
             assert torch.equal(amx(x.to(dtype)), vnni(x.to(dtype))), (rows, dtype)
 
 
+has_amx_bf16 = quantization._has_amx_bf16()
+
+
+@pytest.mark.skipif(not has_amx_bf16, reason="needs a CPU with AMX's bfloat16 products (and the native kernels)")
+@pytest.mark.parametrize("layer_class", [Int8Linear, Int4Linear])
+def test_the_amx_bfloat16_route_is_the_product_with_the_unpacked_weight(layer_class):
+    """The weights unpacked to the bfloat16 values the "dequantize" route multiplies, and float32 sums: the same
+    product but for the order of the sums, whatever the rows (pairs of 16-row tiles, the last one padded), the
+    output channels (pairs of 16, here 7 blocks of them: the last one alone) and the dtype."""
+    layer = layer_class(gaussian(100, 96, seed=int(torch.randint(1000, ()))).to(torch.bfloat16))
+    assert "native_amx_bf16" in layer.routes(9) and "native_amx_bf16" in layer.routes(512)
+    assert "native_amx_bf16" not in layer.routes(8)
+    unpacked = layer.dequantized_weight().to(torch.bfloat16).float()
+    amx = layer.route_function("native_amx_bf16")
+    for rows in (9, 16, 17, 32, 33, 70):
+        x = torch.randn(rows, 96)
+        expected = x.to(torch.bfloat16).float() @ unpacked.t()
+        assert relative_error(amx(x), expected) < 1e-6, rows  # float32 out: the sums' order alone
+        assert relative_error(amx(x.to(torch.bfloat16)), expected) < 0.004, rows  # rounded to bfloat16
+
+
 @pytest.mark.skipif(quantization.native_kernels() is None, reason="no C compiler here")
 def test_int8_with_the_native_kernels_has_a_bfloat16_scale_per_block_of_32(monkeypatch):
     """q8_0's layout: closer to the weights than a scale per output channel (whose torch kernels are then not
@@ -136,7 +157,8 @@ def test_int8_with_the_native_kernels_has_a_bfloat16_scale_per_block_of_32(monke
     assert torch.equal(blocks.dequantized_weight()[:8, 64:96], torch.zeros(8, 32))
     assert blocks.block_size == 32 and blocks._native_scale.dtype == torch.bfloat16
     assert blocks.layouts == {"native"} and blocks.qweight is None and blocks.scale is None
-    assert set(blocks.routes(64)) - {"native_amx"} == {"dequantize", "dequantize_t", "native", "native_int8"}
+    assert set(blocks.routes(64)) - {"native_amx", "native_amx_bf16"} == {"dequantize", "dequantize_t", "native",
+                                                                         "native_int8"}  # fmt: skip
     x = torch.randn(64, 256, dtype=torch.bfloat16)
     for route in blocks.routes(64):
         assert relative_error(blocks.route_function(route)(x), x.float() @ weight.float().t()) < 0.01, route
@@ -417,7 +439,8 @@ def test_a_ranking_measured_without_the_native_kernels_is_measured_again_with_th
     monkeypatch.setenv(quantization.ROUTE_CACHE_ENV, str(tmp_path / "routes.json"))
     without = tag_routes(monkeypatch, Int4Linear(gaussian(96, 64).to(torch.bfloat16)))
     without.native_available = False
-    timer = FakeTimer({"dequantize": 1.0, "dequantize_t": 1.0, "kernel": 0.5, "native": 0.1, "native_amx": 0.1})
+    timer = FakeTimer({"dequantize": 1.0, "dequantize_t": 1.0, "kernel": 0.5, "native": 0.1, "native_amx": 0.1,
+                       "native_amx_bf16": 0.1})  # fmt: skip
     assert "native" not in routes_of(chooser_with(timer).plan(without, torch.bfloat16))[1]
     with_kernels = tag_routes(monkeypatch, Int4Linear(gaussian(96, 64).to(torch.bfloat16)))
     assert routes_of(chooser_with(timer).plan(with_kernels, torch.bfloat16))[1][0] == "native"
@@ -426,7 +449,8 @@ def test_a_ranking_measured_without_the_native_kernels_is_measured_again_with_th
 @pytest.mark.skipif(quantization.native_kernels() is None, reason="needs the native kernels (a C compiler)")
 @pytest.mark.parametrize("winner", ["kernel", "native", "dequantize"])
 def test_int4_keeps_only_the_weight_layout_its_decode_route_reads(monkeypatch, winner):
-    timings = {"dequantize": 1.0, "dequantize_t": 1.0, "kernel": 2.0, "native": 2.0, "native_amx": 2.0, winner: 0.5}
+    timings = {"dequantize": 1.0, "dequantize_t": 1.0, "kernel": 2.0, "native": 2.0, "native_amx": 2.0,
+               "native_amx_bf16": 2.0, winner: 0.5}  # fmt: skip
     monkeypatch.setattr(quantization, "ROUTES", chooser_with(FakeTimer(timings)))
     weight = gaussian(96, 64).to(torch.bfloat16)
     layer = tag_routes(monkeypatch, Int4Linear(weight))
@@ -437,7 +461,7 @@ def test_int4_keeps_only_the_weight_layout_its_decode_route_reads(monkeypatch, w
     assert layer.layouts == {kept}
     assert (layer.packed is not None, layer.native is not None) == (kept == "packed", kept == "native")
     assert torch.equal(layer.dequantized_weight(), expected)  # either layout holds the same weights
-    own = {"kernel"} if kept == "packed" else {"native"}  # (native_amx: more than 8 rows)
+    own = {"kernel"} if kept == "packed" else {"native"}  # (the AMX routes: more than 8 rows)
     assert set(layer.routes(1)) == {"dequantize", "dequantize_t"} | own
     for route in layer.routes(3):
         assert relative_error(layer.route_function(route)(x), x.float() @ expected.t()) < 0.01, route
@@ -566,8 +590,9 @@ def test_int8_model_generates_like_bfloat16(mode, monkeypatch):
     assert out.shape == (4, 29)
 
 
-QUANTIZED_ROUTES = {"int4": ["dequantize", "dequantize_t", "kernel", "native", "native_amx"],
-                    "int8": ["dequantize", "dequantize_t", "native", "native_int8", "native_amx"]}  # fmt: skip
+QUANTIZED_ROUTES = {"int4": ["dequantize", "dequantize_t", "kernel", "native", "native_amx", "native_amx_bf16"],
+                    "int8": ["dequantize", "dequantize_t", "native", "native_int8", "native_amx", "native_amx_bf16"]}
+
 
 
 @pytest.mark.parametrize("mode,route", [(mode, route) for mode, routes in QUANTIZED_ROUTES.items() for route in routes])
@@ -576,7 +601,7 @@ def test_quantized_model_runs_prompt_and_decode_routes(monkeypatch, mode, route)
     activations, which this check is not about)."""
     if route.startswith("native") and quantization.native_kernels() is None:
         pytest.skip("no C compiler here")
-    if route == "native_amx" and not quantization._has_amx():
+    if route == "native_amx" and not quantization._has_amx() or route == "native_amx_bf16" and not has_amx_bf16:
         pytest.skip("no AMX here")
     timings = dict.fromkeys(QUANTIZED_ROUTES[mode], 1.0) | {route: 0.5}
     monkeypatch.setattr(quantization, "ROUTES", chooser_with(FakeTimer(timings)))
