@@ -1455,7 +1455,9 @@ int amx_bf16_matmul(const uint8_t *w, const uint16_t *scales, int64_t n, int64_t
         if (bf16)
             memcpy(xa, x, rows * k * 2);
         else
-            for (int64_t i = 0; i < rows * k; i++) xa[i] = float_to_bf16(((const float *)x)[i]);
+#pragma omp parallel for num_threads(threads) schedule(static)
+            for (int64_t r = 0; r < rows; r++)
+                for (int64_t i = r * k; i < (r + 1) * k; i++) xa[i] = float_to_bf16(((const float *)x)[i]);
         memset(xa + rows * k, 0, (padded - rows) * k * 2);
     }
     int failed = 0;
