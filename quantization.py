@@ -487,10 +487,10 @@ class Int8Linear(QuantizedLinear):
     "native_int8" (the activations quantized to int8 per block of 32, as in llama.cpp's q8_0 products: about twice
     as fast with AVX512-VNNI, with q8_0's rounding error) and where the CPU has AMX "native_amx" (the same
     products on AMX tiles, bit for bit); above 8 rows, where AMX multiplies bfloat16, "native_amx_bf16" (the
-    "dequantize" product, the weights unpacked 16 output channels at a time into AMX tiles). Per output channel: "dequantize", "weight_only" (torch's
-    int8 weight-only kernel) and, where torch has oneDNN's int8 matmul, "onednn" (activations quantized to int8
-    per row); each reads a layout of its own, the plain int8 matrix or oneDNN's blocked copy, and once its routes
-    are chosen a layer keeps only the layout its decode route reads.
+    "dequantize" product, the weights unpacked 16 output channels at a time into AMX tiles). Per output channel:
+    "dequantize", "weight_only" (torch's int8 weight-only kernel) and, where torch has oneDNN's int8 matmul,
+    "onednn" (activations quantized to int8 per row); each reads a layout of its own, the plain int8 matrix or
+    oneDNN's blocked copy, and once its routes are chosen a layer keeps only the layout its decode route reads.
     """
 
     NATIVE_KERNELS = {"native": ("int8_matmul", 1), "native_int8": ("int8_matmul", 0), "native_amx": ("amx_matmul", 0),
@@ -645,8 +645,9 @@ class Int8Linear(QuantizedLinear):
 class Int4Linear(QuantizedLinear):
     """int4 weights in groups of `group_size` input channels, asymmetric: in each group,
     weight ~= (q - 8) * scale + zero with q in [0, 15], scale and zero in bfloat16, fitted to the group's weights by
-    least squares (see _refit_int4; a weight beyond [zero - 8 * scale, zero + 7 * scale] takes the end). The output channels are padded with zero rows to a multiple of 16 (the
-    kernels' blocks; a small vocabulary's LM head).
+    least squares (see _refit_int4; a weight beyond [zero - 8 * scale, zero + 7 * scale] takes the end). The
+    output channels are padded with zero rows to a multiple of 16 (the kernels' blocks; a small vocabulary's LM
+    head).
 
     Two weight layouts: the native kernel's (`native`, `native_scales`), made when the layer is, and torch's int4
     kernel's (`packed`, `scales_and_zeros`), made from it when that route is first used. Routes: "dequantize" (the

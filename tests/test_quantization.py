@@ -512,8 +512,9 @@ def test_int4_fits_each_group_closer_than_its_range_does():
     weight[4:8, 32:64] = 0.25
     unpacked = Int4Linear(weight).dequantized_weight()
     assert torch.equal(unpacked[:4, :32], torch.zeros(4, 32)) and torch.equal(unpacked[4:8, 32:64], weight[4:8, 32:64])
-    refitted, by_range = (unpacked - weight.float()).square().mean(), (range_int4(weight) - weight.float()).square().mean()
-    assert refitted < 0.93 * by_range  # about 0.87 on Gaussian weights
+    refitted = (unpacked - weight.float()).square().mean()
+    by_range = (range_int4(weight) - weight.float()).square().mean()
+    assert refitted < 0.93 * by_range  # 0.85-0.88 over 200 draws of Gaussian weights
 
 
 def test_int4_dequantized_weight_agrees_with_the_kernel():

