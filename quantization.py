@@ -68,9 +68,10 @@ of at least r rows (the last bucket's beyond it)."""
 ROUTE_CACHE_ENV = "REPLIT_LM_ROUTE_CACHE"
 """The file that keeps route choices between runs (default ~/.cache/replit_lm/cpu_routes.json); "off" keeps them
 in memory only."""
-ROUTES_VERSION = "routes 3"
+ROUTES_VERSION = "routes 4"
 """Part of the route cache's key, changed when the routes a layer offers change (2: int8 in blocks of 32, the
-unpacking routes W @ x^T), so that rankings stored by an older version are measured again."""
+unpacking routes W @ x^T; 3: the AMX bfloat16 route of the quantized layers; 4: bfloat16's native matrix-vector
+product), so that rankings stored by an older version are measured again."""
 TIMING_REPEATS = 3
 LONG_CALL_SECONDS = 0.05
 SMALL_ROWS = 64
@@ -257,9 +258,10 @@ def measure_routes(model: nn.Module) -> None:
 
 class RoutedLinear(nn.Linear):
     """nn.Linear (no bias) whose bfloat16 and float16 CPU inference takes the route measured fastest for its shape
-    (see RouteChooser): F.linear, torch.mv for one row, or W @ x^T for a few rows. float32 (F.linear already reads
-    its weights at the memory's speed there, and stays bit for bit what the reference computes), training, other
-    devices and layers with a bias use F.linear."""
+    (see RouteChooser): F.linear, torch.mv for one row, W @ x^T for a few rows, or for one row of bfloat16 where
+    the CPU has AVX512-BF16 the native `bf16_matvec` ("native", reading the weight as it is). float32 (F.linear
+    already reads its weights at the memory's speed there, and stays bit for bit what the reference computes),
+    training, other devices and layers with a bias use F.linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
@@ -273,11 +275,15 @@ class RoutedLinear(nn.Linear):
         return _routed(self, x)
 
     def routes(self, rows: int) -> list[str]:
-        return ["linear"] + (["mv"] if rows == 1 else []) + (["matmul_t"] if rows <= SMALL_ROWS else [])
+        native = self.weight.dtype == torch.bfloat16 and self.in_features % NATIVE_BLOCK == 0 and _has_bf16_matvec()
+        one_row = ["mv"] + (["native"] if native else [])
+        return ["linear"] + (one_row if rows == 1 else []) + (["matmul_t"] if rows <= SMALL_ROWS else [])
 
     def route_function(self, route: str):
         if route == "mv":
             return lambda x: torch.mv(self.weight, x.view(-1)).view(1, -1)
+        if route == "native":
+            return lambda x: _native_product("bf16_matvec", (self.weight,), self.out_features, x)
         return functools.partial(_product, weight=self.weight, transposed=route == "matmul_t")
 
 
@@ -373,6 +379,8 @@ def _bind_native(library: ctypes.CDLL) -> ctypes.CDLL:
         "amx_available": ([], integer),
         "amx_bf16_matmul": ([pointer, pointer, size, size, pointer, size, pointer, integer, integer, integer], integer),
         "amx_bf16_available": ([], integer),
+        "bf16_matvec": ([pointer, size, size, pointer, size, pointer, integer, integer], integer),
+        "bf16_matvec_available": ([], integer),
         "int4_matmul": ([pointer, pointer, size, size, pointer, size, pointer, integer, integer], integer),
         "int8_dequantize": ([pointer, pointer, size, size, pointer, integer], None),
         "int4_dequantize": ([pointer, pointer, size, size, pointer, integer], None),
@@ -408,6 +416,12 @@ def _native_product(kernel: str, weights: tuple, n: int, x: torch.Tensor, *optio
 def _has_amx() -> bool:
     """Whether the native int8 kernel for AMX runs here (built for it, and the tile registers granted)."""
     return native_kernels() is not None and bool(native_kernels().amx_available())
+
+
+@functools.cache
+def _has_bf16_matvec() -> bool:
+    """Whether the native bfloat16 matrix-vector kernel runs here (built with AVX512-BF16)."""
+    return native_kernels() is not None and bool(native_kernels().bf16_matvec_available())
 
 
 @functools.cache
@@ -949,6 +963,10 @@ NATIVE_SOURCE = r"""// Matrix products with int8 and int4 weights for ReplitLM o
 #define AMX_BF16 1
 #endif
 #endif
+#endif
+
+#if defined(VNNI512) && defined(__AVX512BF16__)
+#define BF16_512 1
 #endif
 
 #define BLOCK 32  // input channels per activation block (and per int4 group)
@@ -1533,6 +1551,45 @@ int int4_matmul(const uint8_t *w, const uint16_t *scales, int64_t n, int64_t k,
     }
     free(a.xq);
     return 1;
+}
+
+// 1 where bf16_matvec runs: built with AVX512-BF16's dot products.
+int bf16_matvec_available(void) {
+#ifdef BF16_512
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+// y (1, n) = x (1, k) times w (n, k) transposed, all bfloat16, w row-major as nn.Linear holds it, k a multiple of 32:
+// one row of a bfloat16 model's decoding. 4 output channels at a time, each a stream of its row's weights with a
+// software prefetch ahead (as the int8/int4 kernels), 32 products per `vdpbf16ps`, float32 sums. 0 where not built
+// with AVX512-BF16.
+int bf16_matvec(const uint16_t *w, int64_t n, int64_t k, const uint16_t *x, int64_t rows, uint16_t *y, int bf16,
+                int threads) {
+#ifdef BF16_512
+    if (rows != 1 || !bf16 || k % 32) return 0;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t o0 = 0; o0 < n; o0 += 4) {
+        const int channels = n - o0 < 4 ? (int)(n - o0) : 4;
+        __m512 acc[4];
+        for (int c = 0; c < 4; c++) acc[c] = _mm512_setzero_ps();
+        for (int64_t i = 0; i < k; i += 32) {
+            const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i);
+            for (int c = 0; c < channels; c++) {
+                const uint16_t *row = w + (o0 + c) * k + i;
+                _mm_prefetch((const char *)(row + PREFETCH_AHEAD / 2), _MM_HINT_T0);
+                acc[c] = _mm512_dpbf16_ps(acc[c], (__m512bh)_mm512_loadu_si512(row), xv);
+            }
+        }
+        for (int c = 0; c < channels; c++) y[o0 + c] = float_to_bf16(_mm512_reduce_add_ps(acc[c]));
+    }
+    return 1;
+#else
+    (void)w, (void)n, (void)k, (void)x, (void)rows, (void)y, (void)bf16, (void)threads;
+    return 0;
+#endif
 }
 
 // The weights back in bfloat16, row-major (n, k), for a long prompt's matrix product.

@@ -128,6 +128,23 @@ def test_the_amx_route_computes_what_the_vnni_route_does(layer_class, vnni_route
 has_amx_bf16 = quantization._has_amx_bf16()
 
 
+@pytest.mark.skipif(not quantization._has_bf16_matvec(), reason="needs AVX512-BF16 (and the native kernels)")
+def test_the_native_bfloat16_matrix_vector_product_is_float_math_rounded_once():
+    """One row of bfloat16 through `bf16_matvec`: float32 sums of the exact bfloat16 products, so the output is the
+    float product rounded to bfloat16 (within half a unit of bfloat16, at most 2^-8 relative, plus the sums'
+    order), for output channels that are not a multiple of the 4 it takes at a time. Not offered for more rows or
+    float16."""
+    out_features, in_features = 4 * int(torch.randint(20, 60, ())) + 3, 32 * int(torch.randint(2, 40, ()))
+    layer = make_layer("bfloat16", gaussian(out_features, in_features, seed=int(torch.randint(1000, ()))))
+    assert "native" in layer.routes(1) and "native" not in layer.routes(2)
+    assert "native" not in RoutedLinear(in_features, 8, bias=False).to(torch.float16).routes(1)
+    x = torch.randn(1, in_features, dtype=torch.bfloat16)
+    exact = x.double() @ layer.weight.double().t()
+    out = layer.route_function("native")(x)
+    assert out.shape == (1, out_features) and out.dtype == torch.bfloat16
+    assert ((out.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-5 * exact.abs().max()).all()
+
+
 @pytest.mark.skipif(not has_amx_bf16, reason="needs a CPU with AMX's bfloat16 products (and the native kernels)")
 @pytest.mark.parametrize("layer_class", [Int8Linear, Int4Linear])
 def test_the_amx_bfloat16_route_is_the_product_with_the_unpacked_weight(layer_class):
