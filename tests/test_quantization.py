@@ -371,7 +371,8 @@ def test_row_buckets():
 
 def test_a_chosen_route_drives_the_layer(monkeypatch):
     """With fake timings that make each route win somewhere, the layer computes through the chosen one."""
-    monkeypatch.setattr(quantization, "ROUTES", chooser_with(FakeTimer({"linear": 1.0, "mv": 0.5, "matmul_t": 2.0})))
+    timings = {"linear": 1.0, "mv": 0.5, "native": 0.7, "matmul_t": 2.0}
+    monkeypatch.setattr(quantization, "ROUTES", chooser_with(FakeTimer(timings)))
     layer = tag_routes(monkeypatch, make_layer("bfloat16", gaussian(48, 32).to(torch.bfloat16)))
     used = []
     tagged = layer.route_function
