@@ -35,15 +35,17 @@ STOP_EOS, STOP_SEQUENCE, STOP_LENGTH = "eos", "stop_sequence", "length"
 
 # Strings and comments, matched left to right (the leftmost match wins, so a quote inside a comment and a comment
 # marker inside a string are read as what they are). Single-line strings end at their line's end even when
-# unterminated; multi-line strings and block comments run to the end of the text when unterminated.
+# unterminated; multi-line strings and block comments run to the end of the text when unterminated. A backslash that
+# ends the text, escaping nothing yet, belongs to its string: without `\\\Z` the string would not match at all, and a
+# completion streamed up to that backslash would be read as code only then, its stop sequences found in text shown.
 _STRING_OR_COMMENT = re.compile(
     r"""
-      (?P<triple>\"\"\"|''')(?:\\.|[^\\])*?(?:(?P=triple)|\Z)   # Python, Kotlin, Swift triple-quoted string
-    | `(?:\\.|[^`\\])*(?:`|\Z)                                  # JavaScript template literal, Go raw string
-    | /\*.*?(?:\*/|\Z)                                          # block comment
-    | (?:\#|//)[^\n]*                                            # line comment (and C preprocessor lines)
-    | "(?:\\.|[^"\\\n])*(?:"|$)                                  # one-line strings
-    | '(?:\\.|[^'\\\n])*(?:'|$)
+      (?P<triple>\"\"\"|''')(?:\\.|\\\Z|[^\\])*?(?:(?P=triple)|\Z)   # Python, Kotlin, Swift triple-quoted string
+    | `(?:\\.|\\\Z|[^`\\])*(?:`|\Z)                                  # JavaScript template literal, Go raw string
+    | /\*.*?(?:\*/|\Z)                                                # block comment
+    | (?:\#|//)[^\n]*                                                  # line comment (and C preprocessor lines)
+    | "(?:\\.|\\\Z|[^"\\\n])*(?:"|$)                                  # one-line strings
+    | '(?:\\.|\\\Z|[^'\\\n])*(?:'|$)
     """,
     re.DOTALL | re.MULTILINE | re.VERBOSE,
 )
