@@ -15,6 +15,7 @@ each prompt length, time to first token, and top-1 agreement with float32 Replit
 each llama.cpp format paired with ours (bf16 with bfloat16, q8_0 with int8, q4_0 with int4).
 
     python benchmarks/bench_cpu_decode.py --llama-cpp --layers 4 --prompt 64 1024
+    python benchmarks/bench_cpu_decode.py --llama-cpp --layers 4 --without-amx   # a stand-in for CPUs without AMX
 
 With --accuracy MODEL_DIR it measures instead how far weight_quantization moves a trained model: the relative
 error of the logits and the agreement of the top-1 token against bfloat16 (and float32's, for scale), with the
@@ -48,7 +49,15 @@ sys.path.insert(0, str(ROOT))
 from replit_tools.mpt_reference import mpt_config  # noqa: E402  (also registers the package `replit_lm`)
 from replit_lm.configuration_replit_lm import ReplitLMConfig  # noqa: E402
 from replit_lm.modeling_replit_lm import ReplitLM  # noqa: E402
-from replit_lm.quantization import ROUTES, ROW_BUCKETS, QuantizedLinear, cpu_flags, cpu_model  # noqa: E402
+from replit_lm import quantization  # noqa: E402
+from replit_lm.quantization import (  # noqa: E402
+    ROUTE_CACHE_ENV,
+    ROUTES,
+    ROW_BUCKETS,
+    QuantizedLinear,
+    cpu_flags,
+    cpu_model,
+)
 
 GB = 1e9
 
@@ -111,18 +120,24 @@ def tensor_bytes(tensors) -> int:
     return total
 
 
+def own_tensors(module) -> list:
+    """A module's own parameters and buffers, and a quantized layer's native weights (int8 holds them as plain
+    attributes, which neither list has)."""
+    tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+    if isinstance(module, QuantizedLinear):
+        tensors += [t for t in module._native_weights() if t is not None]
+    return tensors
+
+
 def model_bytes(model) -> int:
-    return tensor_bytes([*model.parameters(), *model.buffers()])
+    return tensor_bytes([t for module in model.modules() for t in own_tensors(module)])
 
 
 def decode_bytes(model) -> int:
     """Bytes a decode step reads from weights: every matrix multiplied (the LM head included), not the embedding
     table, from which a step gathers a few rows."""
-    tensors = []
-    for module in model.modules():
-        if isinstance(module, (torch.nn.Linear, QuantizedLinear)):
-            tensors += [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-    return tensor_bytes(tensors)
+    linear = (torch.nn.Linear, QuantizedLinear)
+    return tensor_bytes([t for module in model.modules() if isinstance(module, linear) for t in own_tensors(module)])
 
 
 def run_generate(model, ids, mask, new_tokens: int) -> dict:
@@ -204,7 +219,8 @@ KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_
 def machine_description() -> str:
     flags = cpu_flags()
     present = " ".join(flag for flag in KERNEL_FLAGS if flag in flags) or "unknown"
-    return f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; flags: {present}"
+    off = "; AMX turned off (--without-amx)" if os.environ.get("ONEDNN_MAX_CPU_ISA") == "AVX512_CORE_BF16" else ""
+    return f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; flags: {present}{off}"
 
 
 def print_routes():
@@ -212,7 +228,7 @@ def print_routes():
     print("\n| layer | " + " | ".join(f"{bucket} rows" for bucket in ROW_BUCKETS) + " |")
     print("|---|" + "---|" * len(ROW_BUCKETS))
     for key, plan in sorted(ROUTES.choices.items()):
-        print(f"| {key} | " + " | ".join(plan[bucket][0] for bucket in ROW_BUCKETS) + " |")
+        print(f"| {key} | " + " | ".join(plan[bucket][0][0] for bucket in ROW_BUCKETS) + " |")  # [route, seconds]
 
 
 def logits_of(model, windows: torch.Tensor, batch: int = 8) -> torch.Tensor:
@@ -397,6 +413,18 @@ def print_llama_table(rows, agreement: dict, bandwidth: float):
           f"memory read bandwidth {bandwidth / GB:.1f} GB/s.")  # fmt: skip
 
 
+WITHOUT_AMX_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "LLAMA_NO_EXTRA_BUFTS": "1", ROUTE_CACHE_ENV: "off"}
+
+
+def without_amx():
+    """--without-amx: oneDNN reads its ISA cap once, when torch first uses it, so the run starts again in a process
+    with the variables set (the route cache off too: its key does not know that AMX was turned off); then
+    ReplitLM's AMX routes are taken off the offer."""
+    if any(os.environ.get(name) != value for name, value in WITHOUT_AMX_ENV.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **WITHOUT_AMX_ENV})
+    quantization._has_amx = quantization._has_amx_bf16 = lambda: False
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=32, help="transformer blocks (32: the real model)")
@@ -413,7 +441,14 @@ def main():
     parser.add_argument("--accuracy", metavar="MODEL_DIR", help="measure int8/int4 accuracy of this trained model")
     parser.add_argument("--window", type=int, default=256, help="--accuracy: tokens per window")
     parser.add_argument("--windows", type=int, default=32, help="--accuracy: number of windows")
+    parser.add_argument(
+        "--without-amx", action="store_true",
+        help="AMX out of every engine, a stand-in on an AMX CPU for AVX512 CPUs without it (AMD EPYC): oneDNN capped "
+        "at AVX512-BF16, ReplitLM's AMX routes not offered, llama.cpp without its AMX buffers, routes not cached",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.without_amx:
+        without_amx()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.accuracy:
