@@ -238,10 +238,13 @@ class ReplitLMPreTrainedModel(PreTrainedModel):
         quantize_linear_layers(self, mode, release_mapped_pages)
         if release_mapped_pages:
             # The few tensors left (embedding, LayerNorm weights) get memory of their own, so that nothing holds
-            # on to the mapped checkpoint any more and its mapping is released.
+            # on to the mapped checkpoint any more and its mapping is released. The quantized layers' tensors were
+            # made by quantizing: copying them would only cost time and memory.
             with torch.no_grad():
-                for tensor in (*self.parameters(), *self.buffers()):
-                    if not tensor.is_mkldnn:
+                for module in self.modules():
+                    if isinstance(module, QuantizedLinear):
+                        continue
+                    for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
                         tensor.data = tensor.data.clone()
         self.config.weight_quantization = mode
         return self

@@ -531,7 +531,10 @@ class Int8Linear(QuantizedLinear):
         self.register_buffer("scale", scale, persistent=False)  # (out, blocks); None in the native layout
         self.register_buffer("qweight", q, persistent=False)  # (out, in); None once no chosen route reads it
         self.packed = None  # oneDNN's blocked layout of qweight, made when that route is first used
-        self.native = None  # the native kernel's layout
+        # The native kernels' layout (see _make_native_layout), buffers as Int4Linear's, so that whatever counts a
+        # model's tensors (its size, the bytes a decode step reads) counts these.
+        self.register_buffer("native", None, persistent=False)
+        self.register_buffer("_native_scale", None, persistent=False)
         self._scale_cache = {}  # the weight-only kernel wants the scales in the activations' dtype
         if self.native_available:  # the scales live on in the native layout's bfloat16 copy
             self._make_native_layout()
@@ -775,15 +778,15 @@ INT4_REFITS = 3
 """Least-squares refits of each group's scale and offset after the range's (see _refit_int4)."""
 
 
-def _refit_int4(w: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, refits: int = INT4_REFITS):
-    """Each group's scale and value of q = 0, from its range's (the first guess), refitted `refits` times: q
+def _refit_int4(w: torch.Tensor, scale: torch.Tensor, low: torch.Tensor):
+    """Each group's scale and value of q = 0, from its range's (the first guess), refitted INT4_REFITS times: q
     rounded against them, then the line through (q, w) of least squares. The range's choice spends levels on the
     two extreme weights; 3 refits lower the squared error of Gaussian weights by 13% (a search over 21 scales, as
     llama.cpp's k-quants make: 20%, at 10 times the cost) and took top-1 agreement with float32 on random weights
     of the real shape from 56.7% to 60.2% (llama.cpp's q4_0: 56.7%). w (rows, groups, size); scale and low (rows,
     groups)."""
     w_mean = w.mean(dim=2)
-    for _ in range(refits):
+    for _ in range(INT4_REFITS):
         # One temporary the size of w (q, centred in place); the sums over a group as batched dot products, so that
         # loading a model does not hold more (the peak-memory test of loading bounds it).
         q = torch.sub(w, low[..., None]).div_(scale.clamp(min=1e-8)[..., None]).round_().clamp_(0, 15)

@@ -120,24 +120,18 @@ def tensor_bytes(tensors) -> int:
     return total
 
 
-def own_tensors(module) -> list:
-    """A module's own parameters and buffers, and a quantized layer's native weights (int8 holds them as plain
-    attributes, which neither list has)."""
-    tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-    if isinstance(module, QuantizedLinear):
-        tensors += [t for t in module._native_weights() if t is not None]
-    return tensors
-
-
 def model_bytes(model) -> int:
-    return tensor_bytes([t for module in model.modules() for t in own_tensors(module)])
+    return tensor_bytes([*model.parameters(), *model.buffers()])
 
 
 def decode_bytes(model) -> int:
     """Bytes a decode step reads from weights: every matrix multiplied (the LM head included), not the embedding
     table, from which a step gathers a few rows."""
-    linear = (torch.nn.Linear, QuantizedLinear)
-    return tensor_bytes([t for module in model.modules() if isinstance(module, linear) for t in own_tensors(module)])
+    tensors = []
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, QuantizedLinear)):
+            tensors += [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+    return tensor_bytes(tensors)
 
 
 def run_generate(model, ids, mask, new_tokens: int) -> dict:
@@ -219,7 +213,7 @@ KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_
 def machine_description() -> str:
     flags = cpu_flags()
     present = " ".join(flag for flag in KERNEL_FLAGS if flag in flags) or "unknown"
-    off = "; AMX turned off (--without-amx)" if os.environ.get("ONEDNN_MAX_CPU_ISA") == "AVX512_CORE_BF16" else ""
+    off = "; AMX turned off (--without-amx)" if amx_turned_off() else ""
     return f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; flags: {present}{off}"
 
 
@@ -416,11 +410,16 @@ def print_llama_table(rows, agreement: dict, bandwidth: float):
 WITHOUT_AMX_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "LLAMA_NO_EXTRA_BUFTS": "1", ROUTE_CACHE_ENV: "off"}
 
 
+def amx_turned_off() -> bool:
+    """Whether this process runs with --without-amx's variables."""
+    return all(os.environ.get(name) == value for name, value in WITHOUT_AMX_ENV.items())
+
+
 def without_amx():
     """--without-amx: oneDNN reads its ISA cap once, when torch first uses it, so the run starts again in a process
     with the variables set (the route cache off too: its key does not know that AMX was turned off); then
     ReplitLM's AMX routes are taken off the offer."""
-    if any(os.environ.get(name) != value for name, value in WITHOUT_AMX_ENV.items()):
+    if not amx_turned_off():
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **WITHOUT_AMX_ENV})
     quantization._has_amx = quantization._has_amx_bf16 = lambda: False
 
