@@ -1,8 +1,9 @@
 """A client of TGI's model server, run by the Python of a TGI server environment (tests/replit_tools/test_export.py
 starts it there): it talks to `text-generation-server serve` on its Unix socket as TGI's router does (Info, Warmup,
 ClearCache, then one Prefill, and Decode calls until every request has finished, the finished ones filtered out of
-the batch before each as the router filters them), greedy, and prints as JSON, per
-prompt, the prompt's token ids and log-probabilities and the generated token ids, log-probabilities and text.
+the batch before each as the router filters them), greedy, and prints as JSON, per prompt, the prompt's token ids
+and the generated token ids, log-probabilities and text. (The prompt's log-probabilities are not kept: TGI gives a
+left-padded prompt one more than it has tokens.)
 
     python tgi_client.py SOCKET MAX_NEW_TOKENS PROMPT...
 """
@@ -37,14 +38,13 @@ def main(socket_path: str, max_new_tokens: int, prompts: list[str]) -> list[dict
                                    max_prefill_tokens=len(prompts) * MAX_INPUT_TOKENS,
                                    max_total_tokens=MAX_INPUT_TOKENS + max_new_tokens))  # fmt: skip
     server.ClearCache(pb.ClearCacheRequest())
-    results = [{"prompt_ids": [], "prompt_logprobs": [], "ids": [], "logprobs": [], "text": None} for _ in prompts]
+    results = [{"prompt_ids": [], "ids": [], "logprobs": [], "text": None} for _ in prompts]
     response = server.Prefill(pb.PrefillRequest(batch=batch_of(1, prompts, max_new_tokens)))
     while True:
         for generation in response.generations:
             result = results[generation.request_id]
             if generation.HasField("prefill_tokens"):
                 result["prompt_ids"] = list(generation.prefill_tokens.ids)
-                result["prompt_logprobs"] = list(generation.prefill_tokens.logprobs)
             result["ids"] += list(generation.tokens.ids)
             result["logprobs"] += list(generation.tokens.logprobs)
             if generation.HasField("generated_text"):
