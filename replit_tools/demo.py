@@ -33,6 +33,7 @@ from . import CODE_FILES, DEMO_MODEL, ROOT
 from .corpus import PACKAGE_LIST, definition_documents, package_sources, read_text, stdlib_sources
 from .evaluation import evaluate
 from .sentencepiece_recipe import RECIPE, train_sentencepiece
+from .unlikelihood import LoopPenalty, file_first_lines, first_lines
 from replit_lm.configuration_replit_lm import ReplitLMConfig
 from replit_lm.modeling_replit_lm import ReplitLM
 from replit_lm.replit_lm_tokenizer import ReplitLMTokenizer
@@ -115,9 +116,10 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(model, batches, steps, peak_lr, seed, desc="training") -> None:
+def train(model, batches, steps, peak_lr, seed, desc="training", extra_loss=None) -> None:
     """A plain PyTorch loop: AdamW, bf16 autocast on the CPU, gradient clipping; progress with loss and tokens/s.
-    `batches(generator)` gives each step's (batch, seq_len) ids, drawn with a generator seeded with `seed`."""
+    `batches(generator)` gives each step's (batch, seq_len) ids, drawn with a generator seeded with `seed`;
+    `extra_loss(model, generator)`, when given, is added to each step's loss (the unlikelihood stage's)."""
     generator = torch.Generator().manual_seed(seed)
     decay = [p for n, p in model.named_parameters() if p.dim() == 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -128,20 +130,26 @@ def train(model, batches, steps, peak_lr, seed, desc="training") -> None:
     )
     model.train()
     progress = tqdm(range(steps), desc=desc, unit="step")
-    start, tokens, smoothed = time.perf_counter(), 0, None
+    start, tokens, smoothed, smoothed_extra = time.perf_counter(), 0, None, None
     for step in progress:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, peak_lr, warmup=min(200, steps // 10 + 1))
         batch = batches(generator)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(batch, labels=batch).loss
-        loss.backward()
+            extra = extra_loss(model, generator) if extra_loss is not None else None
+        (loss if extra is None else loss + extra).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens += batch.numel()
         smoothed = loss.item() if smoothed is None else 0.98 * smoothed + 0.02 * loss.item()
-        progress.set_postfix(loss=f"{smoothed:.3f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+        shown = dict(loss=f"{smoothed:.3f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+        if extra is not None:
+            value = extra.item()
+            smoothed_extra = value if smoothed_extra is None else 0.98 * smoothed_extra + 0.02 * value
+            shown["unlikelihood"] = f"{smoothed_extra:.3f}"
+        progress.set_postfix(shown)
     model.eval()
 
 
@@ -197,7 +205,7 @@ def file_starts(tokenizer, stream: torch.Tensor) -> torch.Tensor:
 
 
 def stage_two_batches(tokenizer, train_files, held_out_files, train_stream, args):
-    """The second stage's batch maker, with the number of definition documents and their tokens."""
+    """The second stage's batch maker, with the definition documents and their number of tokens."""
     versions = DOCSTRING_MODES[args.stage2_docstrings]
     documents = [definition_documents(train_files, held_out_files, docstrings=keep) for keep in versions]
     # A function without a docstring is the same document in both versions: once.
@@ -205,7 +213,7 @@ def stage_two_batches(tokenizer, train_files, held_out_files, train_stream, args
     defs, def_starts = encode_documents(tokenizer, documents)
     batches = StageTwoBatches(train_stream, file_starts(tokenizer, train_stream), defs, def_starts, args.batch_size,
                               args.seq_len, args.stage2_definitions, args.stage2_file_starts)  # fmt: skip
-    return batches, len(documents), len(defs)
+    return batches, documents, len(defs)
 
 
 def main():
@@ -235,6 +243,17 @@ def main():
     parser.add_argument("--average-with-start", action="store_true",
                         help="end stage 2 with the mean of the weights it started from and those it ended with (a "
                              "checkpoint average; the current demo's last step)")  # fmt: skip
+    parser.add_argument("--unlikelihood-steps", type=int, default=0,
+                        help="optimizer steps of a third stage: stage 2's batches plus unlikelihood training "
+                             "against the loops of the model's own greedy completions (replit_tools/unlikelihood.py); "
+                             "0: none")  # fmt: skip
+    parser.add_argument("--unlikelihood-lr", type=float, default=3e-4, help="peak learning rate of the third stage")
+    parser.add_argument("--no-unseen-penalty", dest="unseen_penalty", action="store_false",
+                        help="in the third stage, only the loops' unlikelihood: no penalty on the tokens that never "
+                             "occur in the training data")  # fmt: skip
+    parser.add_argument("--average-with", type=Path, metavar="DIR",
+                        help="end with the mean of the weights and those of another model folder of the same shape "
+                             "(another run of the same stage from the same start)")  # fmt: skip
     parser.add_argument("--packages", action="store_true",
                         help="also train on the sources of the permissively licensed packages pinned in "
                              "replit_tools/demo_packages.json, fetched by pip into --package-cache")  # fmt: skip
@@ -277,9 +296,11 @@ def main():
                          seq_len=args.seq_len, file_tokens=len(train_stream), packages=packages)]  # fmt: skip
         if args.save_stage1:
             write_demo_folder(model, tokenizer, args.save_stage1, training)
-    if args.stage2_steps:
-        stage2, def_count, def_tokens = stage_two_batches(tokenizer, train_files, held_out_files, train_stream, args)
+    if args.stage2_steps or args.unlikelihood_steps:
+        stage2, documents, def_tokens = stage_two_batches(tokenizer, train_files, held_out_files, train_stream, args)
+        def_count = len(documents)
         print(f"stage 2: {def_count:,} definitions at column 0, {def_tokens:,} tokens")
+    if args.stage2_steps:
         start = [param.detach().clone() for param in model.parameters()] if args.average_with_start else None
         train(model, stage2, args.stage2_steps, args.stage2_lr, args.seed + 1, desc="stage 2")
         if start is not None:
@@ -290,6 +311,31 @@ def main():
                              docstrings=args.stage2_docstrings, definition_documents=def_count,
                              definition_tokens=def_tokens, averaged_with_start=args.average_with_start,
                              packages=packages))  # fmt: skip
+    if args.unlikelihood_steps:
+        seen = torch.bincount(torch.cat([stage2.files, stage2.defs]), minlength=model.config.vocab_size) > 0
+        unseen = ~seen if args.unseen_penalty else None
+        penalty = LoopPenalty(tokenizer, first_lines(documents), file_first_lines(train_files), unseen=unseen)
+        print(f"stage 3: prompts from {len(penalty.header_prompts):,} headers and {len(penalty.file_prompts):,} "
+              f"files; {int((~seen).sum())} tokens never seen in training")  # fmt: skip
+        train(model, stage2, args.unlikelihood_steps, args.unlikelihood_lr, args.seed + 2, desc="stage 3",
+              extra_loss=penalty)  # fmt: skip
+        print(f"stage 3: {penalty.looping_rows:,} of {penalty.rows:,} completions looped "
+              f"({penalty.marked_tokens:,} tokens penalized)")  # fmt: skip
+        training.append(dict(stage=3, unlikelihood=True, steps=args.unlikelihood_steps, lr=args.unlikelihood_lr,
+                             seed=args.seed + 2, batch_size=args.batch_size, seq_len=args.seq_len,
+                             definitions=args.stage2_definitions, file_starts=args.stage2_file_starts,
+                             docstrings=args.stage2_docstrings, completions_per_step=penalty.headers + penalty.files,
+                             header_prompts=penalty.headers, file_prompts=penalty.files,
+                             max_new_tokens=penalty.max_new_tokens, unseen_penalty=args.unseen_penalty,
+                             unseen_tokens=int((~seen).sum()),
+                             looping_completions=penalty.looping_rows,
+                             completions=penalty.rows, packages=packages))  # fmt: skip
+    if args.average_with:
+        other = ReplitLM.from_pretrained(args.average_with, dtype=torch.float32)
+        average_with(model, [param.detach() for param in other.parameters()])
+        theirs = earlier_training(args.average_with)
+        shared = next((i for i, (a, b) in enumerate(zip(training, theirs)) if a != b), min(len(training), len(theirs)))
+        training.append(dict(stage="average", model=str(args.average_with), its_own_stages=theirs[shared:]))
     write_demo_folder(model, tokenizer, args.out, training)
     shutil.rmtree(work)
 
