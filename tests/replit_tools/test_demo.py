@@ -21,7 +21,8 @@ def test_demo_folder_is_complete_and_uses_the_roots_code():
                  "training.json"):  # fmt: skip
         assert (DEMO / name).is_file(), name
     stages = json.loads((DEMO / "training.json").read_text())
-    assert stages and all(isinstance(stage["steps"], int) and stage["steps"] > 0 for stage in stages), stages
+    trained = [stage for stage in stages if stage["stage"] != "average"]  # an average of two runs trains nothing
+    assert trained and all(isinstance(stage["steps"], int) and stage["steps"] > 0 for stage in trained), stages
     for name in CODE_FILES:
         link = DEMO / name
         assert link.is_symlink() and link.resolve() == (ROOT / name).resolve(), name

@@ -271,8 +271,9 @@ def test_an_interrupted_export_leaves_nothing(tmp_path, monkeypatch, to, name):
 # ----- GGUF in llama.cpp ---------------------------------------------------------------------------------------------
 
 # f32 weights, llama.cpp's default f16 KV cache and its tanh-approximated GELU against float32 PyTorch with the exact
-# GELU: 7.2e-3 at most measured on the demo's logits (of size up to 17); see docs/export.md.
-GGUF_LOGITS_ATOL = 2e-2
+# GELU: 0.031 at most measured on the demo's logits over 3200 positions (0.029 with an f32 cache: the GELU's share);
+# see docs/export.md.
+GGUF_LOGITS_ATOL = 5e-2
 
 
 @pytest.fixture(scope="module")
@@ -364,10 +365,11 @@ def test_gguf_quantized_types_load_and_complete(llama_cpp, tmp_path, ours, qtype
     got = torch.from_numpy(engine.scores[: len(ids)].copy())
     with torch.no_grad():
         expected = model(torch.tensor([ids])).logits[0]
-    # Quantized weights: the prediction of the next token mostly agrees, and the logits stay near.
+    # Quantized weights: the prediction of the next token mostly agrees, and the logits stay near (q4_0: 2.4 measured
+    # here, 4.6 at most over the 3200 positions of docs/export.md's table).
     agree = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
     assert agree >= 0.75, agree
-    assert (got - expected).abs().max() < {"bf16": 0.2, "q8_0": 0.5, "q4_0": 2.0}[qtype]
+    assert (got - expected).abs().max() < {"bf16": 0.2, "q8_0": 0.5, "q4_0": 4.0}[qtype]
 
 
 # ----- transformers serve --------------------------------------------------------------------------------------------
