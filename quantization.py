@@ -457,6 +457,18 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
+    def _apply(self, fn, recurse=True):
+        """Module.to(dtype), .float() and .bfloat16() convert every floating-point buffer; these buffers are a
+        storage format (bfloat16 or float32 scales whatever the activations, whose raw memory the native kernels
+        read), so they move with the module but keep their dtype: a float32 copy of bfloat16 scales would be read as
+        other numbers. The originals are kept, not converted back, so that no round trip can round them."""
+        originals = {name: buffer for name, buffer in self._buffers.items() if buffer is not None}
+        super()._apply(fn, recurse)
+        for name, original in originals.items():
+            if self._buffers[name].dtype != original.dtype:
+                self._buffers[name] = original.to(device=self._buffers[name].device)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = _routed(self, x.contiguous())
         if x.dtype not in self._planned_dtypes:  # the routes are chosen: keep the one layout they need

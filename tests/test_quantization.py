@@ -607,6 +607,29 @@ def test_quantize_weights_replaces_every_linear_layer(mode):
         model.quantize_weights("int8")
 
 
+@pytest.mark.parametrize("mode", ["int8", "int8/channel", "int4"])
+def test_a_dtype_change_after_quantizing_keeps_the_quantized_weights(mode, monkeypatch):
+    """model.float() / .to(torch.bfloat16) on a quantized model convert its float parameters, never the quantized
+    layers' scales: their raw memory is what the native kernels read (a float32 copy of bfloat16 scales gave logits
+    off by about 6 before)."""
+    if mode == "int8/channel":
+        monkeypatch.setattr(quantization, "native_kernels", lambda: None)
+    model = model_pair("pow2_heads")[0].quantize_weights(mode.partition("/")[0])  # float32 activations
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers() if not buffer.is_mkldnn}
+    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(torch.seed() % 2**32))
+    model(ids)  # the first call chooses the routes (which may round otherwise than the one that timed them)
+    expected = model(ids).logits
+    torch.testing.assert_close(model.float()(ids).logits, expected, rtol=0, atol=0)
+    in_bf16 = model.to(torch.bfloat16)
+    assert in_bf16.transformer.wte.weight.dtype == torch.bfloat16
+    for name, buffer in in_bf16.named_buffers():
+        if name in buffers:
+            assert buffer.dtype == buffers[name].dtype and torch.equal(buffer, buffers[name]), name
+    # bfloat16 activations and LayerNorm/embedding weights, the same quantized weights: the float32 model's logits to
+    # bfloat16's rounding, compounded over the tiny model's layers.
+    assert relative_error(in_bf16(ids).logits.float(), expected) < 0.05
+
+
 def test_quantization_errors_name_the_layer():
     model = model_pair("six_heads")[0]  # d_model 48: no int4 group size divides it
     with pytest.raises(ValueError, match=r"transformer\.blocks\.0\.attn\.Wqkv .*int4.*divisible"):
