@@ -272,6 +272,11 @@ def main():
         package_files = package_sources(args.package_cache, packages)
         train_files += package_files
         print(f"data: {len(package_files)} more train files of {len(packages)} packages ({PACKAGE_LIST.name})")
+    if args.average_with:
+        mine = ReplitLMConfig.from_pretrained(args.from_model) if args.from_model else ReplitLMConfig(**DEMO_SHAPE)
+        theirs = ReplitLMConfig.from_pretrained(args.average_with)
+        if any(getattr(mine, name) != getattr(theirs, name) for name in DEMO_SHAPE):
+            parser.error(f"--average-with {args.average_with}: not a model of the same shape as the one trained here")
     work = args.out.with_name(args.out.name + ".build")
     work.mkdir(parents=True, exist_ok=True)
     if args.from_model:
