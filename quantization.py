@@ -470,8 +470,7 @@ class QuantizedLinear(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = _routed(self, x.contiguous())
-        if x.dtype not in self._planned_dtypes:  # the routes are chosen: keep the one layout they need
+        if x.dtype not in self._planned_dtypes:  # choose the routes, then keep the one layout they need
             self._planned_dtypes.add(x.dtype)
             # Only among the routes this layer can take here, at any row count: a stored plan may rank one that is
             # not available in this process (the native kernels turned off or not built, no oneDNN, no AMX).
@@ -479,7 +478,9 @@ class QuantizedLinear(nn.Module):
             plan = ROUTES.plan(self, x.dtype)
             self._keep_layouts_of({bucket: [p for p in ranking if p[0] in offered] for bucket, ranking in plan.items()})
             _return_freed_heap()
-        return out
+        # After the layouts are settled, so that the first call takes the route every later call of its size takes
+        # (a route whose layout was dropped would round otherwise).
+        return _routed(self, x.contiguous())
 
     def _keep_layouts_of(self, plan: dict[int, list]):
         raise NotImplementedError

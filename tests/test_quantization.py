@@ -617,8 +617,8 @@ def test_a_dtype_change_after_quantizing_keeps_the_quantized_weights(mode, monke
     model = model_pair("pow2_heads")[0].quantize_weights(mode.partition("/")[0])  # float32 activations
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers() if not buffer.is_mkldnn}
     ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(torch.seed() % 2**32))
-    model(ids)  # the first call chooses the routes (which may round otherwise than the one that timed them)
-    expected = model(ids).logits
+    expected = model(ids).logits  # the first call, which chooses the routes, computes what later calls do
+    torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=0)
     torch.testing.assert_close(model.float()(ids).logits, expected, rtol=0, atol=0)
     in_bf16 = model.to(torch.bfloat16)
     assert in_bf16.transformer.wte.weight.dtype == torch.bfloat16
