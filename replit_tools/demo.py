@@ -131,6 +131,7 @@ def train(model, batches, steps, peak_lr, seed, desc="training", extra_loss=None
     model.train()
     progress = tqdm(range(steps), desc=desc, unit="step")
     start, tokens, smoothed, smoothed_extra = time.perf_counter(), 0, None, None
+    smooth = lambda previous, value: value if previous is None else 0.98 * previous + 0.02 * value  # noqa: E731
     for step in progress:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, peak_lr, warmup=min(200, steps // 10 + 1))
@@ -143,11 +144,10 @@ def train(model, batches, steps, peak_lr, seed, desc="training", extra_loss=None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens += batch.numel()
-        smoothed = loss.item() if smoothed is None else 0.98 * smoothed + 0.02 * loss.item()
+        smoothed = smooth(smoothed, loss.item())
         shown = dict(loss=f"{smoothed:.3f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
         if extra is not None:
-            value = extra.item()
-            smoothed_extra = value if smoothed_extra is None else 0.98 * smoothed_extra + 0.02 * value
+            smoothed_extra = smooth(smoothed_extra, extra.item())
             shown["unlikelihood"] = f"{smoothed_extra:.3f}"
         progress.set_postfix(shown)
     model.eval()
@@ -317,11 +317,12 @@ def main():
                              definition_tokens=def_tokens, averaged_with_start=args.average_with_start,
                              packages=packages))  # fmt: skip
     if args.unlikelihood_steps:
-        seen = torch.bincount(torch.cat([stage2.files, stage2.defs]), minlength=model.config.vocab_size) > 0
-        unseen = ~seen if args.unseen_penalty else None
-        penalty = LoopPenalty(tokenizer, first_lines(documents), file_first_lines(train_files), unseen=unseen)
+        unseen = torch.bincount(torch.cat([stage2.files, stage2.defs]), minlength=model.config.vocab_size) == 0
+        unseen_count = int(unseen.sum())
+        penalty = LoopPenalty(tokenizer, first_lines(documents), file_first_lines(train_files),
+                              unseen=unseen if args.unseen_penalty else None)  # fmt: skip
         print(f"stage 3: prompts from {len(penalty.header_prompts):,} headers and {len(penalty.file_prompts):,} "
-              f"files; {int((~seen).sum())} tokens never seen in training")  # fmt: skip
+              f"files; {unseen_count} tokens never seen in training")  # fmt: skip
         train(model, stage2, args.unlikelihood_steps, args.unlikelihood_lr, args.seed + 2, desc="stage 3",
               extra_loss=penalty)  # fmt: skip
         print(f"stage 3: {penalty.looping_rows:,} of {penalty.rows:,} completions looped "
@@ -332,7 +333,7 @@ def main():
                              docstrings=args.stage2_docstrings, completions_per_step=penalty.headers + penalty.files,
                              header_prompts=penalty.headers, file_prompts=penalty.files,
                              max_new_tokens=penalty.max_new_tokens, unseen_penalty=args.unseen_penalty,
-                             unseen_tokens=int((~seen).sum()),
+                             unseen_tokens=unseen_count,
                              looping_completions=penalty.looping_rows,
                              completions=penalty.rows, packages=packages))  # fmt: skip
     if args.average_with:

@@ -49,20 +49,19 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
-def unlikelihood_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of -log(1 - p(target)) over the masked positions. logits: (batch, seq, vocab) predicting `targets`
-    (batch, seq) at the same positions."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return masked_mean(minus_log_one_minus(log_probs), mask)
+def unlikelihood_loss(log_probs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of -log(1 - p(target)) over the masked positions. log_probs: (batch, seq, vocab) log-probabilities
+    predicting `targets` (batch, seq) at the same positions."""
+    target_log_probs = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return masked_mean(minus_log_one_minus(target_log_probs), mask)
 
 
-def unseen_tokens_loss(logits: torch.Tensor, unseen: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def unseen_tokens_loss(log_probs: torch.Tensor, unseen: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of -log(1 - p(any token of `unseen`)) over the masked positions; `unseen` (vocab,) bool: the tokens
     that never occur in the training data. Pushing a loop's token down sends its probability to every other token,
     and a model of this size then also reaches for tokens it never saw (the `<extra_id_N>` sentinels, whose
     embeddings are untrained): this keeps them unlikely where the completions are."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)[..., unseen].logsumexp(dim=-1)
-    return masked_mean(minus_log_one_minus(log_probs), mask)
+    return masked_mean(minus_log_one_minus(log_probs[..., unseen].logsumexp(dim=-1)), mask)
 
 
 def first_lines(documents: list[str]) -> list[str]:
@@ -127,7 +126,8 @@ class LoopPenalty:
         self.marked_tokens += loops.sum().item()
         attention_mask = (ids != self.tokenizer.pad_token_id).long()
         logits = model(ids, attention_mask=attention_mask).logits[:, :-1]  # at t: the token at t + 1
-        loss = unlikelihood_loss(logits, ids[:, 1:], loops[:, 1:])
+        log_probs = torch.log_softmax(logits.float(), dim=-1)  # once, for both terms
+        loss = unlikelihood_loss(log_probs, ids[:, 1:], loops[:, 1:])
         if self.unseen is not None:
-            loss = loss + unseen_tokens_loss(logits, self.unseen, in_completion[:, 1:])
+            loss = loss + unseen_tokens_loss(log_probs, self.unseen, in_completion[:, 1:])
         return loss

@@ -70,7 +70,7 @@ def test_unlikelihood_loss_is_minus_log_one_minus_p_on_the_marked_positions():
     mask[0, 0] = True
     p = torch.softmax(logits, dim=-1).gather(-1, targets[..., None])[..., 0]
     expected = -(torch.log(1 - p) * mask).sum() / mask.sum()
-    loss = unlikelihood_loss(logits, targets, mask)
+    loss = unlikelihood_loss(torch.log_softmax(logits.float(), dim=-1), targets, mask)
     torch.testing.assert_close(loss, expected.float(), rtol=1e-5, atol=1e-6)
 
     loss.backward()
@@ -79,7 +79,7 @@ def test_unlikelihood_loss_is_minus_log_one_minus_p_on_the_marked_positions():
         stepped = torch.softmax(logits - 0.5 * logits.grad, dim=-1).gather(-1, targets[..., None])[..., 0]
     assert (stepped[mask] < p[mask]).all(), "a step against the loss makes the marked tokens less likely"
 
-    nothing = unlikelihood_loss(logits, targets, torch.zeros_like(mask))
+    nothing = unlikelihood_loss(torch.log_softmax(logits.float(), dim=-1), targets, torch.zeros_like(mask))
     assert nothing.item() == 0 and nothing.requires_grad
 
 
@@ -91,7 +91,7 @@ def test_unseen_tokens_loss_is_minus_log_one_minus_their_total_probability():
     mask[1, 4] = True
     total = torch.softmax(logits, dim=-1)[..., unseen].sum(dim=-1)
     expected = -(torch.log(1 - total) * mask).sum() / mask.sum()
-    loss = unseen_tokens_loss(logits, unseen, mask)
+    loss = unseen_tokens_loss(torch.log_softmax(logits.float(), dim=-1), unseen, mask)
     torch.testing.assert_close(loss, expected.float(), rtol=1e-5, atol=1e-6)
     loss.backward()
     with torch.no_grad():
