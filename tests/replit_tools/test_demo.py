@@ -9,7 +9,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from replit_tools import CODE_FILES, DEMO_MODEL as DEMO
 from replit_tools.completion import Settings
+from replit_tools.corpus import stdlib_sources
 from replit_tools.demo import average_with, earlier_training, write_demo_folder
+from replit_tools.evaluation import headers_only
 from replit_tools.loading import load_completer
 from replit_lm.configuration_replit_lm import ReplitLMConfig
 from replit_lm.modeling_replit_lm import ReplitLM
@@ -51,6 +53,16 @@ def test_demo_evaluation_is_recorded_and_documented():
     guide = (ROOT / "docs" / "demo.md").read_text()
     assert f"{report['held_out_loss']:.3f}" in guide
     assert f"{round(100 * report['parse_rate'])}%" in guide
+
+
+def test_the_demo_completes_15_of_20_unseen_bare_headers_into_code_that_parses():
+    """Issue 16's aim, measured as docs/demo.md states it (`evaluate.py held-out --headers-only`: 20 held-out
+    functions, seed 0, greedy, the card's post-processing), and the counts recorded in evaluation.json are these."""
+    _, held_out_files = stdlib_sources()
+    measured = headers_only(load_completer(DEMO, device="cpu"), held_out_files, seed=0)
+    assert measured["parsed"] >= 15, measured["completions"]
+    recorded = json.loads((DEMO / "evaluation.json").read_text())["headers_only"]
+    assert {key: measured[key] for key in recorded} == recorded
 
 
 README_PROMPTS = ("def fibonacci(n):", "def is_prime(n):", "class Stack:", "import os")
