@@ -28,7 +28,7 @@ from .attention import (
     key_ranges,
 )
 from .configuration_replit_lm import ReplitLMConfig
-from .quantization import QuantizedLinear, RoutedLinear, quantize_linear_layers
+from .quantization import QuantizedLinear, RoutedLinear, quantize_linear_layers, refuse_moving_quantized
 
 # transformers 4.x copies into its module cache only the files that this file imports itself, not their imports.
 from .triton_flash_attn import flash_attn_alibi  # noqa: F401
@@ -248,6 +248,12 @@ class ReplitLMPreTrainedModel(PreTrainedModel):
                         tensor.data = tensor.data.clone()
         self.config.weight_quantization = mode
         return self
+
+    def _apply(self, fn, *args, **kwargs):
+        # Checked here, before any submodule moves, so that a refused move leaves the whole model where it was.
+        if self._has_quantized_layers():
+            refuse_moving_quantized(fn)
+        return super()._apply(fn, *args, **kwargs)
 
     def _has_quantized_layers(self) -> bool:
         return any(isinstance(module, QuantizedLinear) for module in self.modules())

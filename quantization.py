@@ -441,6 +441,17 @@ def _without_padding(out: torch.Tensor, out_features: int) -> torch.Tensor:
     return out if out.shape[1] == out_features else out[:, :out_features].contiguous()
 
 
+def refuse_moving_quantized(fn):
+    """Raise where `fn`, the tensor function of a Module._apply (to, cuda, to_empty, ...), would put tensors off the
+    CPU: the int8 and int4 layers' kernels read their weights from CPU memory (a GPU pointer would crash them)."""
+    device = fn(torch.empty(0)).device
+    if device.type != "cpu":
+        raise ValueError(
+            f"a model with int8/int4 weights (weight_quantization) runs on the CPU only and cannot move to {device}: "
+            "load it without weight_quantization to run it there"
+        )
+
+
 def _padded_rows(n: int) -> int:
     return -(-n // NATIVE_ROWS) * NATIVE_ROWS
 
@@ -461,7 +472,9 @@ class QuantizedLinear(nn.Module):
         """Module.to(dtype), .float() and .bfloat16() convert every floating-point buffer; these buffers are a
         storage format (bfloat16 or float32 scales whatever the activations, whose raw memory the native kernels
         read), so they move with the module but keep their dtype: a float32 copy of bfloat16 scales would be read as
-        other numbers. The originals are kept, not converted back, so that no round trip can round them."""
+        other numbers. The originals are kept, not converted back, so that no round trip can round them. A move
+        off the CPU is refused (see `refuse_moving_quantized`)."""
+        refuse_moving_quantized(fn)
         originals = {name: buffer for name, buffer in self._buffers.items() if buffer is not None}
         super()._apply(fn, recurse)
         for name, original in originals.items():

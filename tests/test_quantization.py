@@ -630,6 +630,21 @@ def test_a_dtype_change_after_quantizing_keeps_the_quantized_weights(mode, monke
     assert relative_error(in_bf16(ids).logits.float(), expected) < 0.05
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_quantized_model_refuses_to_leave_the_cpu_and_stays_whole(mode):
+    """The kernels read CPU memory: .to(another device) of the model, or of one quantized layer, is refused before
+    anything moves ("meta" stands in for a GPU here), and the model still computes what it did."""
+    model = model_pair("pow2_heads")[0].quantize_weights(mode)
+    ids = torch.randint(3, VOCAB, (1, 9), generator=torch.Generator().manual_seed(torch.seed() % 2**32))
+    expected = model(ids).logits
+    for move in (lambda: model.to("meta"), lambda: model.to_empty(device="meta"), lambda: model.lm_head.to("meta")):
+        with pytest.raises(ValueError, match="CPU only and cannot move to meta"):
+            move()
+    assert all(t.device.type == "cpu" for t in (*model.parameters(), *model.buffers()))
+    torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=0)
+    assert model.to("cpu") is model
+
+
 def test_quantization_errors_name_the_layer():
     model = model_pair("six_heads")[0]  # d_model 48: no int4 group size divides it
     with pytest.raises(ValueError, match=r"transformer\.blocks\.0\.attn\.Wqkv .*int4.*divisible"):
