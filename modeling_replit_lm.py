@@ -512,14 +512,15 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
             prompt = kwargs.get("inputs_embeds")
         if not isinstance(prompt, torch.Tensor) or prompt.dim() < 2:
             return
-        max_new_tokens = kwargs.get("max_new_tokens")
-        if max_new_tokens is None and "max_length" not in kwargs:
-            max_new_tokens = config.max_new_tokens
+        max_new_tokens, max_length = kwargs.get("max_new_tokens"), kwargs.get("max_length")
+        if max_new_tokens is None and max_length is None:
+            max_new_tokens, max_length = config.max_new_tokens, config.max_length
         if max_new_tokens is not None:
             total, asked = prompt.shape[1] + max_new_tokens, f"max_new_tokens={max_new_tokens}"
-        else:
-            total = kwargs.get("max_length", config.max_length)
-            asked = f"max_length={total}"
+        elif max_length is not None:
+            total, asked = max_length, f"max_length={max_length}"
+        else:  # transformers' default, 20 new tokens, stops at max_position_embeddings (max_seq_len)
+            total, asked = prompt.shape[1], "no max_new_tokens"
         if total > self.config.max_seq_len:
             raise ValueError(
                 f"a prompt of {prompt.shape[1]} tokens with {asked} reaches {total} tokens, past max_seq_len="

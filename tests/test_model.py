@@ -440,6 +440,9 @@ def test_generate_checks_the_length_before_starting():
             model.generate(ids, max_length=70)
     assert not forward.called
     assert model.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 64)
+    # No length asked for, as a plain generate(ids): transformers' 20 new tokens, stopping at max_seq_len.
+    assert model.generate(ids, do_sample=False).shape == (1, 64)
+    assert model.generate(ids[:, :10], do_sample=False, eos_token_id=None).shape == (1, 30)
 
 
 def test_long_sequences_with_a_raised_max_seq_len():
