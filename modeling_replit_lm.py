@@ -556,15 +556,19 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
         self, logits, labels, attention_mask, shift_labels=None, num_items_in_batch=None, ignore_index=-100, **kwargs
     ):
         """transformers' causal LM loss (self.loss_function) on the targets of each position."""
+        real = None if attention_mask is None else attention_mask[:, -labels.shape[1] :].bool().to(labels.device)
         if shift_labels is None:
             shift_labels = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
+            if real is not None:
+                # A padding token is never a target: with right padding and labels=input_ids, the last real token
+                # would otherwise be trained to predict a pad.
+                shift_labels = shift_labels.masked_fill(~F.pad(real[:, 1:], (0, 1), value=True), ignore_index)
         elif shift_labels.shape != labels.shape:
             raise ValueError(f"shift_labels must have the shape of labels {tuple(labels.shape)}")
-        if attention_mask is not None:
+        if real is not None:
             # A padding position predicts nothing: with left padding it would otherwise be asked for the first real
             # token, from a position that saw no token at all.
-            padding = ~attention_mask[:, -labels.shape[1] :].bool().to(shift_labels.device)
-            shift_labels = shift_labels.masked_fill(padding, ignore_index)
+            shift_labels = shift_labels.masked_fill(~real, ignore_index)
         return self.loss_function(
             logits,
             labels,

@@ -41,7 +41,8 @@ def test_a_few_optimizer_steps_lower_the_loss():
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 def test_padded_training_batch_gives_the_loss_of_the_unpadded_sequences(padding_side):
-    """Pads masked out of attention and labelled -100 leave each sequence's loss as it would be alone."""
+    """Pads masked out of attention leave each sequence's loss as it would be alone, whether they are labelled -100
+    or the labels are the input ids, pads included (a pad is then neither predicted nor a predictor)."""
     model = tiny_model(seed=1).train()
     short, long = repetitive_batch(1, 12, seed=2)[0], repetitive_batch(1, 18, seed=3)[0]
     pad = torch.full((6,), 2)
@@ -59,6 +60,7 @@ def test_padded_training_batch_gives_the_loss_of_the_unpadded_sequences(padding_
     loss_long = model(long[None], labels=long[None]).loss
     expected = (loss_short * 11 + loss_long * 17) / 28
     torch.testing.assert_close(batch_loss, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(ids, attention_mask=mask, labels=ids).loss, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_trainer_trains(tmp_path):
