@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 import transformers
 from torch import nn
-from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache
+from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
@@ -49,6 +49,31 @@ TIED_WEIGHTS_KEYS = {"lm_head.weight": "transformer.wte.weight"} if TRANSFORMERS
 def cache_argument(past_key_values, kwargs: dict):
     """The cache passed to forward, under either release's keyword."""
     return kwargs.pop("cache", past_key_values)
+
+
+# generate's max_length when nobody set it (5.x: None, 4.x: 20), and the new tokens it then writes (both).
+UNSET_MAX_LENGTH = GenerationConfig().max_length
+DEFAULT_NEW_TOKENS = 20
+
+
+def forget_generation_cache(model):
+    """transformers 4.x keeps generate's static cache on the model (`_cache`) for the next call: a later call then
+    overwrites the cache an earlier one returned, and a call that failed before filling it leaves a cache that
+    breaks every later call. transformers 5 makes a new one per call; so does this, on 4.x."""
+    if not TRANSFORMERS_5:
+        model.__dict__.pop("_cache", None)
+
+
+def static_cache_with_room(cache: StaticCache, length: int, config) -> StaticCache:
+    """A StaticCache of `length` positions holding what `cache` holds (4.x writes where cache_position says, 5.x
+    after what the layer holds: both from 0 here)."""
+    filled = cache.get_seq_length()
+    grown = StaticCache(config=config, max_cache_len=length)
+    for index, layer in enumerate(cache.layers):
+        if getattr(layer, "keys", None) is not None and filled:
+            keys, values = layer.keys[:, :, :filled], layer.values[:, :, :filled]
+            grown.update(keys, values, index, {"cache_position": torch.arange(filled, device=keys.device)})
+    return grown
 
 
 # ----- end of version differences -----
@@ -483,9 +508,18 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
         grows with the sequence; the static cache writes in place. A cache, cache_implementation or
         generation_config that the caller passes is used as given.
 
+        A static cache returned by an earlier call (return_dict_in_generate=True) holds that call's length only; to
+        continue from it, it is copied into one with room for this call.
+
         Raises before any work where the prompt and the new tokens would not fit in config.max_seq_len."""
         config = kwargs.get("generation_config") or self.generation_config
-        self._check_generation_length(args, kwargs, config)
+        total = self._check_generation_length(args, kwargs, config)
+        cache_keyword = "cache" if kwargs.get("cache") is not None else "past_key_values"
+        given = kwargs.get(cache_keyword)
+        if given is None:
+            forget_generation_cache(self)
+        elif isinstance(given, StaticCache) and total is not None and total > given.layers[0].max_cache_len:
+            kwargs[cache_keyword] = static_cache_with_room(given, total, self.config)
         if (
             config.cache_implementation is None
             and kwargs.get("cache_implementation") is None
@@ -511,15 +545,16 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
         if prompt is None:
             prompt = kwargs.get("inputs_embeds")
         if not isinstance(prompt, torch.Tensor) or prompt.dim() < 2:
-            return
+            return None
         max_new_tokens, max_length = kwargs.get("max_new_tokens"), kwargs.get("max_length")
         if max_new_tokens is None and max_length is None:
-            max_new_tokens, max_length = config.max_new_tokens, config.max_length
+            max_new_tokens = config.max_new_tokens
+            max_length = None if config.max_length == UNSET_MAX_LENGTH else config.max_length
         if max_new_tokens is not None:
             total, asked = prompt.shape[1] + max_new_tokens, f"max_new_tokens={max_new_tokens}"
         elif max_length is not None:
             total, asked = max_length, f"max_length={max_length}"
-        else:  # transformers' default, 20 new tokens, stops at max_position_embeddings (max_seq_len)
+        else:  # transformers' default: 20 new tokens, stopping at max_position_embeddings (max_seq_len)
             total, asked = prompt.shape[1], "no max_new_tokens"
         if total > self.config.max_seq_len:
             raise ValueError(
@@ -527,6 +562,9 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
                 f"{self.config.max_seq_len}; ask for fewer tokens, or pass max_seq_len=... to from_pretrained to let "
                 "ALiBi extrapolate to longer sequences"
             )
+        if max_new_tokens is None and max_length is None:
+            return min(total + DEFAULT_NEW_TOKENS, self.config.max_seq_len)
+        return total
 
     def _generation_uses_cache(self, use_cache: bool | None, config) -> bool:
         """Whether generate will use a cache: the argument, else the generation config's field, else the model's

@@ -128,6 +128,24 @@ def test_generate_uses_cache_by_default_and_without_cache_agrees():
     assert torch.equal(cached, uncached)
 
 
+def test_generation_continues_from_the_cache_it_returned():
+    """Continuing from the cache of an earlier call (return_dict_in_generate) gives the tokens of one longer call, on
+    either release, however short the first call's preallocated cache was; a later call leaves that cache alone
+    (transformers 4.x reused it for the next call); and a call that fails does not break the next one."""
+    model, _ = model_pair("pow2_heads")
+    ids = random_ids(2, 7, seed=int(torch.randint(1000, ())))
+    greedy = dict(do_sample=False, eos_token_id=None, pad_token_id=2)
+    first = model.generate(ids, max_new_tokens=3, return_dict_in_generate=True, **greedy)
+    cache = first.past_key_values
+    kept = [layer.keys.clone() for layer in cache.layers]
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model.generate(torch.full((1, 4), VOCAB), max_new_tokens=2, **greedy)
+    assert model.generate(ids[:1], max_new_tokens=4, **greedy).shape == (1, 11)
+    assert all(torch.equal(layer.keys, before) for layer, before in zip(cache.layers, kept))
+    more = model.generate(first.sequences, past_key_values=cache, max_new_tokens=6, **greedy)
+    assert torch.equal(more, model.generate(ids, max_new_tokens=9, **greedy))
+
+
 def test_loss_and_gradients_match_reference():
     model, ref = model_pair("six_heads")
     model.train(), ref.train()
