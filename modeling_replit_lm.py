@@ -430,6 +430,9 @@ class ReplitLMModel(ReplitLMPreTrainedModel):
     def _embed(self, input_ids, inputs_embeds) -> torch.Tensor:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds")
+        for name, value in (("input_ids", input_ids), ("inputs_embeds", inputs_embeds)):
+            if value is not None and not isinstance(value, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor of shape (batch, seq_len), got {type(value).__name__}")
         if inputs_embeds is None:
             if input_ids.is_floating_point():
                 input_ids = float_ids_to_long(input_ids)
@@ -460,11 +463,20 @@ class ReplitLMModel(ReplitLMPreTrainedModel):
                 "from_pretrained to let ALiBi extrapolate to longer sequences"
             )
         if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor):
+                raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
             if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, kv_len):
                 raise ValueError(
                     f"attention_mask must have shape (batch, past + new tokens) = {(batch, kv_len)}, "
                     f"got {tuple(attention_mask.shape)}"
                 )
+            if attention_mask.dtype != torch.bool:
+                other = (attention_mask != 0) & (attention_mask != 1)
+                if bool(other.any()):
+                    raise ValueError(
+                        f"attention_mask must hold 1 (a token) and 0 (padding), got {attention_mask[other][0].item()}"
+                        " (an additive mask of 0 and -inf is not taken)"
+                    )
             if bool(attention_mask.all()):
                 attention_mask = None
         if self._slopes.device != x.device:
@@ -661,6 +673,15 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
                 raise ValueError(f"labels must have shape {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}")
             if logits.shape[1] != labels.shape[1]:
                 raise ValueError("labels need the logits of every position: do not combine them with logits_to_keep")
+            ignore_index = kwargs.get("ignore_index", -100)
+            if labels.is_floating_point() or labels.is_complex():
+                raise ValueError(f"labels must be token ids (an integer tensor), got {labels.dtype}")
+            outside = (labels != ignore_index) & ((labels < 0) | (labels >= self.config.vocab_size))
+            if bool(outside.any()):
+                raise ValueError(
+                    f"labels contains {labels[outside][0].item()}, outside the vocabulary [0, "
+                    f"{self.config.vocab_size}) (use {ignore_index} for positions without a target)"
+                )
             loss = self._loss(logits, labels, attention_mask, **kwargs)
 
         cache = getattr(outputs, CACHE_FIELD)

@@ -428,6 +428,19 @@ def test_bad_inputs_raise_clear_errors():
         model(random_ids(1, 2, seed=0), past_key_values=((torch.zeros(1),),))
     with pytest.raises(ValueError, match="labels must have shape"):
         model(random_ids(1, 5, seed=0), labels=random_ids(1, 4, seed=0))
+    for bad in (VOCAB, -1):
+        with pytest.raises(ValueError, match=f"labels contains {bad}, outside the vocabulary"):
+            model(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, -100, bad]]))
+    with pytest.raises(ValueError, match="labels must be token ids"):
+        model(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1.0, 2.0, 3.0]]))
+    # An additive mask (0 visible, -inf hidden) would be read the other way round; a half is neither.
+    for mask in (torch.tensor([[float("-inf"), 0.0, 0.0]]), torch.full((1, 3), 0.5), torch.tensor([[1, 2, 1]])):
+        with pytest.raises(ValueError, match="attention_mask must hold 1 .* and 0"):
+            model(torch.tensor([[1, 2, 3]]), attention_mask=mask)
+    with pytest.raises(TypeError, match="input_ids must be a torch.Tensor"):
+        model([[1, 2, 3]])
+    with pytest.raises(TypeError, match="attention_mask must be a torch.Tensor"):
+        model(torch.tensor([[1, 2, 3]]), attention_mask=[[1, 1, 1]])
 
 
 def test_float_token_ids():
