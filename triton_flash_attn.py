@@ -424,6 +424,11 @@ def _check_inputs(q, k, v, alibi_slopes):
         raise ValueError(f"q, k, v must share one of float16, bfloat16, float32; got {q.dtype}, {k.dtype}, {v.dtype}")
     if not q.device == k.device == v.device:
         raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and _INTERPRETED:
+        raise ValueError(
+            "Triton's interpreter (TRITON_INTERPRET=1) cannot run this kernel in bfloat16 (its tl.dot multiplies "
+            "bfloat16 bit patterns as integers, a wrong result): use float32 or float16 there, or a CUDA device"
+        )
     if alibi_slopes.shape != (heads,):
         raise ValueError(f"alibi_slopes must have shape ({heads},); got {tuple(alibi_slopes.shape)}")
 

@@ -192,6 +192,13 @@ def test_bad_shapes_are_rejected(q_shape, kv_shape, match):
         flash_attn_alibi(q, k, k, alibi_slopes(q_shape[1]))
 
 
+@pytest.mark.skipif(not INTERPRETED, reason="the interpreter's limit")
+def test_bfloat16_is_refused_by_the_interpreter_which_computes_it_wrongly():
+    q, k, v = random_qkv(1, 2, 4, 4, 16)
+    with pytest.raises(ValueError, match="interpreter .* bfloat16"):
+        flash_attn_alibi(q.bfloat16(), k.bfloat16(), v.bfloat16(), alibi_slopes(2))
+
+
 def run_python(code, **env_changes):
     """Run `code` in a fresh interpreter (triton's mode is fixed at import) from the repo root."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
