@@ -1,5 +1,6 @@
 """The model card (README.md) as a user reads it: its snippets run as written on the demo model, its copy command
-takes every code file, and the fine-tuning recipe of docs/training.md runs."""
+takes every code file, and the fine-tuning recipe of docs/training.md and the completion snippet of
+docs/completion.md run."""
 
 import os
 import re
@@ -73,3 +74,14 @@ def test_the_lora_recipe_runs_on_the_demo_model(tmp_path):
     lora_b = [p for n, p in tuned.named_parameters() if "lora_B" in n]
     assert len(lora_b) == 4 * base.config.n_layers
     assert all(p.abs().sum() > 0 for p in lora_b)
+
+
+def test_the_completion_snippet_runs_from_the_repository_root():
+    """docs/completion.md's post-processing from Python, as written: two completions, each cut and told why."""
+    text = (ROOT / "docs" / "completion.md").read_text()
+    code = re.search(r"^From Python.*?```python\n(.*?)```", text, flags=re.DOTALL | re.MULTILINE).group(1)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reasons = re.findall(r" (eos|stop_sequence|length) (\d+)$", result.stdout, flags=re.MULTILINE)
+    assert len(reasons) == 2 and all(0 < int(tokens) <= 128 for _, tokens in reasons), result.stdout
