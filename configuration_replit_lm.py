@@ -40,11 +40,27 @@ _MPT_INIT_FIELDS = {
 }
 
 
+# This repository's classes, as config.json names them for transformers' Auto classes (trust_remote_code).
+AUTO_MAP = {
+    "AutoConfig": "configuration_replit_lm.ReplitLMConfig",
+    "AutoModel": "modeling_replit_lm.ReplitLMModel",
+    "AutoModelForCausalLM": "modeling_replit_lm.ReplitLM",
+}
+
+
 def _normalise_mpt_schema(kwargs: dict) -> dict:
-    """Fold the MPT-era fields of a published config.json into the release fields, in place."""
+    """Fold the MPT-era fields of a published config.json into the release fields, in place. An auto_map naming
+    other code (MPT's configuration_mpt/modeling_mpt, or the release's replit_lm.py) is replaced by ours, so that a
+    model saved from this config loads with this code."""
     if kwargs.get("model_type") not in (None, "mpt", "replit_lm"):
         raise ValueError(f"ReplitLMConfig cannot read a config of model_type {kwargs['model_type']!r}")
     kwargs.pop("model_type", None)
+    auto_map = kwargs.get("auto_map")
+    # A Hub reference ("owner/repo--module.Class") to our classes is kept.
+    if isinstance(auto_map, dict) and any(
+        not isinstance(value, str) or value.split("--")[-1] not in AUTO_MAP.values() for value in auto_map.values()
+    ):
+        kwargs["auto_map"] = dict(AUTO_MAP)
     attn_config = kwargs.pop("attn_config", None) or {}
     if not isinstance(attn_config, dict):
         attn_config = attn_config.to_dict()
@@ -225,6 +241,8 @@ class ReplitLMConfig(PretrainedConfig):
         self.init_div_is_residual = init_div_is_residual
         self.weight_quantization = weight_quantization
         self.use_cache = use_cache
+        # Before the base class too: transformers 5's own checks read head_dim, which a bad n_heads breaks.
+        self.validate()
         # The flat fields above are read by our code; the MPT-era fields have been folded into them, and the
         # two released configs' other keys (transformers_version, architectures, ...) go to the base class.
         super().__init__(
@@ -302,3 +320,7 @@ class ReplitLMConfig(PretrainedConfig):
             raise ValueError(f"param_init_fn={self.param_init_fn!r} is not supported; expected one of {PARAM_INIT_FNS}")
         if self.fan_mode not in ("fan_in", "fan_out"):
             raise ValueError(f"fan_mode must be 'fan_in' or 'fan_out', got {self.fan_mode!r}")
+        for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
+            value = getattr(self, name, None)  # set by the base class: absent in the check before it
+            if value is not None and not (isinstance(value, int) and 0 <= value < self.vocab_size):
+                raise ValueError(f"{name} must be a token id in [0, {self.vocab_size}) or None, got {value!r}")

@@ -233,6 +233,30 @@ def test_root_config_is_the_real_model():
     assert generation["use_cache"] is True and generation["eos_token_id"] == 1
 
 
+def test_a_published_config_read_by_our_class_names_our_code(tmp_path):
+    """The published configs name other code in their auto_map (MPT's configuration_mpt / modeling_mpt, the
+    release's replit_lm.ReplitLM): read by ReplitLMConfig, they name ours, as the root's config.json does, so that
+    a model saved from them loads with this repository's code. A Hub reference to our classes is kept."""
+    from replit_lm.configuration_replit_lm import AUTO_MAP, ReplitLMConfig
+
+    assert json.loads((ROOT / "config.json").read_text())["auto_map"] == AUTO_MAP
+    foreign = [
+        {"AutoConfig": "configuration_mpt.MPTConfig", "AutoModelForCausalLM": "modeling_mpt.MPTForCausalLM"},
+        {"AutoConfig": "configuration_replit_lm.ReplitLMConfig", "AutoModelForCausalLM": "replit_lm.ReplitLM"},
+    ]
+    for name in ("config.mpt.json", "config.release.json"):
+        if SHARED.joinpath(name).exists():
+            foreign.append(json.loads(SHARED.joinpath(name).read_text())["auto_map"])
+    small = dict(d_model=64, n_heads=4, n_layers=2, vocab_size=VOCAB)
+    for auto_map in foreign:
+        config = ReplitLMConfig(auto_map=auto_map, **small)
+        assert config.auto_map == AUTO_MAP
+        config.save_pretrained(tmp_path)
+        assert json.loads((tmp_path / "config.json").read_text())["auto_map"] == AUTO_MAP
+    hub = {key: f"someone/replit-fork--{value}" for key, value in AUTO_MAP.items()}
+    assert ReplitLMConfig(auto_map=hub, **small).auto_map == hub
+
+
 def test_missing_weights_give_a_clear_error(tmp_path, reference):
     model = reference[0]
     folder = write_hub_folder(tmp_path / "repo", mpt_config(model.config), {}, "safetensors")

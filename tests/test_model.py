@@ -394,6 +394,12 @@ def test_init_scales_the_residual_projections_whatever_the_mlp_ratio():
         (dict(emb_init_std=-0.1), "emb_init_std"),
         (dict(emb_init_uniform_lim=[0.1, -0.1]), "emb_init_uniform_lim"),
         (dict(logit_scale="large"), "logit_scale"),
+        # transformers 5's own checks of the base class read head_dim: these must not reach them first.
+        (dict(n_heads=0), "n_heads must be a positive integer"),
+        (dict(n_heads="8"), "n_heads must be a positive integer"),
+        (dict(d_model=None), "d_model must be a positive integer"),
+        (dict(eos_token_id=99999), "eos_token_id must be a token id"),
+        (dict(pad_token_id=-3), "pad_token_id must be a token id"),
     ],
 )
 def test_config_validation(overrides, message):
