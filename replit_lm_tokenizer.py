@@ -621,6 +621,14 @@ class _ReplitLMTokenizerMixin:
         self._check_ids(ids)
         return super().convert_ids_to_tokens(ids, skip_special_tokens=skip_special_tokens)
 
+    def decode(self, token_ids, skip_special_tokens=False, **kwargs):
+        # A batch (a 2-D tensor or array, a list of lists) gives a string per row, as transformers 5 decodes it
+        # (4.x raised a TypeError from deep inside).
+        rows = isinstance(token_ids, (list, tuple)) and token_ids and isinstance(token_ids[0], (list, tuple))
+        if rows or getattr(token_ids, "ndim", 1) == 2:
+            return [self.decode(row, skip_special_tokens=skip_special_tokens, **kwargs) for row in token_ids]
+        return super().decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
+
     # -- no special tokens, and spiece.model saved by both classes
 
     def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):

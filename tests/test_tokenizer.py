@@ -303,6 +303,9 @@ def test_decode_gives_the_text_back(tokenizer, sp, text):
     assert tokenizer.decode(ids, skip_special_tokens=True) == text
     assert tokenizer.decode(torch.tensor(ids), skip_special_tokens=True) == text
     assert tokenizer.batch_decode([ids, ids[:0]], skip_special_tokens=True) == [text, ""]
+    # A batch given to decode (generate's output, without [0]): a string per row, on transformers 4.57 as on 5.
+    assert tokenizer.decode(torch.tensor([ids, ids]), skip_special_tokens=True) == [text, text]
+    assert tokenizer.decode([ids, ids[:1]]) == [text, tokenizer.decode(ids[:1])]
 
 
 def test_decode_keeps_or_skips_special_tokens(tokenizer):
