@@ -526,6 +526,11 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
         Raises before any work where the prompt and the new tokens would not fit in config.max_seq_len."""
         config = kwargs.get("generation_config") or self.generation_config
         total = self._check_generation_length(args, kwargs, config)
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1]:
+            empty = (~mask.bool().any(dim=1)).nonzero()
+            if len(empty):
+                raise ValueError(f"row {int(empty[0])} of attention_mask is all padding: there is no prompt to continue")
         cache_keyword = "cache" if kwargs.get("cache") is not None else "past_key_values"
         given = kwargs.get(cache_keyword)
         if given is None:

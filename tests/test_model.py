@@ -466,7 +466,7 @@ def test_float_token_ids():
         big(torch.tensor([[1.0, 2048.0]], dtype=torch.float16))
 
 
-def test_generate_checks_the_length_before_starting():
+def test_generate_checks_the_length_and_the_mask_before_starting():
     model, _ = model_pair("pow2_heads")
     ids = random_ids(1, 60, seed=33)
     forward = mock.Mock(wraps=model.forward)
@@ -475,6 +475,10 @@ def test_generate_checks_the_length_before_starting():
             model.generate(ids, max_new_tokens=5)
         with pytest.raises(ValueError, match="max_length=70.*max_seq_len=64"):
             model.generate(ids, max_length=70)
+        mask = torch.ones(2, 60, dtype=torch.long)
+        mask[1] = 0
+        with pytest.raises(ValueError, match="row 1 of attention_mask is all padding"):
+            model.generate(ids.repeat(2, 1), attention_mask=mask, max_new_tokens=2)
     assert not forward.called
     assert model.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 64)
     # No length asked for, as a plain generate(ids): transformers' 20 new tokens, stopping at max_seq_len.
