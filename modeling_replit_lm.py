@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 import transformers
+from safetensors import SafetensorError
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache, StaticCache
@@ -247,7 +248,14 @@ class ReplitLMPreTrainedModel(PreTrainedModel):
             # The quantized layers compute in bfloat16, and loading straight into bfloat16 (converting tensor by
             # tensor) never holds a float32 copy of the model.
             kwargs["dtype"] = torch.bfloat16
-        loaded = super().from_pretrained(*args, **kwargs)
+        try:
+            loaded = super().from_pretrained(*args, **kwargs)
+        except SafetensorError as error:  # transformers passes it on without the file it was reading
+            where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            raise OSError(
+                f"a weights file of {where} could not be read ({error}): it may be truncated or corrupt; download "
+                "it again"
+            ) from error
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading info) on request
         if model.config.weight_quantization is not None:
             # The weights may be views of the memory-mapped checkpoint, used by nothing else.
