@@ -252,7 +252,13 @@ class ReplitLMConfig(PretrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
-        self.validate()
+        self.validate()  # again, with the MPT-schema fields, which the base class sets from kwargs
+        # Here rather than in validate(), which the model runs again: transformers' own tests build models after
+        # shrinking vocab_size alone, as its models allow.
+        for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and 0 <= value < self.vocab_size):
+                raise ValueError(f"{name} must be a token id in [0, {self.vocab_size}) or None, got {value!r}")
 
     @property
     def attn_config(self) -> dict:
@@ -320,7 +326,4 @@ class ReplitLMConfig(PretrainedConfig):
             raise ValueError(f"param_init_fn={self.param_init_fn!r} is not supported; expected one of {PARAM_INIT_FNS}")
         if self.fan_mode not in ("fan_in", "fan_out"):
             raise ValueError(f"fan_mode must be 'fan_in' or 'fan_out', got {self.fan_mode!r}")
-        for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
-            value = getattr(self, name, None)  # set by the base class: absent in the check before it
-            if value is not None and not (isinstance(value, int) and 0 <= value < self.vocab_size):
-                raise ValueError(f"{name} must be a token id in [0, {self.vocab_size}) or None, got {value!r}")
+

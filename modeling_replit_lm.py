@@ -632,6 +632,12 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
             # A padding position predicts nothing: with left padding it would otherwise be asked for the first real
             # token, from a position that saw no token at all.
             shift_labels = shift_labels.masked_fill(~real, ignore_index)
+        outside = (shift_labels != ignore_index) & ((shift_labels < 0) | (shift_labels >= self.config.vocab_size))
+        if bool(outside.any()):
+            raise ValueError(
+                f"labels contains {shift_labels[outside][0].item()}, outside the vocabulary [0, "
+                f"{self.config.vocab_size}) (use {ignore_index} for positions without a target)"
+            )
         return self.loss_function(
             logits,
             labels,
@@ -686,15 +692,8 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
                 raise ValueError(f"labels must have shape {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}")
             if logits.shape[1] != labels.shape[1]:
                 raise ValueError("labels need the logits of every position: do not combine them with logits_to_keep")
-            ignore_index = kwargs.get("ignore_index", -100)
             if labels.is_floating_point() or labels.is_complex():
                 raise ValueError(f"labels must be token ids (an integer tensor), got {labels.dtype}")
-            outside = (labels != ignore_index) & ((labels < 0) | (labels >= self.config.vocab_size))
-            if bool(outside.any()):
-                raise ValueError(
-                    f"labels contains {labels[outside][0].item()}, outside the vocabulary [0, "
-                    f"{self.config.vocab_size}) (use {ignore_index} for positions without a target)"
-                )
             loss = self._loss(logits, labels, attention_mask, **kwargs)
 
         cache = getattr(outputs, CACHE_FIELD)
