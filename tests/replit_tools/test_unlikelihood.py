@@ -136,7 +136,8 @@ def test_loop_penalty_is_a_differentiable_loss_that_counts_its_completions():
 
 def test_training_adds_the_extra_loss_of_each_step():
     """train(..., extra_loss=...) adds the term to every step's loss: here one that pulls the final norm's weight
-    down, which plain training on the same batches does not do as much."""
+    down, which plain training on the same batches does not do as much (Adam moves each weight by at most about the
+    learning rate a step, which the pull reaches everywhere: plain training reaches it at some weights at most)."""
     model = ReplitLM(ReplitLMConfig(d_model=32, n_heads=2, n_layers=1, vocab_size=64, max_seq_len=16))
     batch = torch.randint(0, 64, (2, 16))
     plain, pulled = copy.deepcopy(model), copy.deepcopy(model)
@@ -149,4 +150,5 @@ def test_training_adds_the_extra_loss_of_each_step():
     train(plain, lambda generator: batch, steps=3, peak_lr=1e-2, seed=0)
     train(pulled, lambda generator: batch, steps=3, peak_lr=1e-2, seed=0, extra_loss=pull_down)
     assert len(calls) == 3 and all(isinstance(g, torch.Generator) for g in calls)
-    assert (pulled.transformer.norm_f.weight < plain.transformer.norm_f.weight).all()
+    pulled_weight, plain_weight = pulled.transformer.norm_f.weight, plain.transformer.norm_f.weight
+    assert (pulled_weight <= plain_weight + 1e-6).all() and pulled_weight.sum() < plain_weight.sum() - 0.05
