@@ -18,9 +18,15 @@ class CompletionError(Exception):
     """A request that cannot be served as given; the message tells the user what to change."""
 
 
+SAMPLING_TEMPERATURE_FROM = 1e-5
+"""Below this a temperature means greedy: sampling is then the argmax but for logits within about 1e-4 of it, and
+dividing float32 logits by a temperature below about 1e-37 overflows (sampling from the infinities fails)."""
+
+
 @dataclass(frozen=True)
 class Settings:
-    """How to complete: the model card's sampling settings by default. A temperature of 0 means greedy."""
+    """How to complete: the model card's sampling settings by default. A temperature of 0 (below
+    SAMPLING_TEMPERATURE_FROM) means greedy."""
 
     max_new_tokens: int = 128
     greedy: bool = False
@@ -46,10 +52,13 @@ class Settings:
         for passed, message in checks:
             if not passed:
                 raise CompletionError(message)
+        # JSON's 2 is an int, which transformers' temperature check refuses ("has to be a strictly positive float").
+        object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "top_p", float(self.top_p))
 
     @property
     def do_sample(self) -> bool:
-        return not self.greedy and self.temperature > 0
+        return not self.greedy and self.temperature >= SAMPLING_TEMPERATURE_FROM
 
 
 def reject_empty(prompts: list[str]):

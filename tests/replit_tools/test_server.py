@@ -217,6 +217,21 @@ def test_sampled_completions_with_a_seed_repeat(served):
     assert [c["text"] for c in first[2]["choices"]] == [c["text"] for c in second[2]["choices"]]
 
 
+def test_whole_and_tiny_temperatures_are_served(served):
+    """The openai client sends temperature=2 as the JSON integer 2, which transformers' sampling refuses as a
+    temperature (a 500 before); a temperature too small to sample with is greedy, as 0 is (it failed inside the
+    sampling)."""
+    base_url, _ = served
+    body = {"prompt": PROMPT, "max_tokens": 8, "stop": [], "seed": 3}
+    for temperature in (2, 5, 2.0):
+        status, _, answer = call(base_url, {**body, "temperature": temperature})
+        assert status == 200 and len(answer["choices"]) == 1, answer
+    greedy_answer = call(base_url, {**body, "temperature": 0})[2]["choices"][0]["text"]
+    for temperature in (1e-300, 1e-40, 1e-6):
+        status, _, answer = call(base_url, {**body, "temperature": temperature})
+        assert status == 200 and answer["choices"][0]["text"] == greedy_answer, (temperature, answer)
+
+
 def test_models_and_health(served):
     base_url, client = served
     assert [model.id for model in client.models.list()] == ["tiny"]
