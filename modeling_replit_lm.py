@@ -538,7 +538,7 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1]:
             empty = (~mask.bool().any(dim=1)).nonzero()
             if len(empty):
-                raise ValueError(f"row {int(empty[0])} of attention_mask is all padding: there is no prompt to continue")
+                raise ValueError(f"row {int(empty[0])} of attention_mask is all padding: no prompt to continue")
         cache_keyword = "cache" if kwargs.get("cache") is not None else "past_key_values"
         given = kwargs.get(cache_keyword)
         if given is None:

@@ -19,10 +19,9 @@ from pathlib import Path
 import torch
 
 from . import DEMO_MODEL
-from .loading import model_source, quiet_libraries
+from .loading import load_model, model_source, quiet_libraries
 from .mpt_reference import mpt_config
-from .options import one_line
-from replit_lm.modeling_replit_lm import ReplitLM
+from .options import CompletionError, one_line
 from replit_lm.replit_lm_tokenizer import ReplitLMTokenizer, ReplitLMTokenizerFast, _as_trained, _SentencePieceModel
 
 FORMATS = {"mpt": ("f32", "bf16"), "gguf": ("f32", "bf16", "q8_0", "q4_0")}
@@ -54,15 +53,10 @@ def load(model: str | Path, dtype: torch.dtype):
     """ReplitLM and the exact tokenizer of a model folder (or Hub id), checked to be replit-code-v1-3b's kind."""
     source = model_source(model)
     try:
-        loaded, info = ReplitLM.from_pretrained(source, dtype=dtype, output_loading_info=True)
+        loaded = load_model(source, dtype=dtype)
         tokenizer = ReplitLMTokenizer.from_pretrained(source)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, CompletionError) as error:
         raise ExportError(f"{model} is not a replit-code-v1-3b model folder: {one_line(error)}") from error
-    missing = [name for name in info["missing_keys"] if name != "lm_head.weight"]
-    if missing or info["unexpected_keys"] or info.get("mismatched_keys"):
-        problems = missing or info["unexpected_keys"] or info["mismatched_keys"]
-        mismatch = f"its weights do not match ({next(iter(problems))}, ...)"
-        raise ExportError(f"{model} is not a replit-code-v1-3b checkpoint: {mismatch}")
     config = loaded.config
     if config.prefix_lm or config.attn_qk_ln or config.attn_uses_sequence_id or not config.alibi:
         raise ExportError(f"{model}: only causal ALiBi models without QK LayerNorm export (as replit-code-v1-3b)")

@@ -55,6 +55,24 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+def load_model(source: Path | str, **kwargs) -> ReplitLM:
+    """ReplitLM.from_pretrained(source, **kwargs), refusing a checkpoint whose tensors are not the configured model's:
+    transformers fills a missing tensor with random values and only logs it (the tools silence its logs), and names
+    no tensor when shapes differ."""
+    model, info = ReplitLM.from_pretrained(source, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+    problems = [f"{name} is missing" for name in sorted(info["missing_keys"]) if name != "lm_head.weight"]
+    problems += [f"{name} is not a tensor of this model" for name in sorted(info["unexpected_keys"])]
+    for mismatch in sorted(info["mismatched_keys"]):  # transformers 5: (name, checkpoint shape, model shape)
+        name, *shapes = mismatch if isinstance(mismatch, tuple) else (mismatch,)
+        found = f"{tuple(shapes[0])} in the checkpoint, " if shapes else ""
+        expected = tuple(model.get_parameter(name).shape)
+        problems.append(f"{name} is {found}{expected} for config.json")
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CompletionError(f"{source}: the weights do not fit config.json: {problems[0]}{more}")
+    return model
+
+
 def load_completer(
     model: str | Path = DEMO_MODEL,
     device: str = "auto",
@@ -73,7 +91,7 @@ def load_completer(
     # Our classes read the folder's config.json (ReplitLMConfig takes the published MPT schema and the May 2023
     # release schema alike) and spiece.model; the code files and auto_map of a snapshot are never consulted.
     try:
-        loaded = ReplitLM.from_pretrained(source, dtype=DTYPES[dtype], **overrides)
+        loaded = load_model(source, dtype=DTYPES[dtype], **overrides)
         tokenizer = ReplitLMTokenizer.from_pretrained(source)
     except OSError as error:
         if isinstance(source, Path):

@@ -1,0 +1,58 @@
+"""replit_tools.loading: the one way the command line, the server, the evaluation and the exporter load a folder."""
+
+import json
+
+import pytest
+import torch
+from completion_helpers import hub_folder, run_script
+from safetensors.torch import load_file, save_file
+
+from replit_tools.loading import load_model
+from replit_tools.options import CompletionError
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return hub_folder(tmp_path_factory.mktemp("loading") / "tiny")
+
+
+def damaged_copy(tiny, folder, change) -> str:
+    """A copy of the tiny folder whose weights `change` edits in place (a dict of tensors)."""
+    folder.mkdir()
+    for path in tiny.iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    tensors = load_file(folder / "model.safetensors")
+    change(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return str(folder)
+
+
+def test_a_complete_checkpoint_loads(tiny):
+    assert load_model(tiny).transformer.blocks[1].attn.Wqkv.weight.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda t: t.pop("transformer.blocks.1.attn.Wqkv.weight"), r"blocks\.1\.attn\.Wqkv\.weight is missing"),
+        (lambda t: t.update(extra=torch.zeros(2)), "extra is not a tensor of this model"),
+        (lambda t: t.update({"transformer.norm_f.weight": torch.ones(3)}),
+         r"transformer\.norm_f\.weight is .*\(3,\).*for config\.json"),
+    ],
+    ids=["missing", "unexpected", "another shape"],
+)
+def test_weights_that_do_not_fit_the_config_are_refused_by_name(tiny, tmp_path, change, message):
+    """transformers would fill a missing tensor with random values and only log it, which the tools silence: the
+    completions were then garbage without a word."""
+    folder = damaged_copy(tiny, tmp_path / "damaged", change)
+    with pytest.raises(CompletionError, match=f"the weights do not fit config.json: {message}"):
+        load_model(folder)
+
+
+def test_the_command_line_refuses_a_missing_tensor_in_one_line(tiny, tmp_path):
+    folder = damaged_copy(tiny, tmp_path / "damaged", lambda t: t.pop("transformer.blocks.0.ffn.up_proj.weight"))
+    result = run_script("generate.py", "--model", folder, "def f():")
+    stderr = result.stderr.decode()
+    assert result.returncode == 1 and result.stdout == b"" and stderr.count("\n") == 1, stderr
+    assert "transformer.blocks.0.ffn.up_proj.weight is missing" in stderr
+    assert json.loads((tiny / "config.json").read_text())  # the fixture's folder is untouched
