@@ -34,10 +34,12 @@ def test_a_complete_checkpoint_loads(tiny):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda t: t.pop("transformer.blocks.1.attn.Wqkv.weight"), r"blocks\.1\.attn\.Wqkv\.weight is missing"),
+        (lambda t: t.pop("transformer.blocks.1.attn.Wqkv.weight"),
+         r"transformer\.blocks\.1\.attn\.Wqkv\.weight is missing"),
         (lambda t: t.update(extra=torch.zeros(2)), "extra is not a tensor of this model"),
         (lambda t: t.update({"transformer.norm_f.weight": torch.ones(3)}),
-         r"transformer\.norm_f\.weight is .*\(3,\).*for config\.json"),
+         # transformers 4.57 does not report the checkpoint's shape.
+         r"transformer\.norm_f\.weight is (\(3,\) in the checkpoint, )?\(64,\) for config\.json"),
     ],
     ids=["missing", "unexpected", "another shape"],
 )
