@@ -9,21 +9,27 @@
 
 import sys
 
-from replit_tools import evaluation, humaneval
+try:  # torch and transformers take seconds to import: Ctrl-C then is no error either
+    from replit_tools import evaluation, humaneval
+except KeyboardInterrupt:
+    sys.exit(130)
 
 COMMANDS = {"humaneval": humaneval.main, "held-out": evaluation.main}
 
 
 def main(argv: list[str]) -> int:
-    if argv and argv[0] in COMMANDS:
-        return COMMANDS[argv[0]](argv[1:])
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0
-    if argv and not argv[0].startswith("-"):
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         print(f"error: unknown command {argv[0]!r}: use {' or '.join(COMMANDS)} (see --help)", file=sys.stderr)
         return 2
-    return evaluation.main(argv)
+    command, argv = (COMMANDS[argv[0]], argv[1:]) if argv and argv[0] in COMMANDS else (evaluation.main, argv)
+    try:
+        return command(argv)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

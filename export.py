@@ -3,7 +3,10 @@ vLLM, TGI) or `python3 export.py --to gguf OUT.gguf --type q8_0` (llama.cpp, Oll
 
 import sys
 
-from replit_tools.export import main
+try:  # torch and transformers take seconds to import: Ctrl-C then is no error either
+    from replit_tools.export import main
+except KeyboardInterrupt:
+    sys.exit(130)
 
 if __name__ == "__main__":
     sys.exit(main())

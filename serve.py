@@ -2,7 +2,10 @@
 
 import sys
 
-from replit_tools.server import main
+try:  # torch and transformers take seconds to import: Ctrl-C then is no error either
+    from replit_tools.server import main
+except KeyboardInterrupt:
+    sys.exit(130)
 
 if __name__ == "__main__":
     sys.exit(main())

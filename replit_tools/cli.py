@@ -20,16 +20,12 @@ from pathlib import Path
 from .options import (
     DEFAULT_STOP_SEQUENCES,
     CompletionError,
+    OneLineErrorParser,
     Settings,
     add_model_arguments,
     one_line,
     reject_empty,
 )
-
-
-class _OneLineErrorParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"error: {message}\n")
 
 
 def unescape(text: str) -> str:
@@ -51,7 +47,7 @@ def read_prompt_file(name: str) -> str:
 
 
 def parse_arguments(argv=None) -> argparse.Namespace:
-    parser = _OneLineErrorParser(
+    parser = OneLineErrorParser(
         description="Complete code with replit-code-v1-3b, with the model card's sampling and post-processing.",
         epilog="Exit status: 0 on success, 1 when the completion fails (a one-line error on stderr), "
         "2 for a bad command line.",

@@ -30,6 +30,7 @@ import io
 import json
 import math
 import random
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -39,7 +40,8 @@ import transformers
 from . import DEMO_MODEL
 from .completion import Completer, Settings
 from .corpus import read_text, stdlib_sources
-from .loading import load_completer
+from .loading import load_completer, quiet_libraries
+from .options import CompletionError, OneLineErrorParser, one_line
 from .postprocessing import finish_completion
 from replit_lm.replit_lm_tokenizer import ReplitLMTokenizer
 
@@ -202,7 +204,7 @@ def evaluate(model_path: Path, held_out_files: list[Path], seed: int = 0, prompt
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="evaluate.py held-out", description=__doc__.split("\n\n")[0])
+    parser = OneLineErrorParser(prog="evaluate.py held-out", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=DEMO_MODEL)
     parser.add_argument("--prompts", type=int,
                         help="function headers to complete (default 100; 20 with --headers-only)")  # fmt: skip
@@ -217,9 +219,25 @@ def main(argv=None) -> int:
                         help="with --headers-only: the card's sampling settings instead of greedy")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    _, held_out_files = stdlib_sources()
     if args.prompts is None:
         args.prompts = 20 if args.headers_only else 100
+    for name, value in (("--prompts", args.prompts), ("--max-new-tokens", args.max_new_tokens)):
+        if value < 1:
+            parser.error(f"{name} must be at least 1")
+    if args.sample and not args.headers_only:
+        parser.error("--sample goes with --headers-only (the other measures sample with the card's settings)")
+    quiet_libraries()
+    try:
+        report = run(args)
+    except (CompletionError, ValueError, OSError) as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def run(args: argparse.Namespace) -> dict:
+    _, held_out_files = stdlib_sources()
     if args.headers_only:
         completer = load_completer(args.model, device="cpu")
         report = headers_only(completer, held_out_files, args.prompts, args.seed, args.max_new_tokens,
@@ -234,6 +252,5 @@ def main(argv=None) -> int:
         report = {"original_code_parse_rate": rate, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens}
     else:
         report = evaluate(args.model, held_out_files, args.seed, args.prompts, args.max_new_tokens)
-    print(json.dumps(report, indent=2))
-    return 0
+    return report
 

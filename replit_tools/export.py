@@ -21,7 +21,7 @@ import torch
 from . import DEMO_MODEL
 from .loading import load_model, model_source, quiet_libraries
 from .mpt_reference import mpt_config
-from .options import CompletionError, one_line
+from .options import CompletionError, OneLineErrorParser, one_line
 from replit_lm.replit_lm_tokenizer import ReplitLMTokenizer, ReplitLMTokenizerFast, _as_trained, _SentencePieceModel
 
 FORMATS = {"mpt": ("f32", "bf16"), "gguf": ("f32", "bf16", "q8_0", "q4_0")}
@@ -303,13 +303,9 @@ def open_gguf(path: Path, extra_buffer_types: bool = True, **llama_arguments):
 # ----- command line ------------------------------------------------------------------------------------------------
 
 
-class _OneLineErrorParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(1, f"error: {message}\n")
-
-
 def parse_arguments(argv=None) -> argparse.Namespace:
-    parser = _OneLineErrorParser(
+    parser = OneLineErrorParser(
+        error_status=1,
         description="Export replit-code-v1-3b as a transformers MPT folder (vLLM, TGI) or a GGUF file (llama.cpp).",
         epilog="Exit status: 0 on success, 1 on any error (one line on stderr). See docs/export.md.",
     )

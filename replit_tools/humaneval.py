@@ -22,6 +22,7 @@ import random
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 import transformers
@@ -30,7 +31,7 @@ from tqdm import tqdm
 from .cli import unescape
 from .completion import Completer, Completion, CompletionError, Settings
 from .loading import load_from_arguments, quiet_libraries
-from .options import add_model_arguments, one_line
+from .options import OneLineErrorParser, add_model_arguments, one_line
 from .postprocessing import DEFAULT_STOP_SEQUENCES
 from .sandbox import Limits, isolation_summary, run_programs
 
@@ -259,13 +260,8 @@ def evaluate_humaneval(args: argparse.Namespace) -> dict:
     }
 
 
-class _OneLineErrorParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"error: {message}\n")
-
-
 def parse_arguments(argv=None) -> argparse.Namespace:
-    parser = _OneLineErrorParser(prog="evaluate.py humaneval", description=__doc__.split("\n\n")[0],
+    parser = OneLineErrorParser(prog="evaluate.py humaneval", description=__doc__.split("\n\n")[0],
                                  epilog="Exit status: 0 when the evaluation ran (whatever the score), 1 when it "
                                         "could not run, 2 for a bad command line.")  # fmt: skip
     add_model_arguments(parser)
@@ -308,9 +304,16 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     output.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     args = parser.parse_args(argv)
     for name, value, least in (("-n", args.samples, 1), ("--batch-size", args.batch_size, 1),
-                               ("--workers", args.workers, 1), ("--limit", args.limit or 1, 1)):  # fmt: skip
-        if value < least:
+                               ("--workers", args.workers, 1), ("--limit", args.limit, 1)):  # fmt: skip
+        if value is not None and value < least:
             parser.error(f"{name} must be at least {least}")
+    if args.problems == []:
+        parser.error("--problems names no problem: give ids such as HumanEval/0,HumanEval/5 (or 0,5)")
+    if args.output:
+        # Checked now rather than after an evaluation of many minutes.
+        output = Path(args.output)
+        if output.is_dir() or not output.parent.is_dir():
+            parser.error(f"--output {args.output}: " + ("a folder" if output.is_dir() else "no such folder"))
     args.stop = [unescape(text) for text in args.stop]
     return args
 
@@ -323,9 +326,13 @@ def main(argv=None) -> int:
     except (CompletionError, ValueError, OSError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 1
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as file:
-            json.dump(report, file, indent=2)
-            file.write("\n")
     print(format_table(report))
+    if args.output:
+        try:
+            with open(args.output, "w", encoding="utf-8") as file:
+                json.dump(report, file, indent=2)
+                file.write("\n")
+        except OSError as error:
+            print(f"error: the report could not be written: {one_line(error)}", file=sys.stderr)
+            return 1
     return 0

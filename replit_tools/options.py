@@ -71,6 +71,17 @@ def reject_empty(prompts: list[str]):
             raise CompletionError(f"{which} is empty or only whitespace: give the code to complete")
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, its errors one line ("error: ..."), exiting with `error_status` (argparse's own: 2)."""
+
+    def __init__(self, *args, error_status: int = 2, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.error_status = error_status
+
+    def error(self, message):
+        self.exit(self.error_status, f"error: {message}\n")
+
+
 def add_model_arguments(parser: argparse.ArgumentParser):
     """The options that choose and load the model, shared with serve.py."""
     group = parser.add_argument_group("model")

@@ -797,11 +797,16 @@ def main(argv=None) -> int:
     try:
         completer = load_from_arguments(args)
         sock = listen(args.host, args.port, args.backlog)
+    except KeyboardInterrupt:
+        return 130
     except Exception as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 1
     model_id = args.served_model_name or Path(args.model).name
-    serve(completer, model_id, sock, args)
+    try:
+        serve(completer, model_id, sock, args)
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn shut down gracefully, then passed the interrupt on
+        return 130
     return 0
 
 

@@ -208,3 +208,27 @@ def test_every_prompt_fits_the_demo_s_context_with_the_default_budget(problems):
     tokenizer = ReplitLMTokenizer.from_pretrained(DEMO)
     longest = max(len(ids) for ids in tokenizer([p["prompt"] for p in problems])["input_ids"])
     assert longest + humaneval.MAX_NEW_TOKENS <= json.loads((DEMO / "config.json").read_text())["max_seq_len"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["humaneval", "--limit", "0"], "--limit must be at least 1"),
+        (["humaneval", "--problems", ""], "--problems names no problem"),
+        (["humaneval", "--output", "/nonexistent/report.json"], "--output /nonexistent/report.json: no such folder"),
+        (["humaneval", "--output", "/tmp"], "--output /tmp: a folder"),
+        (["held-out", "--prompts", "-1"], "--prompts must be at least 1"),
+        (["held-out", "--headers-only", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+        (["held-out", "--sample"], "--sample goes with --headers-only"),
+        (["held-out", "--model", "/nonexistent/model"], "model folder not found: /nonexistent/model"),
+        (["--model", "/nonexistent/model"], "model folder not found: /nonexistent/model"),
+        (["held-out", "--headers-only", "--prompts", "1", "--max-new-tokens", "5000"], "context"),
+    ],
+)
+def test_evaluate_py_answers_bad_input_in_one_line_before_any_work(args, message):
+    """Each refused at once (an --output that cannot be written, before an evaluation of many minutes), in one
+    line, never a traceback."""
+    result = run_script("evaluate.py", *args)
+    stderr = result.stderr.decode()
+    assert result.returncode in (1, 2) and "Traceback" not in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("error: ") and message in stderr, stderr
