@@ -18,6 +18,7 @@ from .options import DTYPE_NAMES, CompletionError, one_line
 from replit_lm.modeling_replit_lm import ReplitLM
 from replit_lm.quantization import measure_routes
 from replit_lm.replit_lm_tokenizer import ReplitLMTokenizer
+from replit_lm.triton_flash_attn import triton_available_for
 
 # A Hub id (owner/name), tried on the Hub when no such local folder exists.
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -48,6 +49,8 @@ def resolve_device(device: str) -> torch.device:
         resolved = torch.device(device)
     except RuntimeError as error:
         raise CompletionError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from error
+    if resolved.type not in ("cpu", "cuda", "mps"):
+        raise CompletionError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise CompletionError(f"device {device!r} asked for, but CUDA is not available here")
     if resolved.type == "mps" and not torch.backends.mps.is_available():
@@ -98,6 +101,11 @@ def load_completer(
             raise
         message = f"model folder not found: {model} (nor on the Hugging Face Hub: {one_line(error)})"
         raise CompletionError(message) from error
+    if loaded.config.attn_impl == "triton":  # refused now, not at every request (a server would start regardless)
+        try:
+            triton_available_for(torch.empty(0, device=torch_device))
+        except (ImportError, RuntimeError) as error:
+            raise CompletionError(one_line(error)) from error
     loaded = loaded.to(torch_device).eval()
     if torch_device.type == "cpu":
         measure_routes(loaded)  # part of loading: the first completion then runs at full speed

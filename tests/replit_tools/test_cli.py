@@ -176,6 +176,7 @@ BAD_INPUT = {
     "missing model folder": (["--model", "/nonexistent/replit", "def f():"], "not found"),
     "unknown option value": (["--dtype", "float64", "def f():"], "float64"),
     "unknown device": (["--device", "tpu:0", "def f():"], "device"),
+    "a device for no model": (["--device", "meta", "def f():"], "unknown device 'meta'"),
     "no prompt": ([], "no prompt"),
     "infinite temperature": (["--temperature", "inf", "def f():"], "temperature must be a finite number"),
     "top-p not a number": (["--top-p", "nan", "def f():"], "top-p"),

@@ -15,6 +15,7 @@ import time
 import urllib.parse
 
 import pytest
+import torch
 from completion_helpers import DEMO, SCRIPT_ENV, hub_folder, one_torch_thread, stop_process  # noqa: F401
 from conftest import ROOT
 
@@ -448,6 +449,17 @@ def test_api_key(strict):
         openai.OpenAI(base_url=strict, api_key="wrong", max_retries=0).models.list()
     client = openai.OpenAI(base_url=strict, api_key=API_KEY, timeout=60, max_retries=0)
     assert client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4).choices[0].finish_reason
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton kernel runs here")
+def test_a_server_that_could_answer_nothing_does_not_start(tiny):
+    """attn_impl='triton' without a GPU (and without Triton's interpreter): refused at start, in one line, rather
+    than a server whose every request would fail."""
+    env = {name: value for name, value in SCRIPT_ENV.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, str(ROOT / "serve.py"), "--model", str(tiny), "--attn-impl", "triton",
+                             "--port", "0"], capture_output=True, timeout=120, env=env, text=True)  # fmt: skip
+    assert result.returncode == 1 and result.stdout == "", result.stdout
+    assert result.stderr.startswith("error: attn_impl='triton' needs a CUDA device") and result.stderr.count("\n") == 1
 
 
 def test_listening_beyond_localhost_needs_a_key(tiny, capsys, monkeypatch):
