@@ -9,6 +9,7 @@ The model card's settings are the defaults and its post-processing is applied (s
 """
 
 import argparse
+import os
 import json
 import re
 import sys
@@ -162,6 +163,9 @@ def main(argv=None) -> int:
         run(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader left (`| head`): no error, and nothing more to write at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a process ended by SIGPIPE
     except Exception as error:  # every failure is one line for the user, never a traceback
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 1

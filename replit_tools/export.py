@@ -322,7 +322,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
         help="weights: f32 or bf16 for mpt (default f32); f32, bf16, q8_0 or q4_0 for gguf (default bf16)",
     )
     args = parser.parse_args(argv)
-    args.type = (args.type or DEFAULT_TYPE[args.to]).lower()
+    args.type = (DEFAULT_TYPE[args.to] if args.type is None else args.type).lower()
     if args.type not in FORMATS[args.to]:
         parser.error(f"--type {args.type} is not available for {args.to}: use one of {', '.join(FORMATS[args.to])}")
     return args

@@ -48,6 +48,7 @@ class Settings:
             (0 < self.top_p <= 1, f"top-p must be in (0, 1], got {self.top_p}"),
             (self.top_k >= 0, "top-k must be 0 (no top-k filtering) or more"),
             (all(self.stop_sequences), "a stop sequence cannot be empty"),
+            (self.seed is None or 0 <= self.seed < 2**32, f"the seed must be 0 to 2**32 - 1, got {self.seed}"),
         )
         for passed, message in checks:
             if not passed:

@@ -177,6 +177,7 @@ BAD_INPUT = {
     "unknown option value": (["--dtype", "float64", "def f():"], "float64"),
     "unknown device": (["--device", "tpu:0", "def f():"], "device"),
     "a device for no model": (["--device", "meta", "def f():"], "unknown device 'meta'"),
+    "negative seed": (["--seed", "-1", "def f():"], "the seed must be 0 to 2**32 - 1, got -1"),
     "no prompt": ([], "no prompt"),
     "infinite temperature": (["--temperature", "inf", "def f():"], "temperature must be a finite number"),
     "top-p not a number": (["--top-p", "nan", "def f():"], "top-p"),
@@ -194,6 +195,16 @@ def test_bad_input_is_a_one_line_error(tiny, case):
     assert "Traceback" not in stderr
     assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("error: "), stderr
     assert expected in stderr
+
+
+def test_a_reader_that_leaves_early_is_no_error(tiny):
+    """`generate.py --json ... | head`: the pipe closes before the output is written; that ends the command quietly,
+    with the status a shell gives a process ended by SIGPIPE, not 'error: [Errno 32] Broken pipe'."""
+    command = [sys.executable, str(ROOT / "generate.py"), "--model", str(tiny), "--json", "--greedy", "def f():"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=SCRIPT_ENV)
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 141 and stderr == "", stderr
 
 
 # Runs a script as `python SCRIPT ARGS` does (its folder first on sys.path) and reports on stderr, last, whether torch
