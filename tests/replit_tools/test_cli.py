@@ -200,7 +200,8 @@ def test_bad_input_is_a_one_line_error(tiny, case):
 def test_a_reader_that_leaves_early_is_no_error(tiny):
     """`generate.py --json ... | head`: the pipe closes before the output is written; that ends the command quietly,
     with the status a shell gives a process ended by SIGPIPE, not 'error: [Errno 32] Broken pipe'."""
-    command = [sys.executable, str(ROOT / "generate.py"), "--model", str(tiny), "--json", "--greedy", "--max-new-tokens", "8", "def f():"]
+    command = [sys.executable, str(ROOT / "generate.py"), "--model", str(tiny), "--json", "--greedy",
+               "--max-new-tokens", "8", "def f():"]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=SCRIPT_ENV)
     process.stdout.close()
     stderr = process.stderr.read().decode()
