@@ -30,7 +30,6 @@ import io
 import json
 import math
 import random
-import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -40,8 +39,8 @@ import transformers
 from . import DEMO_MODEL
 from .completion import Completer, Settings
 from .corpus import read_text, stdlib_sources
-from .loading import load_completer, quiet_libraries
-from .options import CompletionError, OneLineErrorParser, one_line
+from .loading import load_completer, run_quietly
+from .options import OneLineErrorParser
 from .postprocessing import finish_completion
 from replit_lm.replit_lm_tokenizer import ReplitLMTokenizer
 
@@ -226,11 +225,8 @@ def main(argv=None) -> int:
             parser.error(f"{name} must be at least 1")
     if args.sample and not args.headers_only:
         parser.error("--sample goes with --headers-only (the other measures sample with the card's settings)")
-    quiet_libraries()
-    try:
-        report = run(args)
-    except (CompletionError, ValueError, OSError) as error:
-        print(f"error: {one_line(error)}", file=sys.stderr)
+    report = run_quietly(run, args)
+    if report is None:
         return 1
     print(json.dumps(report, indent=2))
     return 0

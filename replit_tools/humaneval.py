@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from .cli import unescape
 from .completion import Completer, Completion, CompletionError, Settings
-from .loading import load_from_arguments, quiet_libraries
+from .loading import load_from_arguments, run_quietly
 from .options import OneLineErrorParser, add_model_arguments, one_line
 from .postprocessing import DEFAULT_STOP_SEQUENCES
 from .sandbox import Limits, isolation_summary, run_programs
@@ -320,11 +320,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_arguments(argv)
-    quiet_libraries()
-    try:
-        report = evaluate_humaneval(args)
-    except (CompletionError, ValueError, OSError) as error:
-        print(f"error: {one_line(error)}", file=sys.stderr)
+    report = run_quietly(evaluate_humaneval, args)
+    if report is None:
         return 1
     print(format_table(report))
     if args.output:

@@ -6,6 +6,7 @@ schema; its own code files are never run: this repository's classes load it), or
 
 import argparse
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -114,6 +115,17 @@ def load_completer(
 
 def load_from_arguments(args: argparse.Namespace) -> Completer:
     return load_completer(args.model, args.device, args.dtype, args.attn_impl, args.weight_quantization)
+
+
+def run_quietly(function, args: argparse.Namespace):
+    """function(args) with the libraries quiet (`quiet_libraries`); None, after one line on standard error, where it
+    fails as bad input does (CompletionError, ValueError, OSError)."""
+    quiet_libraries()
+    try:
+        return function(args)
+    except (CompletionError, ValueError, OSError) as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return None
 
 
 def quiet_libraries():
