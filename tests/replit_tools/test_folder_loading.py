@@ -1,4 +1,5 @@
-"""replit_tools.loading: the one way the command line, the server, the evaluation and the exporter load a folder."""
+"""replit_tools/loading.py (this name: tests/test_loading.py is the model's): the one way the command line, the server,
+the evaluation and the exporter load a folder."""
 
 import json
 
