@@ -346,6 +346,10 @@ def export(model, to: str, output: Path, type_: str) -> Path:
         raise ExportError(f"the folder {output.parent} does not exist")
     if to == "gguf" and output.suffix != ".gguf":
         raise ExportError(f"a GGUF file's name ends in .gguf: {output}")
+    try:  # before minutes of loading and converting
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as error:
+        raise ExportError(f"cannot write in the folder {output.parent}: {error.strerror or error}") from error
     dtype = torch.bfloat16 if (to, type_) == ("mpt", "bf16") else torch.float32
     loaded, tokenizer = load(model, dtype)
     source = model_source(model)

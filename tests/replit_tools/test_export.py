@@ -230,6 +230,7 @@ def test_command_line_writes_the_export(tmp_path):
         (["--to", "gguf", "{tmp}/x.gguf", "--type", "q5_k"], "--type q5_k is not available for gguf"),
         (["--to", "mpt", "{tmp}/x", "--type", "q8_0"], "--type q8_0 is not available for mpt"),
         (["--to", "gguf", "{tmp}/x.gguf", "--type", ""], "is not available for gguf"),  # not the default type
+        (["--to", "mpt", "/proc/x"], "cannot write in the folder /proc"),  # not the name of a temporary folder
         (["--to", "mpt", "{tmp}/exists"], "already exists"),
         (["--to", "gguf", "{tmp}/x.bin"], "ends in .gguf"),
         (["--to", "onnx", "{tmp}/x"], "invalid choice"),
