@@ -588,7 +588,16 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
                 "ALiBi extrapolate to longer sequences"
             )
         if max_new_tokens is None and max_length is None:
-            return min(total + DEFAULT_NEW_TOKENS, self.config.max_seq_len)
+            total = min(total + DEFAULT_NEW_TOKENS, self.config.max_seq_len)
+        lookup = kwargs.get("prompt_lookup_num_tokens", config.prompt_lookup_num_tokens)
+        # Prompt lookup decoding verifies its candidates past the last position asked for (transformers bounds
+        # them by max_length as an index into the sequence, not as a length).
+        if lookup and total - 1 + lookup > self.config.max_seq_len:
+            raise ValueError(
+                f"prompt lookup decoding checks up to prompt_lookup_num_tokens={lookup} tokens ahead, so a prompt of "
+                f"{prompt.shape[1]} tokens with {asked} can reach {total - 1 + lookup} tokens, past max_seq_len="
+                f"{self.config.max_seq_len}; ask for fewer new tokens or a smaller prompt_lookup_num_tokens"
+            )
         return total
 
     def _generation_uses_cache(self, use_cache: bool | None, config) -> bool:

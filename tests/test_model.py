@@ -475,12 +475,18 @@ def test_generate_checks_the_length_and_the_mask_before_starting():
             model.generate(ids, max_new_tokens=5)
         with pytest.raises(ValueError, match="max_length=70.*max_seq_len=64"):
             model.generate(ids, max_length=70)
+        with pytest.raises(ValueError, match="prompt_lookup_num_tokens=10 tokens ahead.*reach 73 tokens"):
+            model.generate(ids[:, :50], max_new_tokens=14, prompt_lookup_num_tokens=10)
         mask = torch.ones(2, 60, dtype=torch.long)
         mask[1] = 0
         with pytest.raises(ValueError, match="row 1 of attention_mask is all padding"):
             model.generate(ids.repeat(2, 1), attention_mask=mask, max_new_tokens=2)
     assert not forward.called
     assert model.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 64)
+    # Within the bound, prompt lookup decoding is greedy decoding made faster: the same tokens.
+    repeating, greedy = ids[:, :10].repeat(1, 4), dict(max_new_tokens=14, do_sample=False, pad_token_id=2)
+    looked_up = model.generate(repeating, prompt_lookup_num_tokens=10, **greedy)
+    assert torch.equal(looked_up, model.generate(repeating, **greedy))
     # No length asked for, as a plain generate(ids): transformers' 20 new tokens, stopping at max_seq_len.
     assert model.generate(ids, do_sample=False).shape == (1, 64)
     assert model.generate(ids[:, :10], do_sample=False, eos_token_id=None).shape == (1, 30)
