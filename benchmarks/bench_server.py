@@ -58,29 +58,24 @@ def cpu_model() -> str:
 
 
 def start(command: list[str], env: dict) -> tuple[subprocess.Popen, int]:
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    errors = tempfile.TemporaryFile(mode="w+")  # shown if the server does not start
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True, env=env)
     ready, _, _ = select.select([process.stdout], [], [], 300)
     line = process.stdout.readline() if ready else ""
     if not line.startswith("Serving "):
         process.kill()
-        raise SystemExit(f"the server did not start: {line!r}")
+        process.wait()
+        errors.seek(0)
+        raise SystemExit(f"the server did not start: {line!r}\n{errors.read()[-3000:]}")
     return process, int(line.rsplit(":", 1)[1].split("/")[0])
 
 
 def baseline_command(ref: str, server_args: list[str], folder: Path) -> list[str]:
-    """The previous server, from git, as a module of replit_tools (its relative imports need the package)."""
-    source = subprocess.run(
-        ["git", "-C", str(ROOT), "show", f"{ref}:replit_tools/server.py"], capture_output=True, text=True, check=True
-    ).stdout
-    path = folder / "server_before.py"
-    path.write_text(source)
-    code = (
-        "import importlib.util, sys; sys.path.insert(0, sys.argv[1]); import replit_tools; "
-        "spec = importlib.util.spec_from_file_location('replit_tools.server_before', sys.argv[2]); "
-        "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); "
-        "sys.exit(module.main(sys.argv[3:]))"
-    )
-    return [sys.executable, "-c", code, str(ROOT), str(path), *server_args]
+    """The previous server: the repository as it was at `ref` (its package too, which the server imports from),
+    unpacked from git into `folder`."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return [sys.executable, str(folder / "serve.py"), *server_args]
 
 
 def complete(port: int, prompt: str, max_tokens: int) -> tuple[str, float]:
