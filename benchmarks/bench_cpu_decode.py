@@ -14,8 +14,10 @@ same run, on the same random weights exported to GGUF (bf16, q8_0, q4_0; export.
 each prompt length, time to first token, and top-1 agreement with float32 ReplitLM over teacher-forced random ids,
 each llama.cpp format paired with ours (bf16 with bfloat16, q8_0 with int8, q4_0 with int4).
 
-    python benchmarks/bench_cpu_decode.py --llama-cpp --layers 4 --prompt 64 1024
-    python benchmarks/bench_cpu_decode.py --llama-cpp --layers 4 --without-amx   # a stand-in for CPUs without AMX
+    LLAMA_NO_EXTRA_BUFTS=1 python benchmarks/bench_cpu_decode.py --llama-cpp --layers 4 --prompt 64 1024
+    LLAMA_NO_EXTRA_BUFTS=1 python benchmarks/bench_cpu_decode.py --llama-cpp --layers 4 --without-amx   # no AMX
+
+(LLAMA_NO_EXTRA_BUFTS=1: llama.cpp without its AMX repacking, which crashes where a VM reports AMX it does not grant.)
 
 With --accuracy MODEL_DIR it measures instead how far weight_quantization moves a trained model: the relative
 error of the logits and the agreement of the top-1 token against bfloat16 (and float32's, for scale), with the

@@ -74,6 +74,8 @@ def main():
     parser.add_argument("--prompt", type=int, default=512, help="prompt length for generate")
     parser.add_argument("--new-tokens", type=int, default=128)
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("error: this benchmark times CUDA kernels, and there is no CUDA GPU here")
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | {args.layers} layers, bf16")
     models = build_models(args.layers)
     ids = torch.randint(3, 32768, (args.batch, args.seq), device=DEVICE)

@@ -181,6 +181,8 @@ def main():
     parser.add_argument("--no-check", action="store_true", help="skip the accuracy check against float32")
     parser.add_argument("--tune", action="store_true", help="choose the kernels' launch configs first")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("error: this benchmark times CUDA kernels, and there is no CUDA GPU here")
 
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
           f"{DTYPE}, heads {HEADS}, head_dim {HEAD_DIM}, ~{TOKENS} tokens per batch")
