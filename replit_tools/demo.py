@@ -32,6 +32,7 @@ from tqdm import tqdm
 from . import CODE_FILES, DEMO_MODEL, ROOT
 from .corpus import PACKAGE_LIST, definition_documents, package_sources, read_text, stdlib_sources
 from .evaluation import evaluate
+from .options import OneLineErrorParser
 from .sentencepiece_recipe import RECIPE, train_sentencepiece
 from .unlikelihood import LoopPenalty, file_first_lines, first_lines
 from replit_lm.configuration_replit_lm import ReplitLMConfig
@@ -216,8 +217,38 @@ def stage_two_batches(tokenizer, train_files, held_out_files, train_stream, args
     return batches, documents, len(defs)
 
 
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """Refuse, before any work, what would fail or mislead later: folders that hold no model, counts out of range,
+    an --average-with model of another shape or vocabulary."""
+    for flag in ("from_model", "average_with"):
+        folder = getattr(args, flag)
+        if folder is not None and not ((folder / "config.json").is_file() and (folder / "spiece.model").is_file()):
+            parser.error(f"--{flag.replace('_', '-')} {folder}: not a model folder (no config.json and spiece.model)")
+    for flag, least in (("threads", 1), ("batch_size", 1), ("seq_len", 2), ("steps", 0), ("stage2_steps", 0),
+                        ("unlikelihood_steps", 0), ("stage2_definitions", 0), ("stage2_file_starts", 0)):  # fmt: skip
+        if getattr(args, flag) < least:
+            parser.error(f"--{flag.replace('_', '-')} must be at least {least}")
+    if args.stage2_definitions + args.stage2_file_starts > args.batch_size:
+        parser.error("--stage2-definitions plus --stage2-file-starts must fit in --batch-size (the rows of a batch)")
+    mine = ReplitLMConfig.from_pretrained(args.from_model) if args.from_model else ReplitLMConfig(**DEMO_SHAPE)
+    if args.seq_len > mine.max_seq_len:
+        parser.error(f"--seq-len {args.seq_len} exceeds the model's max_seq_len ({mine.max_seq_len})")
+    if args.average_with:
+        theirs = ReplitLMConfig.from_pretrained(args.average_with)
+        if any(getattr(mine, name) != getattr(theirs, name) for name in DEMO_SHAPE):
+            parser.error(f"--average-with {args.average_with}: not a model of the same shape as the one trained here")
+        # Known only now where --from-model gives the vocabulary; a model trained from scratch is checked at the end.
+        if args.from_model and not same_vocabulary(args.from_model, args.average_with):
+            parser.error(f"--average-with {args.average_with}: its vocabulary is not --from-model's")
+
+
+def same_vocabulary(folder, other) -> bool:
+    """Whether two model folders' tokenizers map the same pieces to the same ids."""
+    return ReplitLMTokenizer.from_pretrained(folder).get_vocab() == ReplitLMTokenizer.from_pretrained(other).get_vocab()
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineErrorParser(prog="python3 -m replit_tools.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEMO_MODEL, help="folder to write (replaced)")
     parser.add_argument("--steps", type=int, default=3000, help="optimizer steps of the first stage (the files)")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -262,6 +293,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
+    check_arguments(parser, args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
@@ -272,11 +304,6 @@ def main():
         package_files = package_sources(args.package_cache, packages)
         train_files += package_files
         print(f"data: {len(package_files)} more train files of {len(packages)} packages ({PACKAGE_LIST.name})")
-    if args.average_with:
-        mine = ReplitLMConfig.from_pretrained(args.from_model) if args.from_model else ReplitLMConfig(**DEMO_SHAPE)
-        theirs = ReplitLMConfig.from_pretrained(args.average_with)
-        if any(getattr(mine, name) != getattr(theirs, name) for name in DEMO_SHAPE):
-            parser.error(f"--average-with {args.average_with}: not a model of the same shape as the one trained here")
     work = args.out.with_name(args.out.name + ".build")
     work.mkdir(parents=True, exist_ok=True)
     if args.from_model:
@@ -337,6 +364,8 @@ def main():
                              looping_completions=penalty.looping_rows,
                              completions=penalty.rows, packages=packages))  # fmt: skip
     if args.average_with:
+        if tokenizer.get_vocab() != ReplitLMTokenizer.from_pretrained(args.average_with).get_vocab():
+            raise SystemExit(f"error: --average-with {args.average_with}: its vocabulary is not this model's")
         other = ReplitLM.from_pretrained(args.average_with, dtype=torch.float32)
         average_with(model, [param.detach() for param in other.parameters()])
         theirs = earlier_training(args.average_with)

@@ -2,7 +2,10 @@
 on the root's code (links, never copies), with its evaluation recorded in docs/demo.md."""
 
 import json
+import subprocess
+import sys
 
+import pytest
 import torch
 from conftest import ROOT
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -121,3 +124,31 @@ def test_averaging_with_the_start_averages_every_weight_once():
     assert model.lm_head.weight is model.transformer.wte.weight
     for name, p in model.named_parameters():
         torch.testing.assert_close(p, (before[name] + after[name]) / 2, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--from-model", "/nonexistent"], "--from-model /nonexistent: not a model folder"),
+        (["--average-with", "/nonexistent"], "--average-with /nonexistent: not a model folder"),
+        (["--threads", "0"], "--threads must be at least 1"),
+        (["--seq-len", "2048"], "--seq-len 2048 exceeds the model's max_seq_len (1024)"),
+        (["--batch-size", "4"], "--stage2-definitions plus --stage2-file-starts must fit in --batch-size"),
+    ],
+)
+def test_the_builders_bad_flags_are_refused_before_any_work(tmp_path, args, message):
+    """Refused at once, in one line, with nothing written (they failed after minutes of tokenizer training, left
+    a .build folder, or gave batches of another size than asked)."""
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "replit_tools.demo", "--out", str(out), *args], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_averaging_needs_the_same_vocabulary(tmp_path):
+    from completion_helpers import hub_folder
+    from replit_tools.demo import same_vocabulary
+
+    assert same_vocabulary(DEMO, DEMO)
+    assert not same_vocabulary(DEMO, hub_folder(tmp_path / "other"))
