@@ -436,6 +436,7 @@ def main():
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument(
         "--models", nargs="+", default=["float32", "bfloat16", "int8", "int4"],
+        choices=["float32", "bfloat16", "int8", "int4"],
         help="which of float32, bfloat16, int8, int4 to run (MptForCausalLM runs in float32 and bfloat16)",
     )  # fmt: skip
     parser.add_argument("--llama-cpp", action="store_true", help="run llama.cpp beside ReplitLM (batch 1)")
@@ -448,6 +449,12 @@ def main():
         "at AVX512-BF16, ReplitLM's AMX routes not offered, llama.cpp without its AMX buffers, routes not cached",
     )  # fmt: skip
     args = parser.parse_args()
+    counts = (("--layers", [args.layers], 1), ("--batch", args.batch, 1), ("--prompt", args.prompt, 1),
+              ("--new-tokens", [args.new_tokens], 2), ("--repeats", [args.repeats], 1), ("--window", [args.window], 2),
+              ("--windows", [args.windows], 1))  # fmt: skip
+    for flag, values, least in counts:
+        if min(values) < least:  # a decode step is timed between two tokens: --new-tokens 2 at least
+            parser.error(f"{flag} must be at least {least}")
     if args.without_amx:
         without_amx()
     if args.threads:

@@ -86,6 +86,8 @@ def main():
     parser.add_argument("--snippets", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=5, help="best of this many runs")
     args = parser.parse_args()
+    if not args.spiece.is_file():
+        parser.error(f"no spiece.model at {args.spiece}: give the real model's with --spiece PATH")
     transformers.logging.set_verbosity_error()  # the corpus is longer than model_max_length, on purpose
 
     files = build_corpus(args.corpus_bytes)
