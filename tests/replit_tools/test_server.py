@@ -269,7 +269,9 @@ def test_concurrent_clients_are_batched_and_answered_as_alone(served):
 # --- Clients that leave -----------------------------------------------------------------------------------------
 
 # Seconds of work for the demo model: inside a docstring it has opened, it writes until the budget runs out.
-LONG = {"prompt": PROMPT + '\n    """', "max_tokens": 1000, "temperature": 0, "stop": []}
+# A request the demo model answers with all 1000 tokens (greedy, it goes on counting), so that a client can leave
+# while it runs; the demo's greedy docstring after PROMPT now ends after 21 tokens, too soon to leave.
+LONG = {"prompt": "x = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,", "max_tokens": 1000, "temperature": 0, "stop": []}
 
 
 def test_a_client_leaving_mid_stream_frees_the_model(demo_served):
