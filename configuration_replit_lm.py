@@ -326,4 +326,3 @@ class ReplitLMConfig(PretrainedConfig):
             raise ValueError(f"param_init_fn={self.param_init_fn!r} is not supported; expected one of {PARAM_INIT_FNS}")
         if self.fan_mode not in ("fan_in", "fan_out"):
             raise ValueError(f"fan_mode must be 'fan_in' or 'fan_out', got {self.fan_mode!r}")
-

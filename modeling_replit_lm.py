@@ -355,6 +355,10 @@ def float_ids_to_long(input_ids: torch.Tensor) -> torch.LongTensor:
     return input_ids.long()
 
 
+def neither_zero_nor_one(mask: torch.Tensor) -> torch.Tensor:
+    return (mask != 0) & (mask != 1)
+
+
 class ReplitLMModel(ReplitLMPreTrainedModel):
     def __init__(self, config: ReplitLMConfig):
         super().__init__(config)
@@ -478,14 +482,22 @@ class ReplitLMModel(ReplitLMPreTrainedModel):
                     f"attention_mask must have shape (batch, past + new tokens) = {(batch, kv_len)}, "
                     f"got {tuple(attention_mask.shape)}"
                 )
-            if attention_mask.dtype != torch.bool:
-                other = (attention_mask != 0) & (attention_mask != 1)
-                if bool(other.any()):
+            if attention_mask.dtype == torch.bool:
+                all_real = bool(attention_mask.all())
+            else:
+                # One pass over the mask at every decoding step: integers between 0 and 1 are 0 and 1.
+                low, high = (value.item() for value in torch.aminmax(attention_mask))
+                valid = 0 <= low <= high <= 1  # False for NaN
+                if valid and attention_mask.is_floating_point():  # a float mask, rare: value by value
+                    valid = not bool(neither_zero_nor_one(attention_mask).any())
+                if not valid:
+                    bad = attention_mask[neither_zero_nor_one(attention_mask)][0].item()
                     raise ValueError(
-                        f"attention_mask must hold 1 (a token) and 0 (padding), got {attention_mask[other][0].item()}"
-                        " (an additive mask of 0 and -inf is not taken)"
+                        f"attention_mask must hold 1 (a token) and 0 (padding), got {bad} (an additive mask of 0 and "
+                        "-inf is not taken)"
                     )
-            if bool(attention_mask.all()):
+                all_real = low == 1
+            if all_real:
                 attention_mask = None
         if self._slopes.device != x.device:
             self._slopes = self._slopes.to(x.device)
