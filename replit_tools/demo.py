@@ -35,7 +35,7 @@ from .evaluation import evaluate
 from .options import OneLineErrorParser
 from .sentencepiece_recipe import RECIPE, train_sentencepiece
 from .unlikelihood import LoopPenalty, file_first_lines, first_lines
-from replit_lm.configuration_replit_lm import ReplitLMConfig
+from replit_lm.configuration_replit_lm import AUTO_MAP, ReplitLMConfig
 from replit_lm.modeling_replit_lm import ReplitLM
 from replit_lm.replit_lm_tokenizer import ReplitLMTokenizer
 
@@ -170,7 +170,7 @@ def write_demo_folder(model, tokenizer, out: Path, training: list[dict]) -> None
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    model.config.auto_map = json.loads((ROOT / "config.json").read_text())["auto_map"]
+    model.config.auto_map = dict(AUTO_MAP)
     model.save_pretrained(staging, safe_serialization=True)
     # save_pretrained names the class (ReplitLM), which tools outside transformers' Auto classes cannot find
     # (`transformers serve` builds getattr(transformers, architectures[0])); the Auto class finds it via auto_map.
@@ -238,13 +238,14 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace):
         if any(getattr(mine, name) != getattr(theirs, name) for name in DEMO_SHAPE):
             parser.error(f"--average-with {args.average_with}: not a model of the same shape as the one trained here")
         # Known only now where --from-model gives the vocabulary; a model trained from scratch is checked at the end.
-        if args.from_model and not same_vocabulary(args.from_model, args.average_with):
+        start = ReplitLMTokenizer.from_pretrained(args.from_model) if args.from_model else None
+        if start is not None and not same_vocabulary(start, args.average_with):
             parser.error(f"--average-with {args.average_with}: its vocabulary is not --from-model's")
 
 
-def same_vocabulary(folder, other) -> bool:
-    """Whether two model folders' tokenizers map the same pieces to the same ids."""
-    return ReplitLMTokenizer.from_pretrained(folder).get_vocab() == ReplitLMTokenizer.from_pretrained(other).get_vocab()
+def same_vocabulary(tokenizer, folder) -> bool:
+    """Whether `tokenizer` and a model folder's map the same pieces to the same ids."""
+    return tokenizer.get_vocab() == ReplitLMTokenizer.from_pretrained(folder).get_vocab()
 
 
 def main():
@@ -364,7 +365,7 @@ def main():
                              looping_completions=penalty.looping_rows,
                              completions=penalty.rows, packages=packages))  # fmt: skip
     if args.average_with:
-        if tokenizer.get_vocab() != ReplitLMTokenizer.from_pretrained(args.average_with).get_vocab():
+        if not args.from_model and not same_vocabulary(tokenizer, args.average_with):  # (--from-model's: checked)
             raise SystemExit(f"error: --average-with {args.average_with}: its vocabulary is not this model's")
         other = ReplitLM.from_pretrained(args.average_with, dtype=torch.float32)
         average_with(model, [param.detach() for param in other.parameters()])

@@ -150,5 +150,6 @@ def test_averaging_needs_the_same_vocabulary(tmp_path):
     from completion_helpers import hub_folder
     from replit_tools.demo import same_vocabulary
 
-    assert same_vocabulary(DEMO, DEMO)
-    assert not same_vocabulary(DEMO, hub_folder(tmp_path / "other"))
+    demo_tokenizer = ReplitLMTokenizer.from_pretrained(DEMO)
+    assert same_vocabulary(demo_tokenizer, DEMO)
+    assert not same_vocabulary(demo_tokenizer, hub_folder(tmp_path / "other"))
