@@ -626,8 +626,10 @@ def test_a_dtype_change_after_quantizing_keeps_the_quantized_weights(mode, monke
         if name in buffers:
             assert buffer.dtype == buffers[name].dtype and torch.equal(buffer, buffers[name]), name
     # bfloat16 activations and LayerNorm/embedding weights, the same quantized weights: the float32 model's logits to
-    # bfloat16's rounding, compounded over the tiny model's layers.
-    assert relative_error(in_bf16(ids).logits.float(), expected) < 0.05
+    # bfloat16's rounding, compounded over the tiny model's layers, plus the activations' rounding to int8 where the
+    # timing picks such a route for bfloat16 (on an AMD EPYC: 2.5-8.4% over 12 seeds; scales read as the wrong dtype
+    # gave errors of the order of the logits themselves).
+    assert relative_error(in_bf16(ids).logits.float(), expected) < 0.15
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
