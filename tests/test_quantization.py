@@ -132,17 +132,18 @@ has_amx_bf16 = quantization._has_amx_bf16()
 def test_the_native_bfloat16_matrix_vector_product_is_float_math_rounded_once():
     """One row of bfloat16 through `bf16_matvec`: float32 sums of the exact bfloat16 products, so the output is the
     float product rounded to bfloat16 (within half a unit of bfloat16, at most 2^-8 relative, plus the sums'
-    order), for output channels that are not a multiple of the 4 it takes at a time. Not offered for more rows or
-    float16."""
+    order), in both loop orders, for output channels that are not a multiple of the 4 the first takes at a time
+    and input channels that are not a multiple of the 128 the second takes. Not offered for more rows or float16."""
     out_features, in_features = 4 * int(torch.randint(20, 60, ())) + 3, 32 * int(torch.randint(2, 40, ()))
     layer = make_layer("bfloat16", gaussian(out_features, in_features, seed=int(torch.randint(1000, ()))))
-    assert "native" in layer.routes(1) and "native" not in layer.routes(2)
-    assert "native" not in RoutedLinear(in_features, 8, bias=False).to(torch.float16).routes(1)
     x = torch.randn(1, in_features, dtype=torch.bfloat16)
     exact = x.double() @ layer.weight.double().t()
-    out = layer.route_function("native")(x)
-    assert out.shape == (1, out_features) and out.dtype == torch.bfloat16
-    assert ((out.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-5 * exact.abs().max()).all()
+    for route in ("native", "native_one_stream"):  # the two loop orders
+        assert route in layer.routes(1) and route not in layer.routes(2)
+        assert route not in RoutedLinear(in_features, 8, bias=False).to(torch.float16).routes(1)
+        out = layer.route_function(route)(x)
+        assert out.shape == (1, out_features) and out.dtype == torch.bfloat16
+        assert ((out.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-5 * exact.abs().max()).all(), route
 
 
 @pytest.mark.skipif(not has_amx_bf16, reason="needs a CPU with AMX's bfloat16 products (and the native kernels)")
