@@ -372,7 +372,7 @@ def test_row_buckets():
 
 def test_a_chosen_route_drives_the_layer(monkeypatch):
     """With fake timings that make each route win somewhere, the layer computes through the chosen one."""
-    timings = {"linear": 1.0, "mv": 0.5, "native": 0.7, "matmul_t": 2.0}
+    timings = {"linear": 1.0, "mv": 0.5, "native": 0.7, "native_one_stream": 0.8, "matmul_t": 2.0}
     monkeypatch.setattr(quantization, "ROUTES", chooser_with(FakeTimer(timings)))
     layer = tag_routes(monkeypatch, make_layer("bfloat16", gaussian(48, 32).to(torch.bfloat16)))
     used = []
