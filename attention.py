@@ -10,16 +10,23 @@ backend of ATTENTION_BACKENDS that `attention_backend(config)` names:
     "sdpa"    PyTorch's scaled_dot_product_attention (attn_impl='torch', transformers' default attn_implementation);
     "eager"   the explicit matmul + softmax (attn_impl='torch' with attn_implementation='eager');
     "triton"  the FlashAttention kernel of triton_flash_attn.py, which builds no (q_len x kv_len) tensor at all
-              (attn_impl='triton').
-"sdpa" and "eager" take any 0/1 attention mask; "triton" masks a range of keys per sequence (left or right padding).
+              (attn_impl='triton');
+    "native_decode"  a decoding step (one new token per sequence, inference) of the torch path on the CPU, in
+              bfloat16 or float32, through the C kernel `decode_attention` of quantization.py, which reads each
+              head's cached keys and values once; taken in place of "sdpa" where it was timed faster on this machine.
+"sdpa", "eager" and "native_decode" take any 0/1 attention mask; "triton" masks a range of keys per sequence (left or
+right padding).
 """
 
+import ctypes
+import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
+from .quantization import native_kernels, time_call
 from .triton_flash_attn import flash_attn_alibi
 
 
@@ -146,7 +153,86 @@ def triton_attention(q, k, v, mask: AttentionMask, softmax_scale: float, dropout
     return out, None
 
 
-ATTENTION_BACKENDS = {"sdpa": sdpa_attention, "eager": eager_attention, "triton": triton_attention}
+def native_decode_attention(q, k, v, mask: AttentionMask, softmax_scale: float, dropout_p: float, output_attentions):
+    """One query per sequence through the native kernel; `mask.additive` float32, dropout_p 0, output_attentions
+    False (`native_decode_pays` checks both). Shapes as `sdpa_attention`."""
+    if not q.dtype == k.dtype == v.dtype:  # a cache kept in another dtype than the model's
+        sdpa = replace(mask, additive=mask.additive.to(q.dtype))
+        return sdpa_attention(q, k.to(q.dtype), v.to(q.dtype), sdpa, softmax_scale, dropout_p, output_attentions)
+    batch, heads, _, head_dim = q.shape
+    q, k, v, bias = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, mask.additive))
+    if k.stride() != v.stride():  # the kernel takes one set of strides for both
+        k, v = k.contiguous(), v.contiguous()
+    out = torch.empty(batch, 1, heads, head_dim, dtype=q.dtype).transpose(1, 2)  # contiguous once transposed back
+
+    def strides(t: torch.Tensor, count: int):  # a dimension of size 1 is broadcast: stride 0
+        return (ctypes.c_int64 * count)(*(t.stride(i) if t.shape[i] > 1 else 0 for i in range(count)))
+
+    k_strides = (ctypes.c_int64 * 3)(*k.stride()[:3])
+    done = native_kernels().decode_attention(
+        q.data_ptr(), strides(q, 2), k.data_ptr(), v.data_ptr(), k_strides, bias.data_ptr(), strides(bias, 2),
+        out.data_ptr(), strides(out, 2), batch, heads, mask.kv_len, head_dim, softmax_scale,
+        int(q.dtype == torch.bfloat16), torch.get_num_threads(),
+    )  # fmt: skip
+    if not done:
+        raise MemoryError(f"decode_attention failed: no memory for {mask.kv_len} scores, or head_dim {head_dim} > 256")
+    return out, None
+
+
+ATTENTION_BACKENDS = {
+    "sdpa": sdpa_attention,
+    "eager": eager_attention,
+    "triton": triton_attention,
+    "native_decode": native_decode_attention,
+}
+
+DECODE_TIMING_KEYS = 512
+"""Cached keys over which `native_decode_is_faster` times the native kernel against SDPA."""
+DECODE_TIMING_REPEATS = 5
+
+
+def native_decode_pays(x: torch.Tensor, n_heads: int, output_attentions: bool) -> bool:
+    """Whether the layers of a pass over x (batch, new tokens, d_model) that would take "sdpa" take "native_decode":
+    one new token per sequence, on the CPU, in bfloat16 or float32, with no gradient (so no dropout either), no
+    autocast and no attention weights asked for, where the native kernel is built and `native_decode_is_faster` here."""
+    return (
+        x.shape[1] == 1
+        and x.device.type == "cpu"
+        and x.dtype in (torch.bfloat16, torch.float32)
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
+        and not output_attentions
+        and native_decode_is_faster(n_heads, x.shape[-1] // n_heads, x.dtype, torch.get_num_threads())
+    )
+
+
+@functools.cache
+def native_decode_is_faster(n_heads: int, head_dim: int, dtype: torch.dtype, threads: int) -> bool:
+    """Whether the native one-query kernel beats SDPA on this machine: both timed once per process and shape, on
+    random queries over DECODE_TIMING_KEYS cached keys, the best of DECODE_TIMING_REPEATS calls each (about 10 ms).
+    False where the kernel is not built (no C compiler, no AVX512, REPLIT_LM_NATIVE=off) or fails."""
+    kernels = native_kernels()
+    if kernels is None or not kernels.decode_attention_available():
+        return False
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (
+        torch.randn(1, n_heads, n, head_dim, generator=generator).to(dtype)
+        for n in (1, DECODE_TIMING_KEYS, DECODE_TIMING_KEYS)
+    )
+    slopes = alibi_slopes(n_heads)
+    native = AttentionMask(q_len=1, kv_len=DECODE_TIMING_KEYS, slopes=slopes, backend="native_decode")
+    native.additive = alibi_bias_table(slopes, DECODE_TIMING_KEYS).view(1, n_heads, 1, -1)
+    sdpa = AttentionMask(q_len=1, kv_len=DECODE_TIMING_KEYS, slopes=slopes, additive=native.additive.to(dtype))
+    scale = head_dim**-0.5
+    try:
+        native_seconds = time_call(
+            lambda q: native_decode_attention(q, k, v, native, scale, 0.0, False), q, DECODE_TIMING_REPEATS
+        )
+    except (MemoryError, RuntimeError):
+        return False
+    return native_seconds < time_call(
+        lambda q: sdpa_attention(q, k, v, sdpa, scale, 0.0, False), q, DECODE_TIMING_REPEATS
+    )
 
 
 def attention_backend(config) -> str:

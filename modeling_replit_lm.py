@@ -27,6 +27,7 @@ from .attention import (
     alibi_slopes,
     attention_backend,
     key_ranges,
+    native_decode_pays,
 )
 from .configuration_replit_lm import ReplitLMConfig
 from .quantization import QuantizedLinear, RoutedLinear, quantize_linear_layers, refuse_moving_quantized
@@ -503,12 +504,16 @@ class ReplitLMModel(ReplitLMPreTrainedModel):
             self._slopes = self._slopes.to(x.device)
         if self._alibi.device != x.device or self._alibi.shape[1] < kv_len:  # moved, or max_seq_len was raised
             self._alibi = alibi_bias_table(self._slopes, max(kv_len, self.config.max_seq_len))
-        mask = AttentionMask(q_len=q_len, kv_len=kv_len, slopes=self._slopes, backend=attention_backend(self.config))
-        if mask.backend == "triton":
+        backend = attention_backend(self.config)
+        if backend == "sdpa" and native_decode_pays(x, self.config.n_heads, output_attentions):
+            backend = "native_decode"
+        mask = AttentionMask(q_len=q_len, kv_len=kv_len, slopes=self._slopes, backend=backend)
+        if backend == "triton":
             if attention_mask is not None:
                 mask.kv_start, mask.kv_end = key_ranges(attention_mask)
         else:
-            mask.additive = additive_bias(mask, attention_mask, x.dtype, self._alibi)
+            dtype = torch.float32 if backend == "native_decode" else x.dtype  # the kernel adds in float32
+            mask.additive = additive_bias(mask, attention_mask, dtype, self._alibi)
         return mask
 
 

@@ -19,9 +19,10 @@ version and thread count in a small JSON file (`ROUTE_CACHE_ENV`). docs/cpu.md h
 The native kernels are C (`NATIVE_SOURCE`) compiled with the machine's C compiler at first use, for its own
 instruction set, and kept in ~/.cache/replit_lm/kernels: integer dot products (AVX512-VNNI where the CPU has it)
 of the weights with activations quantized in blocks of 32, to int8 as llama.cpp's q8_0 does, or for int8 weights
-to int16, which keeps the float product. Where no compiler is found or compiling fails, their routes are not
-offered and the others remain. A weight unpacked for a product goes into a scratch tensor reused by every layer
-(`_scratch`).
+to int16, which keeps the float product. The same library holds `decode_attention`, the one-query attention of a
+decoding step that attention.py takes where it is timed faster than SDPA. Where no compiler is found or compiling
+fails, their routes are not offered and the others remain. A weight unpacked for a product goes into a scratch
+tensor reused by every layer (`_scratch`).
 
 `from_pretrained(path, trust_remote_code=True, weight_quantization="int8")` (or "int4") loads the checkpoint in
 bfloat16 and replaces every Linear layer, the LM head included, one layer at a time. The token embedding stays
@@ -102,7 +103,7 @@ def cpu_flags() -> set[str]:
         return set()
 
 
-def _time_call(fn, x: torch.Tensor, repeats: int) -> float:
+def time_call(fn, x: torch.Tensor, repeats: int) -> float:
     """The fastest of up to `repeats` calls of fn(x), in seconds; a call longer than LONG_CALL_SECONDS is not
     repeated (its noise is small next to it, and the measurement stays short)."""
     best = float("inf")
@@ -129,7 +130,7 @@ class RouteChooser:
 
     def __init__(self):
         self.choices: dict[str, dict[int, list]] = {}  # shape key -> bucket -> [route, seconds], fastest first
-        self.timer = _time_call  # tests replace it with fake timings
+        self.timer = time_call  # tests replace it with fake timings
         self._loaded_from: Path | None = None
 
     @staticmethod
@@ -377,6 +378,7 @@ def _compile_native(compiler: str, directory: Path, library: Path, flags=NATIVE_
 
 def _bind_native(library: ctypes.CDLL) -> ctypes.CDLL:
     pointer, size, integer = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    strides = ctypes.POINTER(ctypes.c_int64)
     signatures = {  # name: (arguments, result)
         "int8_matmul": ([pointer, pointer, size, size, pointer, size, pointer, integer, integer, integer], integer),
         "amx_matmul": ([pointer, pointer, size, size, pointer, size, pointer, integer, integer, integer], integer),
@@ -385,6 +387,9 @@ def _bind_native(library: ctypes.CDLL) -> ctypes.CDLL:
         "amx_bf16_available": ([], integer),
         "bf16_matvec": ([pointer, size, size, pointer, size, pointer, integer, integer, integer], integer),
         "bf16_matvec_available": ([], integer),
+        "decode_attention": ([pointer, strides, pointer, pointer, strides, pointer, strides, pointer, strides,
+                              size, size, size, size, ctypes.c_float, integer, integer], integer),
+        "decode_attention_available": ([], integer),
         "int4_matmul": ([pointer, pointer, size, size, pointer, size, pointer, integer, integer], integer),
         "int8_dequantize": ([pointer, pointer, size, size, pointer, integer], None),
         "int4_dequantize": ([pointer, pointer, size, size, pointer, integer], None),
@@ -1646,6 +1651,137 @@ int bf16_matvec(const uint16_t *w, int64_t n, int64_t k, const uint16_t *x, int6
     return 1;
 #else
     (void)w, (void)n, (void)k, (void)x, (void)rows, (void)y, (void)bf16, (void)one_stream, (void)threads;
+    return 0;
+#endif
+}
+
+#if defined(VNNI512) && defined(__AVX512VL__)
+#define ATTENTION512 1
+#define MAX_HEAD_DIM 256
+
+// head_dim values at `at` of a row (the lanes past its end zero), bfloat16 or float32, as float32.
+static inline __attribute__((always_inline)) __m512 load_row16(const void *row, int64_t at, __mmask16 lanes, int bf16) {
+    if (!bf16) return lanes == 0xFFFF ? _mm512_loadu_ps((const float *)row + at) : _mm512_maskz_loadu_ps(lanes, (const float *)row + at);
+    const __m256i half = lanes == 0xFFFF ? _mm256_loadu_si256((const __m256i *)((const uint16_t *)row + at))
+                                         : _mm256_maskz_loadu_epi16(lanes, (const uint16_t *)row + at);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+// exp of 16 floats at most 0 (scores less their maximum), to float32's precision: 2^(x log2 e) as 2^n times a
+// polynomial in the fraction (Taylor to degree 7, relative error below 2e-7); 0 below -87 (where float32's exp
+// leaves the normal numbers, and a hidden key's score lies).
+static inline __m512 exp16(__m512 x) {
+    const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(1.44269504f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718f));  // e^f, |f| <= ln(2) / 2
+    __m512 p = _mm512_set1_ps(1.f / 5040);
+    const float coefficients[] = {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f};
+    for (int c = 0; c < 7; c++) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(coefficients[c]));
+    const __m512 e = _mm512_scalef_ps(p, n);
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_GT_OQ), e);
+}
+
+// The dot product of the query (vectors of 16 floats, the last one's lanes past head_dim zero) with one row.
+static inline __attribute__((always_inline)) __m512 row_dot(const __m512 *qs, const void *row, int64_t full,
+                                                               __mmask16 tail, int bf16) {
+    __m512 dot = _mm512_setzero_ps();
+    for (int64_t i = 0; i < full; i++) dot = _mm512_fmadd_ps(qs[i], load_row16(row, 16 * i, 0xFFFF, bf16), dot);
+    if (tail) dot = _mm512_fmadd_ps(qs[full], load_row16(row, 16 * full, tail, bf16), dot);
+    return dot;
+}
+
+static inline __attribute__((always_inline)) void attend_one_query(
+    const void *q, const void *k, const void *v, int64_t key_stride, const float *bias, void *out, int64_t kv_len,
+    int64_t head_dim, float scale, int bf16, float *scores) {
+    const int64_t size = bf16 ? 2 : 4, full = head_dim / 16, row_bytes = key_stride * size;
+    const __mmask16 tail = (__mmask16)((1u << (head_dim % 16)) - 1);
+    __m512 qs[MAX_HEAD_DIM / 16], acc[MAX_HEAD_DIM / 16];
+    for (int64_t i = 0; i * 16 < head_dim; i++) {
+        qs[i] = _mm512_mul_ps(load_row16(q, 16 * i, i < full ? 0xFFFF : tail, bf16), _mm512_set1_ps(scale));
+        acc[i] = _mm512_setzero_ps();
+    }
+    const char *keys = k, *values = v;
+    float top = -INFINITY;
+    int64_t j;
+    for (j = 0; j < kv_len; j++) {
+        scores[j] = _mm512_reduce_add_ps(row_dot(qs, keys + j * row_bytes, full, tail, bf16)) + bias[j];
+        top = fmaxf(top, scores[j]);
+    }
+    __m512 sums = _mm512_setzero_ps();
+    for (j = 0; j + 16 <= kv_len; j += 16) {
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(scores + j), _mm512_set1_ps(top)));
+        _mm512_storeu_ps(scores + j, e);
+        sums = _mm512_add_ps(sums, e);
+    }
+    float total = _mm512_reduce_add_ps(sums);
+    for (; j < kv_len; j++) total += scores[j] = expf(scores[j] - top);
+    for (j = 0; j < kv_len; j++) {
+        const __m512 weight = _mm512_set1_ps(scores[j]);
+        const char *row = values + j * row_bytes;
+        for (int64_t i = 0; i < full; i++)
+            acc[i] = _mm512_fmadd_ps(weight, load_row16(row, 16 * i, 0xFFFF, bf16), acc[i]);
+        if (tail) acc[full] = _mm512_fmadd_ps(weight, load_row16(row, 16 * full, tail, bf16), acc[full]);
+    }
+    const __m512 inverse = _mm512_set1_ps(1.f / total);
+    for (int64_t i = 0; i * 16 < head_dim; i++) {
+        const __m512 o = _mm512_mul_ps(acc[i], inverse);
+        const __mmask16 lanes = i < full ? 0xFFFF : tail;
+        if (bf16)
+            _mm256_mask_storeu_epi16((uint16_t *)out + 16 * i, lanes, _mm512_cvtepi32_epi16(bf16_bits(o)));
+        else
+            _mm512_mask_storeu_ps((float *)out + 16 * i, lanes, o);
+    }
+}
+#endif
+
+// 1 where decode_attention runs: built with AVX512 (F, BW, VL).
+int decode_attention_available(void) {
+#ifdef ATTENTION512
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+// One query per (sequence, head) attending to the keys and values of a cache, as in a decoding step:
+// out = softmax(scale * q . k_j + bias_j) . v_j over the kv_len keys, scores, softmax and sums in float32.
+// q, k, v and out are bfloat16, or float32 where !bf16; bias float32 (ALiBi plus a large negative number where a key is
+// hidden). Strides in elements: q (b, h) as qs[0], qs[1]; k and v share theirs (b, h, position) as ks[0..2]; bias
+// (b, h) as bs[0..1] (0 where broadcast); out (b, h) as os[0..1]; the head_dim values of a row contiguous everywhere.
+// Each (sequence, head) reads its keys and values once, in order: a step's attention at the memory's speed, where
+// PyTorch's one-query attention reads a bfloat16 cache at a few GB/s. 0 where not built with AVX512, head_dim is
+// larger than MAX_HEAD_DIM, or there is no memory for the scores.
+int decode_attention(const void *q, const int64_t *qs, const void *k, const void *v, const int64_t *ks,
+                     const float *bias, const int64_t *bs, void *out, const int64_t *os, int64_t batch, int64_t heads,
+                     int64_t kv_len, int64_t head_dim, float scale, int bf16, int threads) {
+#ifdef ATTENTION512
+    if (head_dim > MAX_HEAD_DIM) return 0;
+    const int64_t size = bf16 ? 2 : 4;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *scores = malloc(sizeof(float) * kv_len);
+        if (!scores) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < batch * heads; p++) {
+            if (!scores) continue;
+            const int64_t b = p / heads, h = p % heads;
+            const char *qp = (const char *)q + (b * qs[0] + h * qs[1]) * size;
+            const char *kp = (const char *)k + (b * ks[0] + h * ks[1]) * size;
+            const char *vp = (const char *)v + (b * ks[0] + h * ks[1]) * size;
+            char *op = (char *)out + (b * os[0] + h * os[1]) * size;
+            const float *bp = bias + b * bs[0] + h * bs[1];
+            if (bf16)
+                attend_one_query(qp, kp, vp, ks[2], bp, op, kv_len, head_dim, scale, 1, scores);
+            else
+                attend_one_query(qp, kp, vp, ks[2], bp, op, kv_len, head_dim, scale, 0, scores);
+        }
+        free(scores);
+    }
+    return !failed;
+#else
+    (void)q, (void)qs, (void)k, (void)v, (void)ks, (void)bias, (void)bs, (void)out, (void)os, (void)batch;
+    (void)heads, (void)kv_len, (void)head_dim, (void)scale, (void)bf16, (void)threads;
     return 0;
 #endif
 }

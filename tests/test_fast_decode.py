@@ -1,6 +1,7 @@
-"""The CPU decode path: the preallocated generation cache, masks built once, logits only where generate needs them
-(the Linear layers' kernel routes are tested in test_quantization.py). Each fast path is checked against the
-float32 MptForCausalLM reference or against the plain path it replaces; nothing here times anything."""
+"""The CPU decode path: the preallocated generation cache, masks built once, logits only where generate needs them,
+the native one-query attention kernel (the Linear layers' kernel routes are tested in test_quantization.py). Each
+fast path is checked against the float32 MptForCausalLM reference, float64 math, or the plain path it replaces;
+nothing here times anything (the choice of the attention kernel is tested with fake timings)."""
 
 from unittest import mock
 
@@ -9,10 +10,26 @@ import torch
 from model_helpers import VOCAB, model_pair, replit_config
 from transformers import DynamicCache, GenerationConfig, GenerationMixin, StaticCache
 
+from replit_lm import attention
 from replit_lm.attention import AttentionMask, additive_bias, alibi_bias_table, alibi_slopes
 from replit_lm.modeling_replit_lm import CACHE_FIELD, ReplitLM
 
 ATOL = 1e-4
+NATIVE_DECODE = attention.native_kernels() is not None and bool(attention.native_kernels().decode_attention_available())
+
+
+@pytest.fixture(params=["sdpa", "native_decode"])
+def decode_backend(request, monkeypatch):
+    """Decoding steps through SDPA, then through the native kernel whatever the timing here; yields the list of
+    the native kernel's calls, so that a test can check it ran."""
+    if request.param == "native_decode" and not NATIVE_DECODE:
+        pytest.skip("the native decode attention needs AVX512 and a C compiler")
+    monkeypatch.setattr(attention, "native_decode_is_faster", lambda *shape: request.param == "native_decode")
+    calls = []
+    kernel = attention.ATTENTION_BACKENDS["native_decode"]
+    monkeypatch.setitem(attention.ATTENTION_BACKENDS, "native_decode", lambda *args: calls.append(1) or kernel(*args))
+    yield calls
+    assert bool(calls) == (request.param == "native_decode")
 
 
 def random_ids(batch, length, seed):
@@ -58,7 +75,8 @@ def test_decode_step_bias_is_one_row_per_head_and_a_view_of_the_table():
 
 
 @pytest.mark.parametrize("name", ["pow2_heads", "six_heads"])
-def test_static_cache_decoding_equals_full_forward(name):
+@torch.no_grad()
+def test_static_cache_decoding_equals_full_forward(name, decode_backend):
     """A preallocated cache, filled by a prompt and then one token at a time, as generate drives it."""
     model, _ = model_pair(name)
     ids, mask = left_padded([15, 9], 15, seed=3)
@@ -73,7 +91,7 @@ def test_static_cache_decoding_equals_full_forward(name):
     torch.testing.assert_close(torch.cat(pieces, dim=1)[real], full[real], atol=ATOL, rtol=0)
 
 
-def test_generate_defaults_to_a_static_cache_and_matches_the_reference():
+def test_generate_defaults_to_a_static_cache_and_matches_the_reference(decode_backend):
     model, ref = model_pair("six_heads")
     ids, mask = left_padded([10, 6, 4], 10, seed=11)
     caches = []
@@ -111,7 +129,7 @@ def test_generate_defaults_to_a_static_cache_and_matches_the_reference():
 
 
 @pytest.mark.parametrize("mode", [dict(num_beams=3), dict(do_sample=True, top_k=10, num_return_sequences=2)])
-def test_beam_search_and_sampling_with_the_static_cache_match_the_reference(mode):
+def test_beam_search_and_sampling_with_the_static_cache_match_the_reference(mode, decode_backend):
     model, ref = model_pair("pow2_heads")
     ids, mask = left_padded([6, 4], 6, seed=12)
     results = []
@@ -147,7 +165,7 @@ def test_bfloat16_long_prompt_is_as_accurate_as_the_reference():
 
 
 @pytest.mark.parametrize("batch_lengths", [[7], [7, 4, 2]])
-def test_bfloat16_generation_is_as_accurate_as_the_reference(batch_lengths):
+def test_bfloat16_generation_is_as_accurate_as_the_reference(batch_lengths, decode_backend):
     """bfloat16 through the fast routes and the static cache, against MptForCausalLM in bfloat16: the first
     generated token's logits (float32 as truth) are as close as the reference's, and greedy decoding of each row
     agrees with that row decoded alone."""
@@ -180,3 +198,97 @@ def test_replit_lm_as_the_assistant_model_of_assisted_decoding(main_is_reference
     assistant.generation_config.num_assistant_tokens = 3
     assistant.generation_config.num_assistant_tokens_schedule = "constant"
     assert torch.equal(main.generate(ids, assistant_model=assistant, **kwargs), expected)
+
+
+def one_query_case(dtype, head_dim, batch, kv_len, seed):
+    """Random q, and k, v as a preallocated cache hands them over (the first kv_len positions of a longer buffer),
+    with the last row left-padded, and its float32 ALiBi-and-padding bias. The buffers hold float32 values
+    rounded to dtype, so that float64 math on them is the exact answer."""
+    generator = torch.Generator().manual_seed(seed)
+    heads = 6
+    q = torch.randn(batch, heads, 1, head_dim, generator=generator).to(dtype)
+    k, v = (torch.randn(batch, heads, kv_len + 7, head_dim, generator=generator).to(dtype) for _ in range(2))
+    k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+    padding = torch.ones(batch, kv_len, dtype=torch.long)
+    padding[-1, : kv_len // 3] = 0
+    mask = AttentionMask(q_len=1, kv_len=kv_len, slopes=alibi_slopes(heads), backend="native_decode")
+    mask.additive = additive_bias(mask, padding if batch > 1 else None, torch.float32, alibi_bias_table(mask.slopes, 64))
+    return q, k, v, mask
+
+
+@pytest.mark.skipif(not NATIVE_DECODE, reason="the native decode attention needs AVX512 and a C compiler")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [80, 16, 20, 8])  # the real model's, and a whole, a partial, a lone tail vector
+@pytest.mark.parametrize("batch,kv_len", [(1, 1), (1, 64), (3, 37)])
+def test_native_decode_attention_is_the_float64_result(dtype, head_dim, batch, kv_len):
+    """Within float32's rounding, and in bfloat16 within the rounding of the output to bfloat16 (2^-9 of it), of
+    the eager formula in float64 on the same inputs; padded keys get no weight."""
+    q, k, v, mask = one_query_case(dtype, head_dim, batch, kv_len, seed=head_dim * kv_len + batch)
+    scale = head_dim**-0.5
+    out, weights = attention.native_decode_attention(q, k, v, mask, scale, 0.0, False)
+    exact = replace_additive(mask, mask.additive.double())
+    expected, _ = attention.eager_attention(q.double(), k.double(), v.double(), exact, scale, 0.0, False)
+    assert weights is None and out.dtype == dtype and out.shape == q.shape
+    tolerance = dict(rtol=2**-8, atol=1e-6) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.double(), expected, **tolerance)
+
+
+def replace_additive(mask, additive):
+    return AttentionMask(q_len=mask.q_len, kv_len=mask.kv_len, slopes=mask.slopes, additive=additive)
+
+
+@pytest.mark.skipif(not NATIVE_DECODE, reason="the native decode attention needs AVX512 and a C compiler")
+def test_native_decode_attention_takes_a_cache_of_another_dtype_through_sdpa():
+    q, k, v, mask = one_query_case(torch.float32, 16, 3, 20, seed=5)
+    out, _ = attention.native_decode_attention(q, k.bfloat16(), v.bfloat16(), mask, 0.25, 0.0, False)
+    expected, _ = attention.eager_attention(q, k.bfloat16().float(), v.bfloat16().float(), mask, 0.25, 0.0, False)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["faster", "slower", "not built", "failing"])
+def test_the_decode_kernel_is_taken_only_where_timed_faster(monkeypatch, case):
+    """Given fake timings (SDPA 2 ms, the kernel 1 or 3 ms), the native kernel is chosen exactly when faster; where
+    it is not built, or fails, SDPA stays."""
+    if not NATIVE_DECODE:
+        pytest.skip("the native decode attention needs AVX512 and a C compiler")
+    timed = []
+
+    def fake_time(function, x, repeats):
+        function(x)  # both really run: a failing kernel raises here
+        timed.append(function)
+        return {"faster": 0.001, "slower": 0.003}.get(case, 0.0) if len(timed) == 1 else 0.002
+
+    def failing(*args):
+        raise MemoryError("decode_attention: no memory for the scores")
+
+    monkeypatch.setattr(attention, "time_call", fake_time)
+    if case == "not built":
+        monkeypatch.setattr(attention, "native_kernels", lambda: None)
+    if case == "failing":
+        monkeypatch.setattr(attention, "native_decode_attention", failing)
+    attention.native_decode_is_faster.cache_clear()
+    try:
+        assert attention.native_decode_is_faster(4, 16, torch.bfloat16, 1) is (case == "faster")
+        assert len(timed) == (2 if case in ("faster", "slower") else 0)
+    finally:
+        attention.native_decode_is_faster.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["decode", "prompt", "gradient", "attention weights", "float16", "autocast", "triton", "eager"],
+)
+def test_only_inference_decode_steps_of_the_sdpa_path_take_the_native_kernel(monkeypatch, case):
+    monkeypatch.setattr(attention, "native_decode_is_faster", lambda *shape: True)
+    model, _ = model_pair("pow2_heads")
+    if case == "triton":
+        model.config.attn_impl = "triton"
+    if case == "eager":
+        model.set_attn_implementation("eager")
+    dtype = torch.float16 if case == "float16" else torch.float32
+    x = torch.zeros(2, 3 if case == "prompt" else 1, model.config.d_model, dtype=dtype)
+    with torch.set_grad_enabled(case == "gradient"), torch.autocast("cpu", enabled=case == "autocast"):
+        mask = model.transformer._attention_mask(x, 5, None, output_attentions=case == "attention weights")
+    assert (mask.backend == "native_decode") == (case == "decode")
+    if case == "decode":
+        assert mask.additive.dtype == torch.float32
