@@ -129,13 +129,35 @@ def additive_bias(
     return bias.masked_fill(hidden, torch.finfo(dtype).min)
 
 
+PROMPT_BLOCK = 128
+"""Queries per call of SDPA for a long prompt on the CPU (see `sdpa_attention`)."""
+
+
 def sdpa_attention(q, k, v, mask: AttentionMask, softmax_scale: float, dropout_p: float, output_attentions: bool):
     """q: (batch, heads, q_len, head_dim); k, v: (batch, heads, kv_len, head_dim). Returns (output, weights or None).
-    scaled_dot_product_attention never forms the weights: asked for them, the eager computation runs instead."""
+    scaled_dot_product_attention never forms the weights: asked for them, the eager computation runs instead.
+
+    On the CPU, SDPA's fused kernel computes every (query, key) pair of an additive mask, the hidden half of a
+    prompt's square included; a prompt longer than PROMPT_BLOCK goes in blocks of queries, each with the keys up to
+    its last query only: 28-41% less time for 512 to 2048 tokens (docs/cpu.md). The keys left out are hidden from
+    every query of the block, so each real query's result is the same sum less terms that were exactly 0."""
     if output_attentions:
         return eager_attention(q, k, v, mask, softmax_scale, dropout_p, output_attentions)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.additive, dropout_p=dropout_p, scale=softmax_scale)
-    return out, None
+    q_len = q.shape[2]
+    if q.device.type != "cpu" or q_len <= PROMPT_BLOCK:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.additive, dropout_p=dropout_p, scale=softmax_scale)
+        return out, None
+    past = mask.kv_len - q_len
+    blocks = []
+    for start in range(0, q_len, PROMPT_BLOCK):
+        end = min(start + PROMPT_BLOCK, q_len)
+        seen = past + end  # the keys up to the block's last query
+        bias = mask.additive[:, :, start:end, :seen]
+        out = F.scaled_dot_product_attention(
+            q[:, :, start:end], k[:, :, :seen], v[:, :, :seen], attn_mask=bias, dropout_p=dropout_p, scale=softmax_scale
+        )
+        blocks.append(out)
+    return torch.cat(blocks, dim=2), None
 
 
 def eager_attention(q, k, v, mask: AttentionMask, softmax_scale: float, dropout_p: float, output_attentions: bool):

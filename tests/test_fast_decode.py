@@ -1,5 +1,5 @@
-"""The CPU decode path: the preallocated generation cache, masks built once, logits only where generate needs them,
-the native one-query attention kernel (the Linear layers' kernel routes are tested in test_quantization.py). Each
+"""The CPU inference path: the preallocated generation cache, masks built once, logits only where generate needs
+them, a long prompt's attention in blocks of queries, the native one-query attention kernel (the Linear layers' kernel routes are tested in test_quantization.py). Each
 fast path is checked against the float32 MptForCausalLM reference, float64 math, or the plain path it replaces;
 nothing here times anything (the choice of the attention kernel is tested with fake timings)."""
 
@@ -292,3 +292,53 @@ def test_only_inference_decode_steps_of_the_sdpa_path_take_the_native_kernel(mon
     assert (mask.backend == "native_decode") == (case == "decode")
     if case == "decode":
         assert mask.additive.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_prompt_attention_in_blocks_is_the_float64_result(dtype):
+    """A prompt longer than PROMPT_BLOCK, left-padded, after a few cached tokens: every real query's output is the
+    eager formula's in float64, within float32's rounding, and in bfloat16 as close as one SDPA call over the whole
+    square (SDPA rounds its scores and weights to bfloat16: up to 8e-3 here)."""
+    generator = torch.Generator().manual_seed(8)
+    heads, head_dim, past, q_len = 4, 16, 3, 2 * attention.PROMPT_BLOCK + 37
+    kv_len = past + q_len
+    q = torch.randn(2, heads, q_len, head_dim, generator=generator).to(dtype)
+    k, v = (torch.randn(2, heads, kv_len, head_dim, generator=generator).to(dtype) for _ in range(2))
+    padding = torch.ones(2, kv_len, dtype=torch.long)
+    padding[1, :50] = 0
+    mask = AttentionMask(q_len=q_len, kv_len=kv_len, slopes=alibi_slopes(heads))
+    mask.additive = additive_bias(mask, padding, dtype, alibi_bias_table(mask.slopes, kv_len))
+    out, _ = attention.sdpa_attention(q, k, v, mask, 0.25, 0.0, False)
+    exact = replace_additive(mask, additive_bias(mask, padding, torch.float64, alibi_bias_table(mask.slopes, kv_len).double()))
+    expected, _ = attention.eager_attention(q.double(), k.double(), v.double(), exact, 0.25, 0.0, False)
+    real = padding[:, past:].bool()  # (batch, q_len): the real queries
+    got, expected = out.transpose(1, 2)[real].double(), expected.transpose(1, 2)[real]
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    else:
+        whole = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask.additive, scale=0.25)
+        whole_error = (whole.transpose(1, 2)[real].double() - expected).abs().max()
+        error = (got - expected).abs().max()
+        assert error <= 1.5 * whole_error and error < 2e-2, (error, whole_error)
+
+
+@torch.no_grad()
+def test_model_with_prompt_blocks_matches_the_reference(monkeypatch):
+    """Blocks of 5 queries, so that the tiny model's prompts go in blocks: the logits of a padded batch and of a
+    prompt continued against a cache are MptForCausalLM's."""
+    monkeypatch.setattr(attention, "PROMPT_BLOCK", 5)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
+    model, ref = model_pair("six_heads")
+    ids, mask = left_padded([17, 11], 17, seed=6)
+    real = mask.bool()
+    torch.testing.assert_close(
+        model(ids, attention_mask=mask).logits[real], ref(ids, attention_mask=mask).logits[real], atol=ATOL, rtol=0
+    )
+    assert len(calls) == 4 * model.config.n_layers  # 17 queries: blocks of 5, 5, 5 and 2
+    cache = DynamicCache()
+    first = model(ids[:, :6], attention_mask=mask[:, :6], past_key_values=cache, use_cache=True).logits
+    rest = model(ids[:, 6:], attention_mask=mask, past_key_values=cache, use_cache=True).logits
+    expected = ref(ids, attention_mask=mask).logits
+    torch.testing.assert_close(torch.cat([first, rest], dim=1)[real], expected[real], atol=ATOL, rtol=0)
