@@ -46,23 +46,24 @@ def left_padded(lengths, total, seed):
 
 @pytest.mark.parametrize("q_len,kv_len", [(1, 1), (1, 9), (4, 9), (9, 9)])
 @pytest.mark.parametrize("padded", [False, True])
-def test_additive_bias_is_the_direct_formula(q_len, kv_len, padded):
-    """The bias is slope * (j - i) exactly, for query i at position kv_len - q_len + i, masked; for a decode step
-    it is sliced from the table built once."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_additive_bias_is_the_direct_formula(q_len, kv_len, padded, dtype):
+    """The bias is slope * (j - i) exactly (in float32, then rounded to dtype), for query i at position
+    kv_len - q_len + i, masked; for a decode step it is sliced from the table built once."""
     slopes = alibi_slopes(6)
     mask = AttentionMask(q_len=q_len, kv_len=kv_len, slopes=slopes)
     padding = torch.ones(2, kv_len, dtype=torch.long)
     if padded:
         padding[1, :3] = 0
-    got = additive_bias(mask, padding if padded else None, torch.float32, alibi_bias_table(slopes, 32))
+    got = additive_bias(mask, padding if padded else None, dtype, alibi_bias_table(slopes, 32))
     key = torch.arange(kv_len)
     query = torch.arange(kv_len - q_len, kv_len)
     expected = slopes.view(1, -1, 1, 1) * (key.view(1, -1) - query.view(-1, 1)).view(1, 1, q_len, kv_len)
     hidden = (key.view(1, -1) > query.view(-1, 1)).view(1, 1, q_len, kv_len)
     if padded:
         hidden = hidden | (padding == 0)[:, None, None, :]
-    expected = expected.expand(hidden.shape[0], -1, q_len, -1).masked_fill(hidden, torch.finfo(torch.float32).min)
-    assert torch.equal(got.expand_as(expected), expected)
+    expected = expected.to(dtype).expand(hidden.shape[0], -1, q_len, -1).masked_fill(hidden, torch.finfo(dtype).min)
+    assert got.dtype == dtype and torch.equal(got.expand_as(expected), expected)
 
 
 def test_decode_step_bias_is_one_row_per_head_and_a_view_of_the_table():
