@@ -240,7 +240,7 @@ def native_decode_pays(x: torch.Tensor, n_heads: int, output_attentions: bool) -
 def native_decode_is_faster(n_heads: int, head_dim: int, dtype: torch.dtype, threads: int) -> bool:
     """Whether the native one-query kernel beats SDPA on this machine: both timed once per process and shape, on
     random queries over DECODE_TIMING_KEYS cached keys, the best of DECODE_TIMING_REPEATS calls each (about 10 ms).
-    False where the kernel is not built (no C compiler, no AVX512, REPLIT_LM_NATIVE=off) or fails."""
+    False where the kernel is not built (no C compiler, neither AVX2 nor AVX512, REPLIT_LM_NATIVE=off) or fails."""
     kernels = native_kernels()
     if kernels is None or not kernels.decode_attention_available():
         return False

@@ -1655,88 +1655,150 @@ int bf16_matvec(const uint16_t *w, int64_t n, int64_t k, const uint16_t *x, int6
 #endif
 }
 
-#if defined(VNNI512) && defined(__AVX512VL__)
-#define ATTENTION512 1
+// ----- One-query attention (decode_attention) -----
+// One algorithm over a vector of LANES floats: AVX512 (16 lanes) or AVX2 with FMA (8 lanes).
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define ATTENTION_LANES 16
+typedef __m512 vfloat;
+#define vzero _mm512_setzero_ps
+#define vset1 _mm512_set1_ps
+#define vadd _mm512_add_ps
+#define vsub _mm512_sub_ps
+#define vmul _mm512_mul_ps
+#define vmax _mm512_max_ps
+#define vfmadd _mm512_fmadd_ps
+#define vloadu _mm512_loadu_ps
+#define vstoreu _mm512_storeu_ps
+#define vsum _mm512_reduce_add_ps
+#define vround(x) _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define vtoint _mm512_cvtps_epi32
+#define vbits _mm512_castsi512_ps
+#define ishl _mm512_slli_epi32
+#define iadd _mm512_add_epi32
+#define iset1 _mm512_set1_epi32
+// The count < 16 values at `at` of a row, bfloat16 or float32, as float32 (the other lanes zero), reading no further.
+static inline vfloat vload_part(const void *row, int64_t at, int count, int bf16) {
+    const __mmask16 lanes = (__mmask16)((1u << count) - 1);
+    if (!bf16) return _mm512_maskz_loadu_ps(lanes, (const float *)row + at);
+    return vbits(ishl(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, (const uint16_t *)row + at)), 16));
+}
+static inline __attribute__((always_inline)) vfloat vload(const void *row, int64_t at, int bf16) {
+    if (!bf16) return _mm512_loadu_ps((const float *)row + at);
+    return vbits(ishl(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)row + at))), 16));
+}
+static inline vfloat vzero_below(vfloat x, vfloat limit, vfloat value) {  // value where x <= limit, else 0
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, limit, _CMP_GT_OQ), value);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define ATTENTION_LANES 8
+typedef __m256 vfloat;
+#define vzero _mm256_setzero_ps
+#define vset1 _mm256_set1_ps
+#define vadd _mm256_add_ps
+#define vsub _mm256_sub_ps
+#define vmul _mm256_mul_ps
+#define vmax _mm256_max_ps
+#define vfmadd _mm256_fmadd_ps
+#define vloadu _mm256_loadu_ps
+#define vstoreu _mm256_storeu_ps
+#define vround(x) _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define vtoint _mm256_cvtps_epi32
+#define vbits _mm256_castsi256_ps
+#define ishl _mm256_slli_epi32
+#define iadd _mm256_add_epi32
+#define iset1 _mm256_set1_epi32
+static inline float vsum(vfloat x) {
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    return _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
+}
+static inline vfloat vload_part(const void *row, int64_t at, int count, int bf16) {
+    float values[8] = {0};
+    for (int i = 0; i < count; i++)
+        values[i] = bf16 ? bf16_to_float(((const uint16_t *)row)[at + i]) : ((const float *)row)[at + i];
+    return _mm256_loadu_ps(values);
+}
+static inline __attribute__((always_inline)) vfloat vload(const void *row, int64_t at, int bf16) {
+    if (!bf16) return _mm256_loadu_ps((const float *)row + at);
+    return vbits(ishl(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + at))), 16));
+}
+static inline vfloat vzero_below(vfloat x, vfloat limit, vfloat value) {
+    return _mm256_and_ps(_mm256_cmp_ps(x, limit, _CMP_GT_OQ), value);
+}
+#endif
+
+#ifdef ATTENTION_LANES
 #define MAX_HEAD_DIM 256
+#define MAX_VECTORS (MAX_HEAD_DIM / ATTENTION_LANES)
 
-// head_dim values at `at` of a row (the lanes past its end zero), bfloat16 or float32, as float32.
-static inline __attribute__((always_inline)) __m512 load_row16(const void *row, int64_t at, __mmask16 lanes, int bf16) {
-    if (!bf16) return lanes == 0xFFFF ? _mm512_loadu_ps((const float *)row + at) : _mm512_maskz_loadu_ps(lanes, (const float *)row + at);
-    const __m256i half = lanes == 0xFFFF ? _mm256_loadu_si256((const __m256i *)((const uint16_t *)row + at))
-                                         : _mm256_maskz_loadu_epi16(lanes, (const uint16_t *)row + at);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-}
-
-// exp of 16 floats at most 0 (scores less their maximum), to float32's precision: 2^(x log2 e) as 2^n times a
-// polynomial in the fraction (Taylor to degree 7, relative error below 2e-7); 0 below -87 (where float32's exp
-// leaves the normal numbers, and a hidden key's score lies).
-static inline __m512 exp16(__m512 x) {
-    const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(1.44269504f));
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718f));  // e^f, |f| <= ln(2) / 2
-    __m512 p = _mm512_set1_ps(1.f / 5040);
+// exp of scores less their maximum (so at most 0), to float32's precision: 2^(x log2 e) as 2^n, built in the
+// exponent bits, times a polynomial in the fraction (Taylor to degree 7, error below float32's rounding); 0 below
+// -87, where float32's exp leaves the normal numbers and a hidden key's score lies.
+static inline vfloat vexp(vfloat x) {
+    const vfloat limit = vset1(-87.f);
+    const vfloat t = vmul(vmax(x, limit), vset1(1.44269504f));
+    const vfloat n = vround(t);
+    const vfloat f = vmul(vsub(t, n), vset1(0.69314718f));  // e^f, |f| <= ln(2) / 2
+    vfloat p = vset1(1.f / 5040);
     const float coefficients[] = {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f};
-    for (int c = 0; c < 7; c++) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(coefficients[c]));
-    const __m512 e = _mm512_scalef_ps(p, n);
-    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_GT_OQ), e);
-}
-
-// The dot product of the query (vectors of 16 floats, the last one's lanes past head_dim zero) with one row.
-static inline __attribute__((always_inline)) __m512 row_dot(const __m512 *qs, const void *row, int64_t full,
-                                                               __mmask16 tail, int bf16) {
-    __m512 dot = _mm512_setzero_ps();
-    for (int64_t i = 0; i < full; i++) dot = _mm512_fmadd_ps(qs[i], load_row16(row, 16 * i, 0xFFFF, bf16), dot);
-    if (tail) dot = _mm512_fmadd_ps(qs[full], load_row16(row, 16 * full, tail, bf16), dot);
-    return dot;
+    for (int c = 0; c < 7; c++) p = vfmadd(p, f, vset1(coefficients[c]));
+    const vfloat two_to_n = vbits(ishl(iadd(vtoint(n), iset1(127)), 23));  // n >= -126: a normal number
+    return vzero_below(x, limit, vmul(p, two_to_n));
 }
 
 static inline __attribute__((always_inline)) void attend_one_query(
     const void *q, const void *k, const void *v, int64_t key_stride, const float *bias, void *out, int64_t kv_len,
     int64_t head_dim, float scale, int bf16, float *scores) {
-    const int64_t size = bf16 ? 2 : 4, full = head_dim / 16, row_bytes = key_stride * size;
-    const __mmask16 tail = (__mmask16)((1u << (head_dim % 16)) - 1);
-    __m512 qs[MAX_HEAD_DIM / 16], acc[MAX_HEAD_DIM / 16];
-    for (int64_t i = 0; i * 16 < head_dim; i++) {
-        qs[i] = _mm512_mul_ps(load_row16(q, 16 * i, i < full ? 0xFFFF : tail, bf16), _mm512_set1_ps(scale));
-        acc[i] = _mm512_setzero_ps();
+    const int64_t size = bf16 ? 2 : 4, full = head_dim / ATTENTION_LANES, row_bytes = key_stride * size;
+    const int tail = head_dim % ATTENTION_LANES;
+    vfloat qs[MAX_VECTORS], acc[MAX_VECTORS];
+    for (int64_t i = 0; i * ATTENTION_LANES < head_dim; i++) {
+        const int64_t at = i * ATTENTION_LANES;
+        qs[i] = vmul(i < full ? vload(q, at, bf16) : vload_part(q, at, tail, bf16), vset1(scale));
+        acc[i] = vzero();
     }
     const char *keys = k, *values = v;
     float top = -INFINITY;
     int64_t j;
-    for (j = 0; j < kv_len; j++) {
-        scores[j] = _mm512_reduce_add_ps(row_dot(qs, keys + j * row_bytes, full, tail, bf16)) + bias[j];
+    for (j = 0; j < kv_len; j++) {  // the scores, reading each key once
+        const char *row = keys + j * row_bytes;
+        vfloat dot = vzero();
+        for (int64_t i = 0; i < full; i++) dot = vfmadd(qs[i], vload(row, i * ATTENTION_LANES, bf16), dot);
+        if (tail) dot = vfmadd(qs[full], vload_part(row, full * ATTENTION_LANES, tail, bf16), dot);
+        scores[j] = vsum(dot) + bias[j];
         top = fmaxf(top, scores[j]);
     }
-    __m512 sums = _mm512_setzero_ps();
-    for (j = 0; j + 16 <= kv_len; j += 16) {
-        const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(scores + j), _mm512_set1_ps(top)));
-        _mm512_storeu_ps(scores + j, e);
-        sums = _mm512_add_ps(sums, e);
+    vfloat sums = vzero();
+    for (j = 0; j + ATTENTION_LANES <= kv_len; j += ATTENTION_LANES) {
+        const vfloat e = vexp(vsub(vloadu(scores + j), vset1(top)));
+        vstoreu(scores + j, e);
+        sums = vadd(sums, e);
     }
-    float total = _mm512_reduce_add_ps(sums);
+    float total = vsum(sums);
     for (; j < kv_len; j++) total += scores[j] = expf(scores[j] - top);
-    for (j = 0; j < kv_len; j++) {
-        const __m512 weight = _mm512_set1_ps(scores[j]);
+    for (j = 0; j < kv_len; j++) {  // the weighted values, reading each value once
+        const vfloat weight = vset1(scores[j]);
         const char *row = values + j * row_bytes;
-        for (int64_t i = 0; i < full; i++)
-            acc[i] = _mm512_fmadd_ps(weight, load_row16(row, 16 * i, 0xFFFF, bf16), acc[i]);
-        if (tail) acc[full] = _mm512_fmadd_ps(weight, load_row16(row, 16 * full, tail, bf16), acc[full]);
+        for (int64_t i = 0; i < full; i++) acc[i] = vfmadd(weight, vload(row, i * ATTENTION_LANES, bf16), acc[i]);
+        if (tail) acc[full] = vfmadd(weight, vload_part(row, full * ATTENTION_LANES, tail, bf16), acc[full]);
     }
-    const __m512 inverse = _mm512_set1_ps(1.f / total);
-    for (int64_t i = 0; i * 16 < head_dim; i++) {
-        const __m512 o = _mm512_mul_ps(acc[i], inverse);
-        const __mmask16 lanes = i < full ? 0xFFFF : tail;
+    float result[MAX_HEAD_DIM + ATTENTION_LANES];
+    for (int64_t i = 0; i * ATTENTION_LANES < head_dim; i++)
+        vstoreu(result + i * ATTENTION_LANES, vmul(acc[i], vset1(1.f / total)));
+    for (int64_t i = 0; i < head_dim; i++) {
         if (bf16)
-            _mm256_mask_storeu_epi16((uint16_t *)out + 16 * i, lanes, _mm512_cvtepi32_epi16(bf16_bits(o)));
+            ((uint16_t *)out)[i] = float_to_bf16(result[i]);
         else
-            _mm512_mask_storeu_ps((float *)out + 16 * i, lanes, o);
+            ((float *)out)[i] = result[i];
     }
 }
 #endif
 
-// 1 where decode_attention runs: built with AVX512 (F, BW, VL).
+// 1 where decode_attention runs: built with AVX512 (F, BW, VL) or AVX2 with FMA.
 int decode_attention_available(void) {
-#ifdef ATTENTION512
+#ifdef ATTENTION_LANES
     return 1;
 #else
     return 0;
@@ -1749,12 +1811,12 @@ int decode_attention_available(void) {
 // hidden). Strides in elements: q (b, h) as qs[0], qs[1]; k and v share theirs (b, h, position) as ks[0..2]; bias
 // (b, h) as bs[0..1] (0 where broadcast); out (b, h) as os[0..1]; the head_dim values of a row contiguous everywhere.
 // Each (sequence, head) reads its keys and values once, in order: a step's attention at the memory's speed, where
-// PyTorch's one-query attention reads a bfloat16 cache at a few GB/s. 0 where not built with AVX512, head_dim is
-// larger than MAX_HEAD_DIM, or there is no memory for the scores.
+// PyTorch's one-query attention reads a bfloat16 cache at a few GB/s. 0 where not built with AVX512 or AVX2, head_dim
+// is larger than MAX_HEAD_DIM, or there is no memory for the scores.
 int decode_attention(const void *q, const int64_t *qs, const void *k, const void *v, const int64_t *ks,
                      const float *bias, const int64_t *bs, void *out, const int64_t *os, int64_t batch, int64_t heads,
                      int64_t kv_len, int64_t head_dim, float scale, int bf16, int threads) {
-#ifdef ATTENTION512
+#ifdef ATTENTION_LANES
     if (head_dim > MAX_HEAD_DIM) return 0;
     const int64_t size = bf16 ? 2 : 4;
     int failed = 0;

@@ -100,7 +100,7 @@ def main():
     if not attention.native_decode_is_faster(HEADS, HEAD_DIM, getattr(torch, args.dtype), torch.get_num_threads()):
         kernels = attention.native_kernels()
         if kernels is None or not kernels.decode_attention_available():
-            sys.exit("the native decode attention is not built here (it needs AVX512 and a C compiler)")
+            sys.exit("the native decode attention is not built here (it needs a C compiler and AVX2 or AVX512)")
         print("(on this machine the model would keep SDPA: the native kernel was not timed faster)")
     print(f"# Decode attention on the CPU\n\n- machine: {machine_description()}")
     print(f"- python {sys.version.split()[0]}, torch {torch.__version__}")

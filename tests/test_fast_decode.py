@@ -3,6 +3,8 @@ them, a long prompt's attention in blocks of queries, the native one-query atten
 fast path is checked against the float32 MptForCausalLM reference, float64 math, or the plain path it replaces;
 nothing here times anything (the choice of the attention kernel is tested with fake timings)."""
 
+import ctypes
+import os
 from unittest import mock
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 from model_helpers import VOCAB, model_pair, replit_config
 from transformers import DynamicCache, GenerationConfig, GenerationMixin, StaticCache
 
-from replit_lm import attention
+from replit_lm import attention, quantization
 from replit_lm.attention import AttentionMask, additive_bias, alibi_bias_table, alibi_slopes
 from replit_lm.modeling_replit_lm import CACHE_FIELD, ReplitLM
 
@@ -23,7 +25,7 @@ def decode_backend(request, monkeypatch):
     """Decoding steps through SDPA, then through the native kernel whatever the timing here; yields the list of
     the native kernel's calls, so that a test can check it ran."""
     if request.param == "native_decode" and not NATIVE_DECODE:
-        pytest.skip("the native decode attention needs AVX512 and a C compiler")
+        pytest.skip("the native decode attention needs a C compiler and AVX2 or AVX512")
     monkeypatch.setattr(attention, "native_decode_is_faster", lambda *shape: request.param == "native_decode")
     calls = []
     kernel = attention.ATTENTION_BACKENDS["native_decode"]
@@ -213,17 +215,43 @@ def one_query_case(dtype, head_dim, batch, kv_len, seed):
     padding = torch.ones(batch, kv_len, dtype=torch.long)
     padding[-1, : kv_len // 3] = 0
     mask = AttentionMask(q_len=1, kv_len=kv_len, slopes=alibi_slopes(heads), backend="native_decode")
-    mask.additive = additive_bias(mask, padding if batch > 1 else None, torch.float32, alibi_bias_table(mask.slopes, 64))
+    mask.additive = additive_bias(
+        mask, padding if batch > 1 else None, torch.float32, alibi_bias_table(mask.slopes, 64)
+    )
     return q, k, v, mask
 
 
-@pytest.mark.skipif(not NATIVE_DECODE, reason="the native decode attention needs AVX512 and a C compiler")
+@pytest.fixture(scope="module")
+def avx2_kernels(tmp_path_factory):
+    """The native library built with AVX512 turned off: the AVX2 variant of decode_attention, as on most laptops."""
+    if not NATIVE_DECODE:
+        pytest.skip("the native decode attention needs a C compiler and AVX2 or AVX512")
+    folder = tmp_path_factory.mktemp("avx2")
+    library = folder / "avx2.so"
+    compiler = os.environ.get("CC") or "cc"
+    assert quantization._compile_native(compiler, folder, library, (*quantization.NATIVE_FLAGS, "-mno-avx512f"))
+    kernels = quantization._bind_native(ctypes.CDLL(str(library)))
+    if not kernels.decode_attention_available():
+        pytest.skip("this CPU has no AVX2 with FMA")
+    return kernels
+
+
+@pytest.fixture(params=["this CPU's build", "AVX2 build"])
+def decode_kernels(request, monkeypatch):
+    if request.param == "AVX2 build":
+        avx2 = request.getfixturevalue("avx2_kernels")
+        monkeypatch.setattr(attention, "native_kernels", lambda: avx2)
+    elif not NATIVE_DECODE:
+        pytest.skip("the native decode attention needs a C compiler and AVX2 or AVX512")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [80, 16, 20, 8])  # the real model's, and a whole, a partial, a lone tail vector
 @pytest.mark.parametrize("batch,kv_len", [(1, 1), (1, 64), (3, 37)])
-def test_native_decode_attention_is_the_float64_result(dtype, head_dim, batch, kv_len):
+def test_native_decode_attention_is_the_float64_result(decode_kernels, dtype, head_dim, batch, kv_len):
     """Within float32's rounding, and in bfloat16 within the rounding of the output to bfloat16 (2^-9 of it), of
-    the eager formula in float64 on the same inputs; padded keys get no weight."""
+    the eager formula in float64 on the same inputs; padded keys get no weight. With AVX512 (16 lanes) where the CPU
+    has it, and AVX2 (8 lanes)."""
     q, k, v, mask = one_query_case(dtype, head_dim, batch, kv_len, seed=head_dim * kv_len + batch)
     scale = head_dim**-0.5
     out, weights = attention.native_decode_attention(q, k, v, mask, scale, 0.0, False)
@@ -238,7 +266,7 @@ def replace_additive(mask, additive):
     return AttentionMask(q_len=mask.q_len, kv_len=mask.kv_len, slopes=mask.slopes, additive=additive)
 
 
-@pytest.mark.skipif(not NATIVE_DECODE, reason="the native decode attention needs AVX512 and a C compiler")
+@pytest.mark.skipif(not NATIVE_DECODE, reason="the native decode attention needs a C compiler and AVX2 or AVX512")
 def test_native_decode_attention_takes_a_cache_of_another_dtype_through_sdpa():
     q, k, v, mask = one_query_case(torch.float32, 16, 3, 20, seed=5)
     out, _ = attention.native_decode_attention(q, k.bfloat16(), v.bfloat16(), mask, 0.25, 0.0, False)
@@ -251,7 +279,7 @@ def test_the_decode_kernel_is_taken_only_where_timed_faster(monkeypatch, case):
     """Given fake timings (SDPA 2 ms, the kernel 1 or 3 ms), the native kernel is chosen exactly when faster; where
     it is not built, or fails, SDPA stays."""
     if not NATIVE_DECODE:
-        pytest.skip("the native decode attention needs AVX512 and a C compiler")
+        pytest.skip("the native decode attention needs a C compiler and AVX2 or AVX512")
     timed = []
 
     def fake_time(function, x, repeats):
@@ -310,7 +338,9 @@ def test_long_prompt_attention_in_blocks_is_the_float64_result(dtype):
     mask = AttentionMask(q_len=q_len, kv_len=kv_len, slopes=alibi_slopes(heads))
     mask.additive = additive_bias(mask, padding, dtype, alibi_bias_table(mask.slopes, kv_len))
     out, _ = attention.sdpa_attention(q, k, v, mask, 0.25, 0.0, False)
-    exact = replace_additive(mask, additive_bias(mask, padding, torch.float64, alibi_bias_table(mask.slopes, kv_len).double()))
+    exact = replace_additive(
+        mask, additive_bias(mask, padding, torch.float64, alibi_bias_table(mask.slopes, kv_len).double())
+    )
     expected, _ = attention.eager_attention(q.double(), k.double(), v.double(), exact, 0.25, 0.0, False)
     real = padding[:, past:].bool()  # (batch, q_len): the real queries
     got, expected = out.transpose(1, 2)[real].double(), expected.transpose(1, 2)[real]
