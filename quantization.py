@@ -69,10 +69,11 @@ of at least r rows (the last bucket's beyond it)."""
 ROUTE_CACHE_ENV = "REPLIT_LM_ROUTE_CACHE"
 """The file that keeps route choices between runs (default ~/.cache/replit_lm/cpu_routes.json); "off" keeps them
 in memory only."""
-ROUTES_VERSION = "routes 5"
+ROUTES_VERSION = "routes 6"
 """Part of the route cache's key, changed when the routes a layer offers change (2: int8 in blocks of 32, the
 unpacking routes W @ x^T; 3: the AMX bfloat16 route of the quantized layers; 4: bfloat16's native matrix-vector
-product; 5: its second loop order), so that rankings stored by an older version are measured again."""
+product; 5: its second loop order; 6: that product on CPUs without AVX512-BF16), so that rankings stored by an
+older version are measured again."""
 TIMING_REPEATS = 3
 LONG_CALL_SECONDS = 0.05
 SMALL_ROWS = 64
@@ -259,8 +260,9 @@ def measure_routes(model: nn.Module) -> None:
 
 class RoutedLinear(nn.Linear):
     """nn.Linear (no bias) whose bfloat16 and float16 CPU inference takes the route measured fastest for its shape
-    (see RouteChooser): F.linear, torch.mv for one row, W @ x^T for a few rows, or for one row of bfloat16 where
-    the CPU has AVX512-BF16 the native `bf16_matvec`, reading the weight as it is, in either of its loop orders
+    (see RouteChooser): F.linear, torch.mv for one row, W @ x^T for a few rows, or for one row of bfloat16 the
+    native `bf16_matvec` (AVX512-BF16's dot products, else AVX512 or AVX2 multiply-adds of the weights widened to
+    float32), reading the weight as it is, in either of its loop orders
     ("native": 4 output channels at a time with a software prefetch; "native_one_stream": one at a time, the
     hardware prefetchers alone). float32 (F.linear already reads its weights at the memory's speed there, and
     stays bit for bit what the reference computes), training, other devices and layers with a bias use F.linear."""
@@ -429,7 +431,7 @@ def _has_amx() -> bool:
 
 @functools.cache
 def _has_bf16_matvec() -> bool:
-    """Whether the native bfloat16 matrix-vector kernel runs here (built with AVX512-BF16)."""
+    """Whether the native bfloat16 matrix-vector kernel runs here (built with AVX512-BF16, AVX512 or AVX2)."""
     return native_kernels() is not None and bool(native_kernels().bf16_matvec_available())
 
 
@@ -1594,9 +1596,96 @@ int int4_matmul(const uint8_t *w, const uint16_t *scales, int64_t n, int64_t k,
     return 1;
 }
 
-// 1 where bf16_matvec runs: built with AVX512-BF16's dot products.
+// ----- A vector of VECTOR_LANES floats: AVX512 (16) or AVX2 with FMA (8) -----
+// The kernels below written once over it: decode_attention, and bf16_matvec where the CPU has no AVX512-BF16.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define VECTOR_LANES 16
+typedef __m512 vfloat;
+#define vzero _mm512_setzero_ps
+#define vset1 _mm512_set1_ps
+#define vadd _mm512_add_ps
+#define vsub _mm512_sub_ps
+#define vmul _mm512_mul_ps
+#define vmax _mm512_max_ps
+#define vfmadd _mm512_fmadd_ps
+#define vloadu _mm512_loadu_ps
+#define vstoreu _mm512_storeu_ps
+#define vsum _mm512_reduce_add_ps
+#define vround(x) _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define vtoint _mm512_cvtps_epi32
+#define vbits _mm512_castsi512_ps
+#define ishl _mm512_slli_epi32
+#define iadd _mm512_add_epi32
+#define iset1 _mm512_set1_epi32
+// The count < 16 values at `at` of a row, bfloat16 or float32, as float32 (the other lanes zero), reading no further.
+static inline vfloat vload_part(const void *row, int64_t at, int count, int bf16) {
+    const __mmask16 lanes = (__mmask16)((1u << count) - 1);
+    if (!bf16) return _mm512_maskz_loadu_ps(lanes, (const float *)row + at);
+    return vbits(ishl(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, (const uint16_t *)row + at)), 16));
+}
+static inline __attribute__((always_inline)) vfloat vload(const void *row, int64_t at, int bf16) {
+    if (!bf16) return _mm512_loadu_ps((const float *)row + at);
+    return vbits(ishl(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)row + at))), 16));
+}
+static inline vfloat vzero_below(vfloat x, vfloat limit, vfloat value) {  // value where x <= limit, else 0
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, limit, _CMP_GT_OQ), value);
+}
+// 2 * VECTOR_LANES bfloat16 values as float32: the even-indexed ones (the low halves of the 32-bit lanes) and the
+// odd-indexed ones, a shift and a mask with no shuffle.
+static inline __attribute__((always_inline)) void vload_pairs(const uint16_t *p, vfloat *even, vfloat *odd) {
+    const __m512i v = _mm512_loadu_si512(p);
+    *even = vbits(ishl(v, 16));
+    *odd = vbits(_mm512_and_si512(v, iset1((int)0xFFFF0000)));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define VECTOR_LANES 8
+typedef __m256 vfloat;
+#define vzero _mm256_setzero_ps
+#define vset1 _mm256_set1_ps
+#define vadd _mm256_add_ps
+#define vsub _mm256_sub_ps
+#define vmul _mm256_mul_ps
+#define vmax _mm256_max_ps
+#define vfmadd _mm256_fmadd_ps
+#define vloadu _mm256_loadu_ps
+#define vstoreu _mm256_storeu_ps
+#define vround(x) _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define vtoint _mm256_cvtps_epi32
+#define vbits _mm256_castsi256_ps
+#define ishl _mm256_slli_epi32
+#define iadd _mm256_add_epi32
+#define iset1 _mm256_set1_epi32
+static inline float vsum(vfloat x) {
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    return _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
+}
+static inline vfloat vload_part(const void *row, int64_t at, int count, int bf16) {
+    float values[8] = {0};
+    for (int i = 0; i < count; i++)
+        values[i] = bf16 ? bf16_to_float(((const uint16_t *)row)[at + i]) : ((const float *)row)[at + i];
+    return _mm256_loadu_ps(values);
+}
+static inline __attribute__((always_inline)) vfloat vload(const void *row, int64_t at, int bf16) {
+    if (!bf16) return _mm256_loadu_ps((const float *)row + at);
+    return vbits(ishl(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + at))), 16));
+}
+static inline vfloat vzero_below(vfloat x, vfloat limit, vfloat value) {
+    return _mm256_and_ps(_mm256_cmp_ps(x, limit, _CMP_GT_OQ), value);
+}
+static inline __attribute__((always_inline)) void vload_pairs(const uint16_t *p, vfloat *even, vfloat *odd) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    *even = vbits(ishl(v, 16));
+    *odd = vbits(_mm256_and_si256(v, iset1((int)0xFFFF0000)));
+}
+#endif
+
+
+// 1 where bf16_matvec runs: built with AVX512-BF16's dot products, or else with AVX512 or AVX2.
 int bf16_matvec_available(void) {
-#ifdef BF16_512
+#if defined(BF16_512) || defined(VECTOR_LANES)
     return 1;
 #else
     return 0;
@@ -1609,7 +1698,8 @@ int bf16_matvec_available(void) {
 // time, 4 streams of weights each with a software prefetch ahead (as the int8/int4 kernels: fastest on the Xeon);
 // 1 takes one output channel at a time with 4 sums along k and no software prefetch, one contiguous stream per
 // thread that the hardware prefetchers follow (on an AMD EPYC, Zen 4: 78-81 GB/s over the 17 products of a 4-layer
-// decode step, against 57-66 GB/s for the 4 streams). 0 where not built with AVX512-BF16.
+// decode step, against 57-66 GB/s for the 4 streams). Without AVX512-BF16, the same two loop orders over the vector
+// layer (AVX512 or AVX2); 0 where built with neither.
 int bf16_matvec(const uint16_t *w, int64_t n, int64_t k, const uint16_t *x, int64_t rows, uint16_t *y, int bf16,
                 int one_stream, int threads) {
 #ifdef BF16_512
@@ -1649,89 +1739,62 @@ int bf16_matvec(const uint16_t *w, int64_t n, int64_t k, const uint16_t *x, int6
         for (int c = 0; c < channels; c++) y[o0 + c] = float_to_bf16(_mm512_reduce_add_ps(acc[c]));
     }
     return 1;
+#elif defined(VECTOR_LANES)
+    // Without AVX512-BF16: the weights widened to float32 as they are read (vload_pairs), times x widened once into
+    // the same order, per 2 * VECTOR_LANES inputs the even-indexed ones, then the odd-indexed ones.
+    if (rows != 1 || !bf16 || k % 32) return 0;
+    const int64_t pair = 2 * VECTOR_LANES;
+    float *xf = malloc(sizeof(float) * k);
+    if (!xf) return 0;
+    for (int64_t i = 0; i < k; i++) xf[i - i % pair + (i % 2) * VECTOR_LANES + (i % pair) / 2] = bf16_to_float(x[i]);
+    if (one_stream) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t o = 0; o < n; o++) {
+            const uint16_t *row = w + o * k;
+            vfloat acc[4] = {vzero(), vzero(), vzero(), vzero()}, even, odd;
+            int64_t i = 0;
+            for (; i + 2 * pair <= k; i += 2 * pair)  // two blocks at a time: 4 chains of multiply-adds
+                for (int a = 0; a < 4; a += 2) {
+                    vload_pairs(row + i + a / 2 * pair, &even, &odd);
+                    acc[a] = vfmadd(even, vloadu(xf + i + a / 2 * pair), acc[a]);
+                    acc[a + 1] = vfmadd(odd, vloadu(xf + i + a / 2 * pair + VECTOR_LANES), acc[a + 1]);
+                }
+            if (i < k) {
+                vload_pairs(row + i, &even, &odd);
+                acc[0] = vfmadd(even, vloadu(xf + i), acc[0]);
+                acc[1] = vfmadd(odd, vloadu(xf + i + VECTOR_LANES), acc[1]);
+            }
+            y[o] = float_to_bf16(vsum(vadd(vadd(acc[0], acc[1]), vadd(acc[2], acc[3]))));
+        }
+    } else {
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t o0 = 0; o0 < n; o0 += 4) {
+            const int channels = n - o0 < 4 ? (int)(n - o0) : 4;
+            vfloat acc[4] = {vzero(), vzero(), vzero(), vzero()}, even, odd;
+            for (int64_t i = 0; i < k; i += pair) {
+                const vfloat xe = vloadu(xf + i), xo = vloadu(xf + i + VECTOR_LANES);
+                for (int c = 0; c < channels; c++) {
+                    const uint16_t *row = w + (o0 + c) * k + i;
+                    _mm_prefetch((const char *)(row + PREFETCH_AHEAD / 2), _MM_HINT_T0);
+                    vload_pairs(row, &even, &odd);
+                    acc[c] = vfmadd(odd, xo, vfmadd(even, xe, acc[c]));
+                }
+            }
+            for (int c = 0; c < channels; c++) y[o0 + c] = float_to_bf16(vsum(acc[c]));
+        }
+    }
+    free(xf);
+    return 1;
 #else
     (void)w, (void)n, (void)k, (void)x, (void)rows, (void)y, (void)bf16, (void)one_stream, (void)threads;
     return 0;
 #endif
 }
 
-// ----- One-query attention (decode_attention) -----
-// One algorithm over a vector of LANES floats: AVX512 (16 lanes) or AVX2 with FMA (8 lanes).
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <immintrin.h>
-#define ATTENTION_LANES 16
-typedef __m512 vfloat;
-#define vzero _mm512_setzero_ps
-#define vset1 _mm512_set1_ps
-#define vadd _mm512_add_ps
-#define vsub _mm512_sub_ps
-#define vmul _mm512_mul_ps
-#define vmax _mm512_max_ps
-#define vfmadd _mm512_fmadd_ps
-#define vloadu _mm512_loadu_ps
-#define vstoreu _mm512_storeu_ps
-#define vsum _mm512_reduce_add_ps
-#define vround(x) _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
-#define vtoint _mm512_cvtps_epi32
-#define vbits _mm512_castsi512_ps
-#define ishl _mm512_slli_epi32
-#define iadd _mm512_add_epi32
-#define iset1 _mm512_set1_epi32
-// The count < 16 values at `at` of a row, bfloat16 or float32, as float32 (the other lanes zero), reading no further.
-static inline vfloat vload_part(const void *row, int64_t at, int count, int bf16) {
-    const __mmask16 lanes = (__mmask16)((1u << count) - 1);
-    if (!bf16) return _mm512_maskz_loadu_ps(lanes, (const float *)row + at);
-    return vbits(ishl(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, (const uint16_t *)row + at)), 16));
-}
-static inline __attribute__((always_inline)) vfloat vload(const void *row, int64_t at, int bf16) {
-    if (!bf16) return _mm512_loadu_ps((const float *)row + at);
-    return vbits(ishl(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)row + at))), 16));
-}
-static inline vfloat vzero_below(vfloat x, vfloat limit, vfloat value) {  // value where x <= limit, else 0
-    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, limit, _CMP_GT_OQ), value);
-}
-#elif defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define ATTENTION_LANES 8
-typedef __m256 vfloat;
-#define vzero _mm256_setzero_ps
-#define vset1 _mm256_set1_ps
-#define vadd _mm256_add_ps
-#define vsub _mm256_sub_ps
-#define vmul _mm256_mul_ps
-#define vmax _mm256_max_ps
-#define vfmadd _mm256_fmadd_ps
-#define vloadu _mm256_loadu_ps
-#define vstoreu _mm256_storeu_ps
-#define vround(x) _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
-#define vtoint _mm256_cvtps_epi32
-#define vbits _mm256_castsi256_ps
-#define ishl _mm256_slli_epi32
-#define iadd _mm256_add_epi32
-#define iset1 _mm256_set1_epi32
-static inline float vsum(vfloat x) {
-    __m128 half = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
-    return _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
-}
-static inline vfloat vload_part(const void *row, int64_t at, int count, int bf16) {
-    float values[8] = {0};
-    for (int i = 0; i < count; i++)
-        values[i] = bf16 ? bf16_to_float(((const uint16_t *)row)[at + i]) : ((const float *)row)[at + i];
-    return _mm256_loadu_ps(values);
-}
-static inline __attribute__((always_inline)) vfloat vload(const void *row, int64_t at, int bf16) {
-    if (!bf16) return _mm256_loadu_ps((const float *)row + at);
-    return vbits(ishl(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + at))), 16));
-}
-static inline vfloat vzero_below(vfloat x, vfloat limit, vfloat value) {
-    return _mm256_and_ps(_mm256_cmp_ps(x, limit, _CMP_GT_OQ), value);
-}
-#endif
-
-#ifdef ATTENTION_LANES
+// ----- One-query attention (decode_attention), over the vector layer above -----
+#ifdef VECTOR_LANES
 #define MAX_HEAD_DIM 256
-#define MAX_VECTORS (MAX_HEAD_DIM / ATTENTION_LANES)
+#define MAX_VECTORS (MAX_HEAD_DIM / VECTOR_LANES)
 
 // exp of scores less their maximum (so at most 0), to float32's precision: 2^(x log2 e) as 2^n, built in the
 // exponent bits, times a polynomial in the fraction (Taylor to degree 7, error below float32's rounding); 0 below
@@ -1751,11 +1814,11 @@ static inline vfloat vexp(vfloat x) {
 static inline __attribute__((always_inline)) void attend_one_query(
     const void *q, const void *k, const void *v, int64_t key_stride, const float *bias, void *out, int64_t kv_len,
     int64_t head_dim, float scale, int bf16, float *scores) {
-    const int64_t size = bf16 ? 2 : 4, full = head_dim / ATTENTION_LANES, row_bytes = key_stride * size;
-    const int tail = head_dim % ATTENTION_LANES;
+    const int64_t size = bf16 ? 2 : 4, full = head_dim / VECTOR_LANES, row_bytes = key_stride * size;
+    const int tail = head_dim % VECTOR_LANES;
     vfloat qs[MAX_VECTORS], acc[MAX_VECTORS];
-    for (int64_t i = 0; i * ATTENTION_LANES < head_dim; i++) {
-        const int64_t at = i * ATTENTION_LANES;
+    for (int64_t i = 0; i * VECTOR_LANES < head_dim; i++) {
+        const int64_t at = i * VECTOR_LANES;
         qs[i] = vmul(i < full ? vload(q, at, bf16) : vload_part(q, at, tail, bf16), vset1(scale));
         acc[i] = vzero();
     }
@@ -1765,13 +1828,13 @@ static inline __attribute__((always_inline)) void attend_one_query(
     for (j = 0; j < kv_len; j++) {  // the scores, reading each key once
         const char *row = keys + j * row_bytes;
         vfloat dot = vzero();
-        for (int64_t i = 0; i < full; i++) dot = vfmadd(qs[i], vload(row, i * ATTENTION_LANES, bf16), dot);
-        if (tail) dot = vfmadd(qs[full], vload_part(row, full * ATTENTION_LANES, tail, bf16), dot);
+        for (int64_t i = 0; i < full; i++) dot = vfmadd(qs[i], vload(row, i * VECTOR_LANES, bf16), dot);
+        if (tail) dot = vfmadd(qs[full], vload_part(row, full * VECTOR_LANES, tail, bf16), dot);
         scores[j] = vsum(dot) + bias[j];
         top = fmaxf(top, scores[j]);
     }
     vfloat sums = vzero();
-    for (j = 0; j + ATTENTION_LANES <= kv_len; j += ATTENTION_LANES) {
+    for (j = 0; j + VECTOR_LANES <= kv_len; j += VECTOR_LANES) {
         const vfloat e = vexp(vsub(vloadu(scores + j), vset1(top)));
         vstoreu(scores + j, e);
         sums = vadd(sums, e);
@@ -1781,12 +1844,12 @@ static inline __attribute__((always_inline)) void attend_one_query(
     for (j = 0; j < kv_len; j++) {  // the weighted values, reading each value once
         const vfloat weight = vset1(scores[j]);
         const char *row = values + j * row_bytes;
-        for (int64_t i = 0; i < full; i++) acc[i] = vfmadd(weight, vload(row, i * ATTENTION_LANES, bf16), acc[i]);
-        if (tail) acc[full] = vfmadd(weight, vload_part(row, full * ATTENTION_LANES, tail, bf16), acc[full]);
+        for (int64_t i = 0; i < full; i++) acc[i] = vfmadd(weight, vload(row, i * VECTOR_LANES, bf16), acc[i]);
+        if (tail) acc[full] = vfmadd(weight, vload_part(row, full * VECTOR_LANES, tail, bf16), acc[full]);
     }
-    float result[MAX_HEAD_DIM + ATTENTION_LANES];
-    for (int64_t i = 0; i * ATTENTION_LANES < head_dim; i++)
-        vstoreu(result + i * ATTENTION_LANES, vmul(acc[i], vset1(1.f / total)));
+    float result[MAX_HEAD_DIM + VECTOR_LANES];
+    for (int64_t i = 0; i * VECTOR_LANES < head_dim; i++)
+        vstoreu(result + i * VECTOR_LANES, vmul(acc[i], vset1(1.f / total)));
     for (int64_t i = 0; i < head_dim; i++) {
         if (bf16)
             ((uint16_t *)out)[i] = float_to_bf16(result[i]);
@@ -1798,7 +1861,7 @@ static inline __attribute__((always_inline)) void attend_one_query(
 
 // 1 where decode_attention runs: built with AVX512 (F, BW, VL) or AVX2 with FMA.
 int decode_attention_available(void) {
-#ifdef ATTENTION_LANES
+#ifdef VECTOR_LANES
     return 1;
 #else
     return 0;
@@ -1816,7 +1879,7 @@ int decode_attention_available(void) {
 int decode_attention(const void *q, const int64_t *qs, const void *k, const void *v, const int64_t *ks,
                      const float *bias, const int64_t *bs, void *out, const int64_t *os, int64_t batch, int64_t heads,
                      int64_t kv_len, int64_t head_dim, float scale, int bf16, int threads) {
-#ifdef ATTENTION_LANES
+#ifdef VECTOR_LANES
     if (head_dim > MAX_HEAD_DIM) return 0;
     const int64_t size = bf16 ? 2 : 4;
     int failed = 0;

@@ -1,9 +1,12 @@
-"""Shared test set-up: the repository root on sys.path, and the model files importable as the package `replit_lm`."""
+"""Shared test set-up: the repository root on sys.path, the model files importable as the package `replit_lm`, and
+the native kernels built for AVX2."""
 
+import ctypes
 import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 # Without a GPU, Triton kernels run in its interpreter. It is chosen when a kernel is defined, i.e. when
@@ -21,3 +24,18 @@ sys.path.insert(0, str(ROOT))
 import replit_tools  # noqa: E402  (also registers the model files as the package `replit_lm`)
 
 MODEL_CODE_FILES = replit_tools.CODE_FILES
+
+
+@pytest.fixture(scope="session")
+def avx2_native_kernels(tmp_path_factory):
+    """The native library built here with AVX512 turned off: plain C, and AVX2 variants where the CPU has AVX2 with
+    FMA, as most laptop CPUs run them."""
+    from replit_lm import quantization
+
+    if quantization.native_kernels() is None:
+        pytest.skip("no C compiler here")
+    folder = tmp_path_factory.mktemp("avx2")
+    library = folder / "avx2.so"
+    compiler = os.environ.get("CC") or "cc"
+    assert quantization._compile_native(compiler, folder, library, (*quantization.NATIVE_FLAGS, "-mno-avx512f"))
+    return quantization._bind_native(ctypes.CDLL(str(library)))

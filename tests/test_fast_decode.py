@@ -3,8 +3,6 @@ them, a long prompt's attention in blocks of queries, the native one-query atten
 fast path is checked against the float32 MptForCausalLM reference, float64 math, or the plain path it replaces;
 nothing here times anything (the choice of the attention kernel is tested with fake timings)."""
 
-import ctypes
-import os
 from unittest import mock
 
 import pytest
@@ -12,7 +10,7 @@ import torch
 from model_helpers import VOCAB, model_pair, replit_config
 from transformers import DynamicCache, GenerationConfig, GenerationMixin, StaticCache
 
-from replit_lm import attention, quantization
+from replit_lm import attention
 from replit_lm.attention import AttentionMask, additive_bias, alibi_bias_table, alibi_slopes
 from replit_lm.modeling_replit_lm import CACHE_FIELD, ReplitLM
 
@@ -221,25 +219,12 @@ def one_query_case(dtype, head_dim, batch, kv_len, seed):
     return q, k, v, mask
 
 
-@pytest.fixture(scope="module")
-def avx2_kernels(tmp_path_factory):
-    """The native library built with AVX512 turned off: the AVX2 variant of decode_attention, as on most laptops."""
-    if not NATIVE_DECODE:
-        pytest.skip("the native decode attention needs a C compiler and AVX2 or AVX512")
-    folder = tmp_path_factory.mktemp("avx2")
-    library = folder / "avx2.so"
-    compiler = os.environ.get("CC") or "cc"
-    assert quantization._compile_native(compiler, folder, library, (*quantization.NATIVE_FLAGS, "-mno-avx512f"))
-    kernels = quantization._bind_native(ctypes.CDLL(str(library)))
-    if not kernels.decode_attention_available():
-        pytest.skip("this CPU has no AVX2 with FMA")
-    return kernels
-
-
 @pytest.fixture(params=["this CPU's build", "AVX2 build"])
 def decode_kernels(request, monkeypatch):
     if request.param == "AVX2 build":
-        avx2 = request.getfixturevalue("avx2_kernels")
+        avx2 = request.getfixturevalue("avx2_native_kernels")
+        if not avx2.decode_attention_available():
+            pytest.skip("this CPU has no AVX2 with FMA")
         monkeypatch.setattr(attention, "native_kernels", lambda: avx2)
     elif not NATIVE_DECODE:
         pytest.skip("the native decode attention needs a C compiler and AVX2 or AVX512")

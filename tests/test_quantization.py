@@ -2,7 +2,6 @@
 measurement (fake timings), int8 and int4 weights, the packed int4 layout, the whole model against bfloat16, and
 loading with from_pretrained(..., weight_quantization=...)."""
 
-import ctypes
 import json
 import os
 import subprocess
@@ -128,12 +127,20 @@ def test_the_amx_route_computes_what_the_vnni_route_does(layer_class, vnni_route
 has_amx_bf16 = quantization._has_amx_bf16()
 
 
-@pytest.mark.skipif(not quantization._has_bf16_matvec(), reason="needs AVX512-BF16 (and the native kernels)")
-def test_the_native_bfloat16_matrix_vector_product_is_float_math_rounded_once():
+@pytest.mark.skipif(not quantization._has_bf16_matvec(), reason="needs AVX2 or AVX512 (and the native kernels)")
+@pytest.mark.parametrize("build", ["this CPU's", "AVX2"])
+def test_the_native_bfloat16_matrix_vector_product_is_float_math_rounded_once(build, request, monkeypatch):
     """One row of bfloat16 through `bf16_matvec`: float32 sums of the exact bfloat16 products, so the output is the
     float product rounded to bfloat16 (within half a unit of bfloat16, at most 2^-8 relative, plus the sums'
     order), in both loop orders, for output channels that are not a multiple of the 4 the first takes at a time
-    and input channels that are not a multiple of the 128 the second takes. Not offered for more rows or float16."""
+    and input channels that are not a multiple of the 128 the second takes; with this CPU's instructions
+    (AVX512-BF16's dot products where it has them) and with AVX2's multiply-adds. Not offered for more rows or
+    float16."""
+    if build == "AVX2":
+        avx2 = request.getfixturevalue("avx2_native_kernels")
+        if not avx2.bf16_matvec_available():
+            pytest.skip("this CPU has no AVX2 with FMA")
+        monkeypatch.setattr(quantization, "native_kernels", lambda: avx2)
     out_features, in_features = 4 * int(torch.randint(20, 60, ())) + 3, 32 * int(torch.randint(2, 40, ()))
     layer = make_layer("bfloat16", gaussian(out_features, in_features, seed=int(torch.randint(1000, ()))))
     x = torch.randn(1, in_features, dtype=torch.bfloat16)
@@ -233,13 +240,10 @@ def test_without_a_compiler_the_native_routes_fall_back(monkeypatch, tmp_path, s
 
 
 @pytest.mark.skipif(quantization.native_kernels() is None, reason="no C compiler here")
-def test_the_native_kernels_without_avx512_compute_the_same(monkeypatch, tmp_path):
+def test_the_native_kernels_without_avx512_compute_the_same(monkeypatch, avx2_native_kernels):
     """The plain C the kernels fall back to where the CPU has no AVX512-VNNI, built here with AVX512 turned off:
     the same products and dequantized weights as this machine's build."""
-    library = tmp_path / "plain.so"
-    compiler = os.environ.get("CC") or "cc"
-    assert quantization._compile_native(compiler, tmp_path, library, (*quantization.NATIVE_FLAGS, "-mno-avx512f"))
-    plain = quantization._bind_native(ctypes.CDLL(str(library)))
+    plain = avx2_native_kernels
     weight = gaussian(100, 96).to(torch.bfloat16)
     x = torch.randn(5, 96, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(3))
     for make in (Int8Linear, Int4Linear):
