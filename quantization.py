@@ -37,6 +37,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -72,12 +73,14 @@ in memory only."""
 ROUTES_VERSION = "routes 6"
 """Part of the route cache's key, changed when the routes a layer offers change (2: int8 in blocks of 32, the
 unpacking routes W @ x^T; 3: the AMX bfloat16 route of the quantized layers; 4: bfloat16's native matrix-vector
-product; 5: its second loop order; 6: that product on CPUs without AVX512-BF16), so that rankings stored by an
-older version are measured again."""
+product; 5: its second loop order; 6: that product on CPUs without AVX512-BF16, and a prompt's product in
+float32), so that rankings stored by an older version are measured again."""
 TIMING_REPEATS = 3
 LONG_CALL_SECONDS = 0.05
 SMALL_ROWS = 64
 """Rows up to which the W @ x^T routes are offered (some CPUs multiply a few rows faster that way)."""
+WIDEN_ROWS = 8
+"""Rows above which a bfloat16 or float16 layer also offers its product in float32 (the weight widened per call)."""
 
 
 def row_bucket(rows: int) -> int:
@@ -260,11 +263,11 @@ def measure_routes(model: nn.Module) -> None:
 
 class RoutedLinear(nn.Linear):
     """nn.Linear (no bias) whose bfloat16 and float16 CPU inference takes the route measured fastest for its shape
-    (see RouteChooser): F.linear, torch.mv for one row, W @ x^T for a few rows, or for one row of bfloat16 the
-    native `bf16_matvec` (AVX512-BF16's dot products, else AVX512 or AVX2 multiply-adds of the weights widened to
-    float32), reading the weight as it is, in either of its loop orders
-    ("native": 4 output channels at a time with a software prefetch; "native_one_stream": one at a time, the
-    hardware prefetchers alone). float32 (F.linear already reads its weights at the memory's speed there, and
+    (see RouteChooser): F.linear, torch.mv for one row, W @ x^T for a few rows, the product in float32 for more
+    than WIDEN_ROWS rows (`_widened_product`), or for one row of bfloat16 the native `bf16_matvec` (AVX512-BF16's
+    dot products, else AVX512 or AVX2 multiply-adds of the weights widened to float32), reading the weight as it
+    is, in either of its loop orders ("native": 4 output channels at a time with a software prefetch;
+    "native_one_stream": one at a time, the hardware prefetchers alone). float32 (F.linear already reads its weights at the memory's speed there, and
     stays bit for bit what the reference computes), training, other devices and layers with a bias use F.linear."""
 
     NATIVE_ONE_STREAM = {"native": 0, "native_one_stream": 1}  # route: bf16_matvec's `one_stream` argument
@@ -283,15 +286,26 @@ class RoutedLinear(nn.Linear):
     def routes(self, rows: int) -> list[str]:
         native = self.weight.dtype == torch.bfloat16 and self.in_features % NATIVE_BLOCK == 0 and _has_bf16_matvec()
         one_row = ["mv"] + (list(self.NATIVE_ONE_STREAM) if native else [])
-        return ["linear"] + (one_row if rows == 1 else []) + (["matmul_t"] if rows <= SMALL_ROWS else [])
+        prompt = ["float32"] if rows > WIDEN_ROWS else []
+        return ["linear"] + (one_row if rows == 1 else []) + (["matmul_t"] if rows <= SMALL_ROWS else []) + prompt
 
     def route_function(self, route: str):
+        if route == "float32":
+            return self._widened_product
         if route == "mv":
             return lambda x: torch.mv(self.weight, x.view(-1)).view(1, -1)
         if route in self.NATIVE_ONE_STREAM:
             one_stream = self.NATIVE_ONE_STREAM[route]
             return lambda x: _native_product("bf16_matvec", (self.weight,), self.out_features, x, one_stream)
         return functools.partial(_product, weight=self.weight, transposed=route == "matmul_t")
+
+
+    def _widened_product(self, x: torch.Tensor) -> torch.Tensor:
+        """The product in float32, the weight widened into a scratch tensor, rounded once to x's dtype: where the
+        CPU has no bfloat16 arithmetic (AVX2 laptops), torch's bfloat16 matrix product of a prompt is several times
+        slower than float32's (a 512-token prompt through a 10240 x 2560 weight: 610 ms against 181)."""
+        weight = _scratch(self.out_features, self.in_features, torch.float32).copy_(self.weight)
+        return F.linear(x.float(), weight).to(x.dtype)
 
 
 def _product(x: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -303,15 +317,16 @@ def _product(x: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torch.T
 _SCRATCH = threading.local()
 
 
-def _scratch(n: int, k: int) -> torch.Tensor:
-    """A bfloat16 (n, k) tensor of this thread's, shared by every layer: a quantized weight unpacked for one
+def _scratch(n: int, k: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """An (n, k) tensor of this thread's, one per dtype, shared by every layer: a weight unpacked or widened for one
     product. Reused because a fresh one costs more in page faults than the unpacking itself (a 10240 x 2560 int8
     weight: 20 ms into a new tensor, 3 ms into this one, on a 2-core Xeon). It grows to the largest weight
-    unpacked (the LM head: 168 MB at the real width)."""
-    buffer = getattr(_SCRATCH, "buffer", None)
+    unpacked (the LM head: 168 MB in bfloat16 at the real width)."""
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    buffer = buffers.get(dtype)
     if buffer is None or buffer.numel() < n * k:
-        buffer = _SCRATCH.buffer = None  # the smaller one freed before the larger one is made
-        buffer = _SCRATCH.buffer = torch.empty(n * k, dtype=torch.bfloat16)
+        buffer = buffers[dtype] = None  # the smaller one freed before the larger one is made
+        buffer = buffers[dtype] = torch.empty(n * k, dtype=dtype)
     return buffer[: n * k].view(n, k)
 
 
@@ -321,6 +336,9 @@ def _has_onednn_int8() -> bool:
 
 NATIVE_ENV = "REPLIT_LM_NATIVE"
 """"off" keeps the native kernels out (their routes are not offered); anything else, or unset, compiles them."""
+NATIVE_FLAGS_ENV = "REPLIT_LM_NATIVE_FLAGS"
+"""Compiler flags added to NATIVE_FLAGS, e.g. "-mno-avx512f" to build the AVX2 kernels on an AVX512 machine (as
+benchmarks emulate a laptop CPU); part of the built library's key."""
 NATIVE_BLOCK = 32  # input channels per activation block and per int4 group in the native kernels
 NATIVE_ROWS = 16  # output channels the native layouts interleave
 
@@ -328,8 +346,8 @@ NATIVE_ROWS = 16  # output channels the native layouts interleave
 @functools.cache
 def native_kernels() -> ctypes.CDLL | None:
     """The native kernels, compiled from NATIVE_SOURCE at first use with the C compiler ($CC, else cc or gcc) for
-    this CPU (-march=native) and kept under ~/.cache/replit_lm/kernels, one file per source, compiler and CPU
-    (about a second the first time, nothing later). None, with a warning, where there is no compiler or it fails;
+    this CPU (-march=native, plus $REPLIT_LM_NATIVE_FLAGS) and kept under ~/.cache/replit_lm/kernels, one file per
+    source, compiler, flags and CPU (about a second the first time, nothing later). None, with a warning, where there is no compiler or it fails;
     None without one where REPLIT_LM_NATIVE=off."""
     if os.environ.get(NATIVE_ENV) == "off":
         return None
@@ -340,10 +358,11 @@ def native_kernels() -> ctypes.CDLL | None:
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
         machine = f"{cpu_model()} {' '.join(sorted(cpu_flags()))}"
-        key = hashlib.sha256("\n".join([NATIVE_SOURCE, compiler, version, machine]).encode()).hexdigest()[:16]
+        flags = (*NATIVE_FLAGS, *shlex.split(os.environ.get(NATIVE_FLAGS_ENV, "")))
+        key = hashlib.sha256("\n".join([NATIVE_SOURCE, compiler, version, machine, *flags]).encode()).hexdigest()[:16]
         for directory in (Path.home() / ".cache" / "replit_lm" / "kernels", Path(tempfile.gettempdir())):
             library = directory / f"replit_lm_kernels_{key}.so"
-            if library.exists() or _compile_native(compiler, directory, library):
+            if library.exists() or _compile_native(compiler, directory, library, flags):
                 return _bind_native(ctypes.CDLL(str(library)))
     except (OSError, subprocess.SubprocessError) as error:
         warnings.warn(f"the native int8/int4 kernels could not be built ({error}): they are not used")

@@ -16,6 +16,8 @@ each llama.cpp format paired with ours (bf16 with bfloat16, q8_0 with int8, q4_0
 
     LLAMA_NO_EXTRA_BUFTS=1 python benchmarks/bench_cpu_decode.py --llama-cpp --layers 4 --prompt 64 1024
     LLAMA_NO_EXTRA_BUFTS=1 python benchmarks/bench_cpu_decode.py --llama-cpp --layers 4 --without-amx   # no AMX
+    REPLIT_LM_NATIVE_FLAGS=-mno-avx512f ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 REPLIT_LM_ROUTE_CACHE=off \
+        python benchmarks/bench_cpu_decode.py --layers 4 --batch 1 --models bfloat16   # an AVX2 laptop CPU, emulated
 
 (LLAMA_NO_EXTRA_BUFTS=1: llama.cpp without its AMX repacking, which crashes where a VM reports AMX it does not grant.)
 
@@ -212,11 +214,21 @@ def replit_sharing(model: ReplitLM, weight_quantization: str) -> ReplitLM:
 KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
 
 
+EMULATION_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", quantization.NATIVE_FLAGS_ENV)
+
+
 def machine_description() -> str:
     flags = cpu_flags()
     present = " ".join(flag for flag in KERNEL_FLAGS if flag in flags) or "unknown"
     off = "; AMX turned off (--without-amx)" if amx_turned_off() else ""
-    return f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; flags: {present}{off}"
+    # An emulated smaller CPU: torch and oneDNN capped (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA), the native kernels
+    # built with other flags (REPLIT_LM_NATIVE_FLAGS, e.g. -mno-avx512f).
+    capped = [f"{name}={os.environ[name]}" for name in EMULATION_ENV if os.environ.get(name)]
+    emulated = f"; emulating: {' '.join(capped)}" if capped else ""
+    return (
+        f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; flags: {present}{off}; "
+        f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}{emulated}"
+    )
 
 
 def print_routes():

@@ -1,7 +1,6 @@
 """Shared test set-up: the repository root on sys.path, the model files importable as the package `replit_lm`, and
 the native kernels built for AVX2."""
 
-import ctypes
 import os
 import sys
 from pathlib import Path
@@ -27,15 +26,24 @@ MODEL_CODE_FILES = replit_tools.CODE_FILES
 
 
 @pytest.fixture(scope="session")
-def avx2_native_kernels(tmp_path_factory):
-    """The native library built here with AVX512 turned off: plain C, and AVX2 variants where the CPU has AVX2 with
-    FMA, as most laptop CPUs run them."""
+def avx2_native_kernels():
+    """The native library built here with AVX512 turned off ($REPLIT_LM_NATIVE_FLAGS=-mno-avx512f): plain C, and
+    AVX2 variants where the CPU has AVX2 with FMA, as most laptop CPUs run them."""
     from replit_lm import quantization
 
-    if quantization.native_kernels() is None:
+    here = quantization.native_kernels()
+    if here is None:
         pytest.skip("no C compiler here")
-    folder = tmp_path_factory.mktemp("avx2")
-    library = folder / "avx2.so"
-    compiler = os.environ.get("CC") or "cc"
-    assert quantization._compile_native(compiler, folder, library, (*quantization.NATIVE_FLAGS, "-mno-avx512f"))
-    return quantization._bind_native(ctypes.CDLL(str(library)))
+    before = os.environ.get(quantization.NATIVE_FLAGS_ENV)
+    os.environ[quantization.NATIVE_FLAGS_ENV] = "-mno-avx512f"
+    quantization.native_kernels.cache_clear()
+    try:
+        built = quantization.native_kernels()
+    finally:
+        if before is None:
+            del os.environ[quantization.NATIVE_FLAGS_ENV]
+        else:
+            os.environ[quantization.NATIVE_FLAGS_ENV] = before
+        quantization.native_kernels.cache_clear()
+    assert built is not None and built._name != here._name  # another library, under the flags' own key
+    return built

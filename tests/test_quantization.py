@@ -376,7 +376,8 @@ def test_row_buckets():
 
 def test_a_chosen_route_drives_the_layer(monkeypatch):
     """With fake timings that make each route win somewhere, the layer computes through the chosen one."""
-    timings = {"linear": 1.0, "mv": 0.5, "native": 0.7, "native_one_stream": 0.8, "matmul_t": 2.0}
+    # float32 (the weight widened per call): a fixed cost and a lower cost per row, so that it wins a long prompt.
+    timings = {"linear": 1.0, "mv": 0.5, "native": 0.7, "native_one_stream": 0.8, "matmul_t": 2.0, "float32": (50.0, 0.5)}
     monkeypatch.setattr(quantization, "ROUTES", chooser_with(FakeTimer(timings)))
     layer = tag_routes(monkeypatch, make_layer("bfloat16", gaussian(48, 32).to(torch.bfloat16)))
     used = []
@@ -391,7 +392,9 @@ def test_a_chosen_route_drives_the_layer(monkeypatch):
     monkeypatch.setattr(layer, "route_function", spying)
     layer(torch.randn(1, 32, dtype=torch.bfloat16))
     layer(torch.randn(4, 32, dtype=torch.bfloat16))
-    assert used[-2:] == ["mv", "linear"]
+    layer(torch.randn(64, 32, dtype=torch.bfloat16))
+    layer(torch.randn(300, 32, dtype=torch.bfloat16))
+    assert used[-4:] == ["mv", "linear", "linear", "float32"]
 
 
 INT8_LAYOUTS = {"qweight": "plain", "packed": "packed", "native": "native"}  # attribute -> layout
