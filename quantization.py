@@ -404,6 +404,7 @@ def _bind_native(library: ctypes.CDLL) -> ctypes.CDLL:
         "int8_matmul": ([pointer, pointer, size, size, pointer, size, pointer, integer, integer, integer], integer),
         "amx_matmul": ([pointer, pointer, size, size, pointer, size, pointer, integer, integer, integer], integer),
         "amx_available": ([], integer),
+        "vnni_available": ([], integer),
         "amx_bf16_matmul": ([pointer, pointer, size, size, pointer, size, pointer, integer, integer, integer], integer),
         "amx_bf16_available": ([], integer),
         "bf16_matvec": ([pointer, size, size, pointer, size, pointer, integer, integer, integer], integer),
@@ -446,6 +447,12 @@ def _native_product(kernel: str, weights: tuple, n: int, x: torch.Tensor, *optio
 def _has_amx() -> bool:
     """Whether the native int8 kernel for AMX runs here (built for it, and the tile registers granted)."""
     return native_kernels() is not None and bool(native_kernels().amx_available())
+
+
+def _has_native_int8() -> bool:
+    """Whether the native int8 and int4 products run on vector instructions here (AVX512-VNNI). Without them their
+    plain C loops lose to torch's kernels, and int8 keeps a scale per output channel for torch's."""
+    return native_kernels() is not None and bool(native_kernels().vnni_available())
 
 
 @functools.cache
@@ -548,8 +555,8 @@ class QuantizedLinear(nn.Module):
 class Int8Linear(QuantizedLinear):
     """int8 weights, symmetric: weight ~= q * scale with q in [-127, 127] and a scale per block of `block_size`
     input channels: blocks of 32 with bfloat16 scales (llama.cpp's q8_0 layout) where the native kernels were
-    built, else (or `per_channel`) one float32 scale per output channel, the only scales torch's int8 kernels
-    read.
+    built with AVX512-VNNI, else (or `per_channel`) one float32 scale per output channel, the only scales torch's
+    int8 kernels read.
 
     In blocks of 32, the weights are held in the native kernel's layout only, and the routes are "dequantize" (the
     weight unpacked to the activations' dtype, then F.linear: the baseline), "native" (the activations quantized to
@@ -570,9 +577,7 @@ class Int8Linear(QuantizedLinear):
     def __init__(self, weight: torch.Tensor, per_channel: bool = False):
         super().__init__(weight.shape[1], weight.shape[0])
         self.onednn_available = _has_onednn_int8()
-        self.native_available = (
-            not per_channel and self.in_features % NATIVE_BLOCK == 0 and native_kernels() is not None
-        )
+        self.native_available = not per_channel and self.in_features % NATIVE_BLOCK == 0 and _has_native_int8()
         self.block_size = NATIVE_BLOCK if self.native_available else self.in_features
         blocks = self.in_features // self.block_size
         scale = torch.empty(self.out_features, blocks)
@@ -1310,6 +1315,16 @@ int int8_matmul(const uint8_t *w, const uint16_t *wscales, int64_t n, int64_t k,
 
 // 1 where amx_matmul runs: built for AMX, and Linux lets this process use the tile registers (a process
 // asks for them once).
+// 1 where int8_matmul and int4_matmul run on vector instructions (AVX512-VNNI); elsewhere they are plain C, slower
+// than torch's own int8 and int4 kernels (an int8 decode step 7x slower than bfloat16's, AVX2 emulated).
+int vnni_available(void) {
+#ifdef VNNI512
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 int amx_available(void) {
 #ifdef AMX_INT8
     static int state = -1;

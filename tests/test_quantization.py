@@ -100,8 +100,8 @@ def test_layers_route_by_rows_and_keep_the_input_shape(kind):
 
 
 def test_the_native_routes_are_offered_where_the_kernels_were_built():
-    if quantization.native_kernels() is None:
-        pytest.skip("no C compiler here")
+    if not quantization._has_native_int8():
+        pytest.skip("no C compiler or no AVX512-VNNI here")
     weight = gaussian(64, 64).to(torch.bfloat16)
     assert "native" in Int8Linear(weight).routes(1) and "native" in Int4Linear(weight).routes(1)
     assert "native" not in Int4Linear(weight, group_size=64).routes(1)  # the kernel's groups are of 32
@@ -171,7 +171,7 @@ def test_the_amx_bfloat16_route_is_the_product_with_the_unpacked_weight(layer_cl
         assert relative_error(amx(x.to(torch.bfloat16)), expected) < 0.004, rows  # rounded to bfloat16
 
 
-@pytest.mark.skipif(quantization.native_kernels() is None, reason="no C compiler here")
+@pytest.mark.skipif(not quantization._has_native_int8(), reason="no C compiler or no AVX512-VNNI here")
 def test_int8_with_the_native_kernels_has_a_bfloat16_scale_per_block_of_32(monkeypatch):
     """q8_0's layout: closer to the weights than a scale per output channel (whose torch kernels are then not
     offered: they read no other scales), held once, in the native kernels' layout."""
@@ -195,7 +195,7 @@ def test_int8_with_the_native_kernels_has_a_bfloat16_scale_per_block_of_32(monke
     assert error["blocks"] < error["rows"] / 10
 
 
-@pytest.mark.skipif(quantization.native_kernels() is None, reason="no C compiler here")
+@pytest.mark.skipif(not quantization._has_native_int8(), reason="no C compiler or no AVX512-VNNI here")
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_the_native_kernels_read_and_write_each_dtype(kind):
     """bfloat16 and float32 go in and out of the kernels as they are (the bfloat16 output rounded as torch rounds,
@@ -239,7 +239,7 @@ def test_without_a_compiler_the_native_routes_fall_back(monkeypatch, tmp_path, s
         quantization.native_kernels.cache_clear()
 
 
-@pytest.mark.skipif(quantization.native_kernels() is None, reason="no C compiler here")
+@pytest.mark.skipif(not quantization._has_native_int8(), reason="no C compiler or no AVX512-VNNI here")
 def test_the_native_kernels_without_avx512_compute_the_same(monkeypatch, avx2_native_kernels):
     """The plain C the kernels fall back to where the CPU has no AVX512-VNNI, built here with AVX512 turned off:
     the same products and dequantized weights as this machine's build."""
@@ -689,8 +689,8 @@ QUANTIZED_ROUTES = {"int4": ["dequantize", "dequantize_t", "kernel", "native", "
 def test_quantized_model_runs_prompt_and_decode_routes(monkeypatch, mode, route):
     """Through each route where the layer offers it, the baseline elsewhere (routes differ in how they round the
     activations, which this check is not about)."""
-    if route.startswith("native") and quantization.native_kernels() is None:
-        pytest.skip("no C compiler here")
+    if route.startswith("native") and not quantization._has_native_int8():
+        pytest.skip("no C compiler or no AVX512-VNNI here")
     if route == "native_amx" and not quantization._has_amx() or route == "native_amx_bf16" and not has_amx_bf16:
         pytest.skip("no AMX here")
     timings = dict.fromkeys(QUANTIZED_ROUTES[mode], 1.0) | {route: 0.5}
@@ -848,3 +848,16 @@ def test_demo_model_quantized_accuracy_within_stated_bounds(mode):
     min_agreement, max_error = DEMO_BOUNDS[mode]
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= min_agreement
     assert relative_error(got, expected) <= max_error
+
+
+def test_int8_keeps_torch_s_layout_where_the_native_int8_kernel_is_plain_c(monkeypatch, avx2_native_kernels):
+    """Built without AVX512-VNNI, the native int8 product is a plain C loop (7x slower than a bfloat16 decode step,
+    AVX2 emulated): int8 then keeps a scale per output channel and torch's int8 kernels, as without a compiler."""
+    if avx2_native_kernels.vnni_available():
+        pytest.skip("this compiler builds AVX512-VNNI even with -mno-avx512f")
+    monkeypatch.setattr(quantization, "native_kernels", lambda: avx2_native_kernels)
+    weight = gaussian(64, 64).to(torch.bfloat16)
+    layer = Int8Linear(weight)
+    assert not layer.native_available and layer.block_size == 64 and "native" not in layer.routes(1)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    assert relative_error(layer(x), x.float() @ weight.float().t()) < ROUTE_BOUNDS["int8 onednn"]
