@@ -9,12 +9,24 @@
 
 import sys
 
-try:  # torch and transformers take seconds to import: Ctrl-C then is no error either
-    from replit_tools import evaluation, humaneval
-except KeyboardInterrupt:
-    sys.exit(130)
+from replit_tools.commands import held_out_arguments, humaneval_arguments
 
-COMMANDS = {"humaneval": humaneval.main, "held-out": evaluation.main}
+
+def humaneval(argv: list[str]) -> int:
+    args = humaneval_arguments(argv)  # --help and a bad command line answer before torch loads
+    from replit_tools.humaneval import run_command
+
+    return run_command(args)
+
+
+def held_out(argv: list[str]) -> int:
+    args = held_out_arguments(argv)
+    from replit_tools.evaluation import run_command
+
+    return run_command(args)
+
+
+COMMANDS = {"humaneval": humaneval, "held-out": held_out}
 
 
 def main(argv: list[str]) -> int:
@@ -24,7 +36,7 @@ def main(argv: list[str]) -> int:
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         print(f"error: unknown command {argv[0]!r}: use {' or '.join(COMMANDS)} (see --help)", file=sys.stderr)
         return 2
-    command, argv = (COMMANDS[argv[0]], argv[1:]) if argv and argv[0] in COMMANDS else (evaluation.main, argv)
+    command, argv = (COMMANDS[argv[0]], argv[1:]) if argv and argv[0] in COMMANDS else (COMMANDS["held-out"], argv)
     try:
         return command(argv)
     except KeyboardInterrupt:

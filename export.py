@@ -3,10 +3,12 @@ vLLM, TGI) or `python3 export.py --to gguf OUT.gguf --type q8_0` (llama.cpp, Oll
 
 import sys
 
-try:  # torch and transformers take seconds to import: Ctrl-C then is no error either
-    from replit_tools.export import main
-except KeyboardInterrupt:
-    sys.exit(130)
+from replit_tools.commands import export_arguments
 
 if __name__ == "__main__":
-    sys.exit(main())
+    args = export_arguments()  # --help and a bad command line answer before torch loads
+    try:  # torch and transformers take seconds to import: Ctrl-C then is no error either
+        from replit_tools.export import run
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(run(args))

@@ -2,10 +2,12 @@
 
 import sys
 
-try:  # torch and transformers take seconds to import: Ctrl-C then is no error either
-    from replit_tools.server import main
-except KeyboardInterrupt:
-    sys.exit(130)
+from replit_tools.commands import server_arguments
 
 if __name__ == "__main__":
-    sys.exit(main())
+    args = server_arguments()  # --help and a bad command line answer before torch loads
+    try:  # torch and transformers take seconds to import: Ctrl-C then is no error either
+        from replit_tools.server import run
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(run(args))

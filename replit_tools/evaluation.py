@@ -36,11 +36,10 @@ from typing import NamedTuple
 import torch
 import transformers
 
-from . import DEMO_MODEL
 from .completion import Completer, Settings
 from .corpus import read_text, stdlib_sources
 from .loading import load_completer, run_quietly
-from .options import OneLineErrorParser
+from .commands import held_out_arguments
 from .postprocessing import finish_completion
 from replit_lm.replit_lm_tokenizer import ReplitLMTokenizer
 
@@ -203,28 +202,11 @@ def evaluate(model_path: Path, held_out_files: list[Path], seed: int = 0, prompt
 
 
 def main(argv=None) -> int:
-    parser = OneLineErrorParser(prog="evaluate.py held-out", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=DEMO_MODEL)
-    parser.add_argument("--prompts", type=int,
-                        help="function headers to complete (default 100; 20 with --headers-only)")  # fmt: skip
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="the token budget of a completion")
-    parser.add_argument("--original-code", action="store_true",
-                        help="measure the code that follows each header in its file instead of the model (with the "
-                             "model's tokenizer)")  # fmt: skip
-    parser.add_argument("--headers-only", action="store_true",
-                        help="each prompt the header alone (no code before it, no final newline), greedy; prints "
-                             "every completion")  # fmt: skip
-    parser.add_argument("--sample", action="store_true",
-                        help="with --headers-only: the card's sampling settings instead of greedy")  # fmt: skip
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.prompts is None:
-        args.prompts = 20 if args.headers_only else 100
-    for name, value in (("--prompts", args.prompts), ("--max-new-tokens", args.max_new_tokens)):
-        if value < 1:
-            parser.error(f"{name} must be at least 1")
-    if args.sample and not args.headers_only:
-        parser.error("--sample goes with --headers-only (the other measures sample with the card's settings)")
+    return run_command(held_out_arguments(argv))
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """evaluate.py held-out after its command line was read (commands.held_out_arguments)."""
     report = run_quietly(run, args)
     if report is None:
         return 1

@@ -18,14 +18,12 @@ from pathlib import Path
 
 import torch
 
-from . import DEMO_MODEL
 from .loading import load_model, model_source, quiet_libraries
 from .mpt_reference import mpt_config
-from .options import CompletionError, OneLineErrorParser, one_line
+from .commands import export_arguments
+from .options import CompletionError, one_line
 from replit_lm.replit_lm_tokenizer import ReplitLMTokenizer, ReplitLMTokenizerFast, _as_trained, _SentencePieceModel
 
-FORMATS = {"mpt": ("f32", "bf16"), "gguf": ("f32", "bf16", "q8_0", "q4_0")}
-DEFAULT_TYPE = {"mpt": "f32", "gguf": "bf16"}
 # save_pretrained's default shard size: the 10 GB float32 checkpoint becomes 3 files.
 MAX_SHARD_SIZE = "5GB"
 # MPT's initialisation settings as the published config.json spells them; TGI's MPT code reads `init_config`.
@@ -303,31 +301,6 @@ def open_gguf(path: Path, extra_buffer_types: bool = True, **llama_arguments):
 # ----- command line ------------------------------------------------------------------------------------------------
 
 
-def parse_arguments(argv=None) -> argparse.Namespace:
-    parser = OneLineErrorParser(
-        error_status=1,
-        description="Export replit-code-v1-3b as a transformers MPT folder (vLLM, TGI) or a GGUF file (llama.cpp).",
-        epilog="Exit status: 0 on success, 1 on any error (one line on stderr). See docs/export.md.",
-    )
-    parser.add_argument(
-        "--model",
-        default=str(DEMO_MODEL),
-        help="a model folder as generate.py --model takes it (either checkpoint layout), or a Hub id "
-        "(default: the embedded demo model)",
-    )
-    parser.add_argument("--to", required=True, choices=sorted(FORMATS), help="mpt: a folder; gguf: one file")
-    parser.add_argument("output", type=Path, help="the folder (mpt) or file (gguf) to write; must not exist")
-    parser.add_argument(
-        "--type",
-        help="weights: f32 or bf16 for mpt (default f32); f32, bf16, q8_0 or q4_0 for gguf (default bf16)",
-    )
-    args = parser.parse_args(argv)
-    args.type = (DEFAULT_TYPE[args.to] if args.type is None else args.type).lower()
-    if args.type not in FORMATS[args.to]:
-        parser.error(f"--type {args.type} is not available for {args.to}: use one of {', '.join(FORMATS[args.to])}")
-    return args
-
-
 def readable_by_all(path: Path):
     """The permissions a new file or folder gets from the umask (the temporary ones are private to the user)."""
     umask = os.umask(0)
@@ -378,7 +351,11 @@ def export(model, to: str, output: Path, type_: str) -> Path:
 
 
 def main(argv=None) -> int:
-    args = parse_arguments(argv)
+    return run(export_arguments(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """export.py after its command line was read (commands.export_arguments): one line on any error."""
     quiet_libraries()
     try:
         written = export(args.model, args.to, args.output, args.type)

@@ -16,29 +16,26 @@ Codex paper's unbiased estimator over its n samples, and the score is the mean o
 
 import argparse
 import json
-import os
 import platform
 import random
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 import transformers
 from tqdm import tqdm
 
-from .cli import unescape
+from .commands import humaneval_arguments as parse_arguments
 from .completion import Completer, Completion, CompletionError, Settings
 from .loading import load_from_arguments, run_quietly
-from .options import OneLineErrorParser, add_model_arguments, one_line
+from .options import one_line
 from .postprocessing import DEFAULT_STOP_SEQUENCES
 from .sandbox import Limits, isolation_summary, run_programs
 
 HUMANEVAL_PROBLEMS = 164
 # The longest canonical solution is 294 tokens with the real tokenizer; the longest prompt (523 tokens with the
 # demo's tokenizer, 440 with the real one) still fits the demo's context of 1024 with this budget.
-MAX_NEW_TOKENS = 384
 REPORTED_K = (1, 10, 100)
 
 
@@ -260,66 +257,12 @@ def evaluate_humaneval(args: argparse.Namespace) -> dict:
     }
 
 
-def parse_arguments(argv=None) -> argparse.Namespace:
-    parser = OneLineErrorParser(prog="evaluate.py humaneval", description=__doc__.split("\n\n")[0],
-                                 epilog="Exit status: 0 when the evaluation ran (whatever the score), 1 when it "
-                                        "could not run, 2 for a bad command line.")  # fmt: skip
-    add_model_arguments(parser)
-    card = Settings()
-    generation = parser.add_argument_group("generation (defaults: the model card's sampling settings)")
-    generation.add_argument("-n", "--samples", type=int, default=1, metavar="N",
-                            help="completions per problem: pass@k is reported for k in 1, 10, 100 up to N "
-                                 "(default 1)")  # fmt: skip
-    generation.add_argument("--greedy", action="store_true", help="greedy decoding (then -n must be 1)")
-    generation.add_argument("--temperature", type=float, default=card.temperature, help=f"default {card.temperature}")
-    generation.add_argument("--top-p", type=float, default=card.top_p, help=f"default {card.top_p}")
-    generation.add_argument("--top-k", type=int, default=card.top_k, help=f"default {card.top_k}")
-    generation.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, metavar="N",
-                            help="token budget of a completion; most stop earlier, at a stop sequence (default "
-                                 f"{MAX_NEW_TOKENS})")  # fmt: skip
-    generation.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                            help="a stop sequence to add to the card's defaults (repeatable; \\n, \\t, \\r, \\\\ "
-                                 "are read as the characters they name)")  # fmt: skip
-    generation.add_argument("--batch-size", type=int, default=16, metavar="N",
-                            help="sequences per generate call: several problems with all their samples "
-                                 "(default 16)")  # fmt: skip
-    generation.add_argument("--seed", type=int, default=0, help="generate call i is seeded with seed + i (default 0)")
-    subset = parser.add_argument_group("problems (default: all 164)")
-    subset.add_argument("--limit", type=int, metavar="N", help="the first N problems only")
-    subset.add_argument("--problems", type=lambda text: [t.strip() for t in text.split(",") if t.strip()],
-                        metavar="IDS", help="these problems only, e.g. HumanEval/0,HumanEval/5 (or 0,5)")  # fmt: skip
-    subset.add_argument("--canonical", action="store_true",
-                        help="run the problems' canonical solutions instead of a model: the harness's own check, "
-                             "which scores 100%%")  # fmt: skip
-    execution = parser.add_argument_group("execution (replit_tools/sandbox.py)")
-    execution.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                           help="programs run at a time (default: the number of CPUs)")  # fmt: skip
-    execution.add_argument("--timeout", type=float, default=Limits.timeout,
-                           help="seconds of wall-clock and CPU time per program "
-                                f"(default {Limits.timeout:g})")  # fmt: skip
-    execution.add_argument("--memory-mb", type=int, default=Limits.memory_mb,
-                           help=f"address-space limit per program, MB (default {Limits.memory_mb})")  # fmt: skip
-    output = parser.add_argument_group("output")
-    output.add_argument("--output", metavar="PATH", help="write the JSON report there")
-    output.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    args = parser.parse_args(argv)
-    for name, value, least in (("-n", args.samples, 1), ("--batch-size", args.batch_size, 1),
-                               ("--workers", args.workers, 1), ("--limit", args.limit, 1)):  # fmt: skip
-        if value is not None and value < least:
-            parser.error(f"{name} must be at least {least}")
-    if args.problems == []:
-        parser.error("--problems names no problem: give ids such as HumanEval/0,HumanEval/5 (or 0,5)")
-    if args.output:
-        # Checked now rather than after an evaluation of many minutes.
-        output = Path(args.output)
-        if output.is_dir() or not output.parent.is_dir():
-            parser.error(f"--output {args.output}: " + ("a folder" if output.is_dir() else "no such folder"))
-    args.stop = [unescape(text) for text in args.stop]
-    return args
-
-
 def main(argv=None) -> int:
-    args = parse_arguments(argv)
+    return run_command(parse_arguments(argv))
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """evaluate.py humaneval after its command line was read (commands.humaneval_arguments)."""
     report = run_quietly(evaluate_humaneval, args)
     if report is None:
         return 1

@@ -21,7 +21,6 @@ import ipaddress
 import json
 import logging
 import math
-import os
 import socket
 import sys
 import threading
@@ -43,7 +42,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .completion import Completer, Completion, CompletionError, Row, Settings
 from .loading import load_from_arguments, quiet_libraries
-from .options import add_model_arguments, one_line
+from .commands import API_KEY_ENV, server_arguments
+from .options import one_line
 from .postprocessing import DEFAULT_STOP_SEQUENCES, STOP_LENGTH, FinishedCompletion
 
 # OpenAI request fields this server cannot honour, with the value that asks for nothing (and is accepted).
@@ -60,7 +60,6 @@ MAX_COMPLETIONS_PER_REQUEST = 16  # prompts times n
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_SEQUENCE_CHARS = 256
 MAX_SEED = 2**32 - 1  # transformers.set_seed seeds numpy too, which takes 0 .. 2**32 - 1
-API_KEY_ENV = "REPLIT_API_KEY"
 # Prompts up to this many characters in all are tokenized on the event loop (about a millisecond), longer ones on
 # a worker thread: a hand-off to another thread costs more than that on a busy machine.
 INLINE_TOKENIZATION_CHARS = 16384
@@ -744,48 +743,11 @@ def listen(host: str, port: int, backlog: int) -> socket.socket:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_model_arguments(parser)
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
-    parser.add_argument("--served-model-name", help="the model's id in the API (default: --model's last part)")
-    access = parser.add_argument_group("access")
-    access.add_argument(
-        "--api-key",
-        default=os.environ.get(API_KEY_ENV) or None,
-        help=f"require 'Authorization: Bearer KEY' on /v1/ (default: the environment variable {API_KEY_ENV})",
-    )
-    access.add_argument(
-        "--allow-unauthenticated",
-        action="store_true",
-        help="listen beyond localhost without an API key (anyone who reaches the port can use the model)",
-    )
-    limits = parser.add_argument_group("limits")
-    limits.add_argument("--max-batch-size", type=int, default=16, help="most completions in one batch (16)")
-    limits.add_argument(
-        "--max-queued", type=int, default=256, help="most requests waiting for the model; more get HTTP 429 (256)"
-    )
-    limits.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body; HTTP 413 (1 MiB)")
-    limits.add_argument(
-        "--read-timeout",
-        type=float,
-        default=30,
-        help="seconds for a client to send a whole request, headers and body (30); then HTTP 408 and closed",
-    )
-    limits.add_argument(
-        "--timeout-keep-alive", type=int, default=5, help="seconds an idle keep-alive connection stays open (5)"
-    )
-    limits.add_argument("--backlog", type=int, default=2048, help="connections waiting to be accepted (2048)")
-    parser.add_argument(
-        "--log-level",
-        default="info",
-        choices=["debug", "info", "warning", "error"],
-        help="uvicorn's log on standard error (info: one line per request)",
-    )
-    args = parser.parse_args(argv)
-    for name in ("max_batch_size", "max_queued", "max_body_bytes", "read_timeout", "timeout_keep_alive", "backlog"):
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
+    return run(server_arguments(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """serve.py after its command line was read (commands.server_arguments)."""
     if args.api_key is None and not is_loopback(args.host) and not args.allow_unauthenticated:
         print(
             f"error: --host {args.host} listens beyond this machine without an API key: give --api-key KEY (or set "

@@ -11,6 +11,7 @@ import pytest
 from completion_helpers import DEMO, ROOT, one_torch_thread, run_script  # noqa: F401
 
 from replit_tools import humaneval
+from replit_tools.commands import HUMANEVAL_MAX_NEW_TOKENS
 from replit_tools.completion import CompletionError, Settings
 from replit_tools.humaneval import generation_batches, pass_at_k, program, score, select_problems
 from replit_tools.postprocessing import DEFAULT_STOP_SEQUENCES, truncate
@@ -192,12 +193,11 @@ def test_evaluate_py_dispatches_commands_and_runs_held_out_without_one(monkeypat
     calls = []
     monkeypatch.setitem(evaluate.COMMANDS, "humaneval", lambda argv: calls.append(("humaneval", argv)) or 0)
     monkeypatch.setitem(evaluate.COMMANDS, "held-out", lambda argv: calls.append(("held-out", argv)) or 0)
-    monkeypatch.setattr(evaluate.evaluation, "main", lambda argv: calls.append(("default", argv)) or 0)
     assert evaluate.main(["humaneval", "--limit", "3"]) == 0
     assert evaluate.main(["held-out", "--prompts", "5"]) == 0
-    assert evaluate.main(["--prompts", "5"]) == 0 and evaluate.main([]) == 0
-    assert calls == [("humaneval", ["--limit", "3"]), ("held-out", ["--prompts", "5"]), ("default", ["--prompts", "5"]),
-                     ("default", [])]  # fmt: skip
+    assert evaluate.main(["--prompts", "5"]) == 0 and evaluate.main([]) == 0  # no command: held-out
+    assert calls == [("humaneval", ["--limit", "3"]), ("held-out", ["--prompts", "5"]), ("held-out", ["--prompts", "5"]),
+                     ("held-out", [])]  # fmt: skip
     assert evaluate.main(["humaneva"]) == 2 and "unknown command" in capsys.readouterr().err
     assert evaluate.main(["--help"]) == 0 and "humaneval" in capsys.readouterr().out
 
@@ -207,7 +207,7 @@ def test_every_prompt_fits_the_demo_s_context_with_the_default_budget(problems):
 
     tokenizer = ReplitLMTokenizer.from_pretrained(DEMO)
     longest = max(len(ids) for ids in tokenizer([p["prompt"] for p in problems])["input_ids"])
-    assert longest + humaneval.MAX_NEW_TOKENS <= json.loads((DEMO / "config.json").read_text())["max_seq_len"]
+    assert longest + HUMANEVAL_MAX_NEW_TOKENS <= json.loads((DEMO / "config.json").read_text())["max_seq_len"]
 
 
 @pytest.mark.parametrize(
@@ -232,3 +232,4 @@ def test_evaluate_py_answers_bad_input_in_one_line_before_any_work(args, message
     stderr = result.stderr.decode()
     assert result.returncode in (1, 2) and "Traceback" not in stderr, stderr
     assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("error: ") and message in stderr, stderr
+
