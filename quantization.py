@@ -267,8 +267,9 @@ class RoutedLinear(nn.Linear):
     than WIDEN_ROWS rows (`_widened_product`), or for one row of bfloat16 the native `bf16_matvec` (AVX512-BF16's
     dot products, else AVX512 or AVX2 multiply-adds of the weights widened to float32), reading the weight as it
     is, in either of its loop orders ("native": 4 output channels at a time with a software prefetch;
-    "native_one_stream": one at a time, the hardware prefetchers alone). float32 (F.linear already reads its weights at the memory's speed there, and
-    stays bit for bit what the reference computes), training, other devices and layers with a bias use F.linear."""
+    "native_one_stream": one at a time, the hardware prefetchers alone). float32 (F.linear already reads its
+    weights at the memory's speed there, and stays bit for bit what the reference computes), training, other
+    devices and layers with a bias use F.linear."""
 
     NATIVE_ONE_STREAM = {"native": 0, "native_one_stream": 1}  # route: bf16_matvec's `one_stream` argument
 
@@ -347,8 +348,8 @@ NATIVE_ROWS = 16  # output channels the native layouts interleave
 def native_kernels() -> ctypes.CDLL | None:
     """The native kernels, compiled from NATIVE_SOURCE at first use with the C compiler ($CC, else cc or gcc) for
     this CPU (-march=native, plus $REPLIT_LM_NATIVE_FLAGS) and kept under ~/.cache/replit_lm/kernels, one file per
-    source, compiler, flags and CPU (about a second the first time, nothing later). None, with a warning, where there is no compiler or it fails;
-    None without one where REPLIT_LM_NATIVE=off."""
+    source, compiler, flags and CPU (about a second the first time, nothing later). None, with a warning, where
+    there is no compiler or it fails; None without one where REPLIT_LM_NATIVE=off."""
     if os.environ.get(NATIVE_ENV) == "off":
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -1662,7 +1663,7 @@ static inline __attribute__((always_inline)) vfloat vload(const void *row, int64
     if (!bf16) return _mm512_loadu_ps((const float *)row + at);
     return vbits(ishl(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)row + at))), 16));
 }
-static inline vfloat vzero_below(vfloat x, vfloat limit, vfloat value) {  // value where x <= limit, else 0
+static inline vfloat vzero_below(vfloat x, vfloat limit, vfloat value) {  // value where x > limit, else 0
     return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, limit, _CMP_GT_OQ), value);
 }
 // 2 * VECTOR_LANES bfloat16 values as float32: the even-indexed ones (the low halves of the 32-bit lanes) and the
