@@ -405,7 +405,7 @@ def _bind_native(library: ctypes.CDLL) -> ctypes.CDLL:
         "int8_matmul": ([pointer, pointer, size, size, pointer, size, pointer, integer, integer, integer], integer),
         "amx_matmul": ([pointer, pointer, size, size, pointer, size, pointer, integer, integer, integer], integer),
         "amx_available": ([], integer),
-        "vnni_available": ([], integer),
+        "int8_vectors_available": ([], integer),
         "amx_bf16_matmul": ([pointer, pointer, size, size, pointer, size, pointer, integer, integer, integer], integer),
         "amx_bf16_available": ([], integer),
         "bf16_matvec": ([pointer, size, size, pointer, size, pointer, integer, integer, integer], integer),
@@ -451,9 +451,9 @@ def _has_amx() -> bool:
 
 
 def _has_native_int8() -> bool:
-    """Whether the native int8 and int4 products run on vector instructions here (AVX512-VNNI). Without them their
-    plain C loops lose to torch's kernels, and int8 keeps a scale per output channel for torch's."""
-    return native_kernels() is not None and bool(native_kernels().vnni_available())
+    """Whether the native int8 and int4 products run on vector instructions here (AVX512-VNNI, or AVX2 with FMA).
+    Without them their plain C loops lose to torch's kernels, and int8 keeps a scale per output channel for torch's."""
+    return native_kernels() is not None and bool(native_kernels().int8_vectors_available())
 
 
 @functools.cache
@@ -556,8 +556,8 @@ class QuantizedLinear(nn.Module):
 class Int8Linear(QuantizedLinear):
     """int8 weights, symmetric: weight ~= q * scale with q in [-127, 127] and a scale per block of `block_size`
     input channels: blocks of 32 with bfloat16 scales (llama.cpp's q8_0 layout) where the native kernels were
-    built with AVX512-VNNI, else (or `per_channel`) one float32 scale per output channel, the only scales torch's
-    int8 kernels read.
+    built with AVX512-VNNI or AVX2, else (or `per_channel`) one float32 scale per output channel, the only scales
+    torch's int8 kernels read.
 
     In blocks of 32, the weights are held in the native kernel's layout only, and the routes are "dequantize" (the
     weight unpacked to the activations' dtype, then F.linear: the baseline), "native" (the activations quantized to
@@ -1230,6 +1230,146 @@ static inline __attribute__((always_inline)) void int4_tile(const uint8_t *wb, c
     }
     for (int r = 0; r < R; r++) store16(y, r * n, acc[r], y_bf16);
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+// AVX2 (most laptop CPUs): the same tiles, each 16 output channels as two halves of 8 (one 256-bit vector holds 4
+// input channels of 8), with the same integer sums and the same float steps as the AVX512 ones, so that the outputs
+// are theirs bit for bit. AVX2 has no unsigned-by-signed dot product into int32: vpmaddubsw multiplies bytes into
+// pairs summed in int16 (saturating), vpmaddwd adds those pairs into int32. For int8 weights, whose q + 128 times
+// an int8 activation would saturate the pairs, the weights go back to q (the sign bit flipped), the unsigned
+// operand is |q| and the activations take q's sign (llama.cpp's q8_0 products): no pair above 127 * 127 * 2, and no
+// 128 * xqsum to take off.
+#include <immintrin.h>
+#define INT_AVX2 1
+static inline __m256i bf16_bits8(__m256 v) {  // float_to_bf16 of 8 floats, in the low half of each 32-bit lane
+    __m256i bits = _mm256_castps_si256(v);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    return _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+}
+
+static inline void store8(void *y, int64_t at, __m256 v, int y_bf16) {
+    if (y_bf16) {
+        __m256i bits = bf16_bits8(v);  // each at most 0xFFFF: the unsigned saturating pack keeps it
+        _mm_storeu_si128((__m128i *)((uint16_t *)y + at),
+                         _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1)));
+    } else {
+        _mm256_storeu_ps((float *)y + at, v);
+    }
+}
+
+static inline __m256 bf16x8(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+// int8_block_dots of int8_tile above, per half: dot[r][h] the products of channels 8h..8h+7 with row r, q . xq.
+static inline __attribute__((always_inline)) void int8_block_dots8(const uint8_t *wb, int64_t k, int64_t b,
+        const void *xq, int R, int wide, __m256i dot[][2]) {
+    const __m256i sign = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+    if (!wide) {
+        for (int r = 0; r < R; r++) dot[r][0] = dot[r][1] = _mm256_setzero_si256();
+        for (int j = 0; j < BLOCK / 4; j++) {
+            const uint8_t *p = wb + (b * (BLOCK / 4) + j) * 64;
+            _mm_prefetch((const char *)(p + PREFETCH_AHEAD), _MM_HINT_T0);
+            for (int h = 0; h < 2; h++) {
+                __m256i q = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(p + 32 * h)), sign);
+                __m256i magnitude = _mm256_abs_epi8(q);
+                for (int r = 0; r < R; r++) {
+                    int32_t four;
+                    memcpy(&four, (const int8_t *)xq + r * k + b * BLOCK + j * 4, 4);
+                    __m256i pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(_mm256_set1_epi32(four), q));
+                    dot[r][h] = _mm256_add_epi32(dot[r][h], _mm256_madd_epi16(pairs, ones));
+                }
+            }
+        }
+        return;
+    }
+    // int16 activations: the weights widened to 16 bits, 4 channels per vector (a quarter of the 16), each channel's
+    // inputs 0-1 in one 32-bit lane and 2-3 in the next; the lanes' pairs added at the end of the block. Sums of
+    // (q + 128) xq: at most 255 * 32767 * 32 in magnitude, within int32; 128 xqsum taken off after.
+    __m256i quarter[4][4];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < 4; c++) quarter[r][c] = _mm256_setzero_si256();
+    for (int j = 0; j < BLOCK / 4; j++) {
+        const uint8_t *p = wb + (b * (BLOCK / 4) + j) * 64;
+        _mm_prefetch((const char *)(p + PREFETCH_AHEAD), _MM_HINT_T0);
+        __m256i w[4];
+        for (int c = 0; c < 4; c++) w[c] = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(p + 16 * c)));
+        for (int r = 0; r < R; r++) {
+            int64_t four;
+            memcpy(&four, (const int16_t *)xq + r * k + b * BLOCK + j * 4, 8);
+            __m256i x = _mm256_set1_epi64x(four);
+            for (int c = 0; c < 4; c++) quarter[r][c] = _mm256_add_epi32(quarter[r][c], _mm256_madd_epi16(w[c], x));
+        }
+    }
+    // hadd of channels 0-3 and 4-7 of a half gives 0, 1, 4, 5 | 2, 3, 6, 7; the 64-bit permutation orders them.
+    for (int r = 0; r < R; r++)
+        for (int h = 0; h < 2; h++)
+            dot[r][h] = _mm256_permute4x64_epi64(_mm256_hadd_epi32(quarter[r][2 * h], quarter[r][2 * h + 1]), 0xD8);
+}
+
+static inline __attribute__((always_inline)) void int8_tile(const uint8_t *wb, const uint16_t *sb, int64_t k,
+        const void *xq, const float *xs, const int32_t *xqsum, int R, int wide, void *y, int64_t n, int y_bf16) {
+    __m256 acc[4][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    const int64_t blocks = k / BLOCK;
+    for (int64_t b = 0; b < blocks; b++) {
+        __m256i dot[4][2];
+        int8_block_dots8(wb, k, b, xq, R, wide, dot);
+        for (int h = 0; h < 2; h++) {
+            __m256 scale = bf16x8(sb + b * 16 + 8 * h);
+            for (int r = 0; r < R; r++) {
+                __m256i exact = wide ? _mm256_sub_epi32(dot[r][h], _mm256_set1_epi32(128 * xqsum[r * blocks + b]))
+                                     : dot[r][h];
+                __m256 both = _mm256_mul_ps(scale, _mm256_set1_ps(xs[r * blocks + b]));
+                acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), both, acc[r][h]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int h = 0; h < 2; h++) store8(y, r * n + 8 * h, acc[r][h], y_bf16);
+}
+
+static inline __attribute__((always_inline)) void int4_tile(const uint8_t *wb, const uint16_t *sb,
+        const uint16_t *zb, int64_t k, const int8_t *xq, const float *xs, const int32_t *xqsum, const float *xsum,
+        int R, void *y, int64_t n, int y_bf16) {
+    __m256 acc[4][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    const int64_t groups = k / BLOCK;
+    const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    for (int64_t g = 0; g < groups; g++) {
+        // The group's products summed in int16 before vpmaddwd: a pair at most 15 * 127 * 2, 8 pairs per lane
+        // (30480), no saturation.
+        __m256i pairs[4][2];
+        for (int r = 0; r < R; r++) pairs[r][0] = pairs[r][1] = _mm256_setzero_si256();
+        for (int s = 0; s < BLOCK / 8; s++) {
+            const uint8_t *p = wb + (g * (BLOCK / 8) + s) * 64;
+            _mm_prefetch((const char *)(p + PREFETCH_AHEAD), _MM_HINT_T0);
+            for (int h = 0; h < 2; h++) {
+                __m256i packed = _mm256_loadu_si256((const __m256i *)(p + 32 * h));
+                __m256i w0 = _mm256_and_si256(packed, low);
+                __m256i w1 = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
+                for (int r = 0; r < R; r++) {
+                    int32_t four0, four1;
+                    memcpy(&four0, xq + r * k + g * BLOCK + s * 8, 4);
+                    memcpy(&four1, xq + r * k + g * BLOCK + s * 8 + 4, 4);
+                    pairs[r][h] = _mm256_add_epi16(pairs[r][h], _mm256_maddubs_epi16(w0, _mm256_set1_epi32(four0)));
+                    pairs[r][h] = _mm256_add_epi16(pairs[r][h], _mm256_maddubs_epi16(w1, _mm256_set1_epi32(four1)));
+                }
+            }
+        }
+        for (int h = 0; h < 2; h++) {
+            __m256 scale = bf16x8(sb + g * 16 + 8 * h), zero = bf16x8(zb + g * 16 + 8 * h);
+            for (int r = 0; r < R; r++) {
+                __m256i centred = _mm256_sub_epi32(_mm256_madd_epi16(pairs[r][h], ones),
+                                                   _mm256_set1_epi32(8 * xqsum[r * groups + g]));
+                __m256 part = _mm256_mul_ps(_mm256_cvtepi32_ps(centred), _mm256_set1_ps(xs[r * groups + g]));
+                acc[r][h] = _mm256_fmadd_ps(part, scale, acc[r][h]);
+                acc[r][h] = _mm256_fmadd_ps(zero, _mm256_set1_ps(xsum[r * groups + g]), acc[r][h]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int h = 0; h < 2; h++) store8(y, r * n + 8 * h, acc[r][h], y_bf16);
+}
 #else
 static inline void store1(void *y, int64_t at, float v, int y_bf16) {
     if (y_bf16)
@@ -1314,18 +1454,18 @@ int int8_matmul(const uint8_t *w, const uint16_t *wscales, int64_t n, int64_t k,
     return 1;
 }
 
-// 1 where amx_matmul runs: built for AMX, and Linux lets this process use the tile registers (a process
-// asks for them once).
-// 1 where int8_matmul and int4_matmul run on vector instructions (AVX512-VNNI); elsewhere they are plain C, slower
-// than torch's own int8 and int4 kernels (an int8 decode step 7x slower than bfloat16's, AVX2 emulated).
-int vnni_available(void) {
-#ifdef VNNI512
+// 1 where int8_matmul and int4_matmul run on vector instructions (AVX512-VNNI, or AVX2 with FMA); elsewhere they
+// are plain C, slower than torch's own int8 and int4 kernels (an int8 decode step 7x slower than bfloat16's).
+int int8_vectors_available(void) {
+#if defined(VNNI512) || defined(INT_AVX2)
     return 1;
 #else
     return 0;
 #endif
 }
 
+// 1 where amx_matmul runs: built for AMX, and Linux lets this process use the tile registers (a process
+// asks for them once).
 int amx_available(void) {
 #ifdef AMX_INT8
     static int state = -1;

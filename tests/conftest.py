@@ -1,5 +1,5 @@
 """Shared test set-up: the repository root on sys.path, the model files importable as the package `replit_lm`, and
-the native kernels built for AVX2."""
+the native kernels built for AVX2 and for neither AVX2 nor AVX512."""
 
 import os
 import sys
@@ -25,17 +25,16 @@ import replit_tools  # noqa: E402  (also registers the model files as the packag
 MODEL_CODE_FILES = replit_tools.CODE_FILES
 
 
-@pytest.fixture(scope="session")
-def avx2_native_kernels():
-    """The native library built here with AVX512 turned off ($REPLIT_LM_NATIVE_FLAGS=-mno-avx512f): plain C, and
-    AVX2 variants where the CPU has AVX2 with FMA, as most laptop CPUs run them."""
+def native_kernels_built_with(flags: str):
+    """The native library built here with $REPLIT_LM_NATIVE_FLAGS=`flags` added, under the flags' own key; skips
+    where there is no compiler."""
     from replit_lm import quantization
 
     here = quantization.native_kernels()
     if here is None:
         pytest.skip("no C compiler here")
     before = os.environ.get(quantization.NATIVE_FLAGS_ENV)
-    os.environ[quantization.NATIVE_FLAGS_ENV] = "-mno-avx512f"
+    os.environ[quantization.NATIVE_FLAGS_ENV] = flags
     quantization.native_kernels.cache_clear()
     try:
         built = quantization.native_kernels()
@@ -47,3 +46,17 @@ def avx2_native_kernels():
         quantization.native_kernels.cache_clear()
     assert built is not None and built._name != here._name  # another library, under the flags' own key
     return built
+
+
+@pytest.fixture(scope="session")
+def avx2_native_kernels():
+    """The native library built with AVX512 turned off: AVX2 variants where the CPU has AVX2 with FMA, as most
+    laptop CPUs run them, else plain C."""
+    return native_kernels_built_with("-mno-avx512f")
+
+
+@pytest.fixture(scope="session")
+def plain_c_native_kernels():
+    """The native library built with neither AVX512 nor AVX2: the plain C loops (and whatever the compiler makes of
+    them with SSE), as on a CPU of neither."""
+    return native_kernels_built_with("-mno-avx512f -mno-avx2")

@@ -101,7 +101,7 @@ def test_layers_route_by_rows_and_keep_the_input_shape(kind):
 
 def test_the_native_routes_are_offered_where_the_kernels_were_built():
     if not quantization._has_native_int8():
-        pytest.skip("no C compiler or no AVX512-VNNI here")
+        pytest.skip("no C compiler, or neither AVX512-VNNI nor AVX2")
     weight = gaussian(64, 64).to(torch.bfloat16)
     assert "native" in Int8Linear(weight).routes(1) and "native" in Int4Linear(weight).routes(1)
     assert "native" not in Int4Linear(weight, group_size=64).routes(1)  # the kernel's groups are of 32
@@ -171,7 +171,7 @@ def test_the_amx_bfloat16_route_is_the_product_with_the_unpacked_weight(layer_cl
         assert relative_error(amx(x.to(torch.bfloat16)), expected) < 0.004, rows  # rounded to bfloat16
 
 
-@pytest.mark.skipif(not quantization._has_native_int8(), reason="no C compiler or no AVX512-VNNI here")
+@pytest.mark.skipif(not quantization._has_native_int8(), reason="no C compiler, or neither AVX512-VNNI nor AVX2")
 def test_int8_with_the_native_kernels_has_a_bfloat16_scale_per_block_of_32(monkeypatch):
     """q8_0's layout: closer to the weights than a scale per output channel (whose torch kernels are then not
     offered: they read no other scales), held once, in the native kernels' layout."""
@@ -195,7 +195,7 @@ def test_int8_with_the_native_kernels_has_a_bfloat16_scale_per_block_of_32(monke
     assert error["blocks"] < error["rows"] / 10
 
 
-@pytest.mark.skipif(not quantization._has_native_int8(), reason="no C compiler or no AVX512-VNNI here")
+@pytest.mark.skipif(not quantization._has_native_int8(), reason="no C compiler, or neither AVX512-VNNI nor AVX2")
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_the_native_kernels_read_and_write_each_dtype(kind):
     """bfloat16 and float32 go in and out of the kernels as they are (the bfloat16 output rounded as torch rounds,
@@ -239,23 +239,64 @@ def test_without_a_compiler_the_native_routes_fall_back(monkeypatch, tmp_path, s
         quantization.native_kernels.cache_clear()
 
 
-@pytest.mark.skipif(not quantization._has_native_int8(), reason="no C compiler or no AVX512-VNNI here")
-def test_the_native_kernels_without_avx512_compute_the_same(monkeypatch, avx2_native_kernels):
-    """The plain C the kernels fall back to where the CPU has no AVX512-VNNI, built here with AVX512 turned off:
-    the same products and dequantized weights as this machine's build."""
-    plain = avx2_native_kernels
-    weight = gaussian(100, 96).to(torch.bfloat16)
-    x = torch.randn(5, 96, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(3))
-    for make in (Int8Linear, Int4Linear):
+NATIVE_INTEGER_ROUTES = {Int8Linear: ("native", "native_int8"), Int4Linear: ("native",)}
+
+
+@pytest.mark.skipif(not quantization._has_native_int8(), reason="no C compiler, or neither AVX512-VNNI nor AVX2")
+@pytest.mark.parametrize("build", ["AVX2", "plain C"])
+def test_the_native_kernels_without_avx512_compute_the_same(build, request, monkeypatch):
+    """Built here with AVX512 turned off: AVX2's tiles (most laptop CPUs) give this CPU's build's products bit for
+    bit, whatever the rows (tiles of 4, the last one partial) and the dtype; the plain C loops, where neither is
+    built, the same products but for the float rounding. The dequantized weights too (the "dequantize" route unpacks
+    the native layout in C)."""
+    other = request.getfixturevalue("avx2_native_kernels" if build == "AVX2" else "plain_c_native_kernels")
+    if build == "AVX2" and not other.int8_vectors_available():
+        pytest.skip("this CPU has no AVX2 with FMA")
+    weight = gaussian(100, 96, seed=int(torch.randint(1000, ()))).to(torch.bfloat16)
+    for make, routes in NATIVE_INTEGER_ROUTES.items():
         layer = make(weight)
         layer.route_function("native")  # makes the native layout
-        here = {route: layer.route_function(route)(x) for route in ("native", "dequantize")}
-        for route, out in here.items():  # the dequantizing route unpacks the native layout in C here
-            assert relative_error(out, x.float() @ layer.dequantized_weight().t()) < 0.01, route
-        monkeypatch.setattr(quantization, "native_kernels", lambda: plain)
-        for route, expected in here.items():
-            torch.testing.assert_close(layer.route_function(route)(x), expected, atol=2e-2, rtol=1e-2)
+        dtypes = (torch.bfloat16, torch.float32)
+        inputs = [torch.randn(rows, 96).to(dtype) for rows in (1, 2, 3, 5, 9) for dtype in dtypes]
+        here = {(route, i): layer.route_function(route)(x) for route in (*routes, "dequantize")
+                for i, x in enumerate(inputs)}  # fmt: skip
+        for (route, i), out in here.items():
+            assert relative_error(out, inputs[i].float() @ layer.dequantized_weight().t()) < 0.012, route
+        monkeypatch.setattr(quantization, "native_kernels", lambda: other)
+        for (route, i), expected in here.items():
+            got = layer.route_function(route)(inputs[i])
+            if build == "AVX2" and route != "dequantize":
+                assert torch.equal(got, expected), (make.__name__, route, inputs[i].shape, inputs[i].dtype)
+            else:
+                torch.testing.assert_close(got, expected, atol=2e-2, rtol=1e-2)
         monkeypatch.undo()
+
+
+@pytest.mark.skipif(not quantization._has_native_int8(), reason="no C compiler, or neither AVX512-VNNI nor AVX2")
+@pytest.mark.parametrize("build", ["this CPU's", "AVX2"])
+def test_the_native_integer_sums_do_not_saturate(build, request, monkeypatch):
+    """The largest sums the kernels form: every weight and activation of a block at the end of its range with
+    matching signs, int8 q = +-127 against activations quantized to +-127 (int8) or +-32767 (int16), int4 q = 15
+    against 127 (the activations all 1, the weights all 1 but one 0 per group). AVX2's byte products sum pairs in
+    saturating int16 (int4's a whole group of them: up to 8 pairs of 15 * 127 * 2, 30480): a saturated sum would be
+    off by far more than the rounding allowed here."""
+    if build == "AVX2":
+        avx2 = request.getfixturevalue("avx2_native_kernels")
+        if not avx2.int8_vectors_available():
+            pytest.skip("this CPU has no AVX2 with FMA")
+        monkeypatch.setattr(quantization, "native_kernels", lambda: avx2)
+    signs = torch.randint(0, 2, (64, 128)).float() * 2 - 1
+    x = signs[:5]  # rows 0-4 of the weight's signs: every product of those output channels positive
+    int8 = Int8Linear(signs.to(torch.bfloat16))
+    ones = torch.ones(64, 128)
+    ones[:, ::32] = 0  # one 0 per group of 32, the rest 1: q 15, x all 1
+    int4 = Int4Linear(ones.to(torch.bfloat16))
+    cases = [(int8, route, x) for route in NATIVE_INTEGER_ROUTES[Int8Linear]] + [(int4, "native", torch.ones(5, 128))]
+    for layer, route, inputs in cases:
+        expected = inputs @ layer.dequantized_weight().t()
+        assert expected[:, :5].diagonal().min() > 100  # the maxed-out sums are there
+        got = layer.route_function(route)(inputs)
+        assert relative_error(got, expected) < 1e-5, (type(layer).__name__, route)
 
 
 def test_float32_and_training_keep_f_linear():
@@ -690,7 +731,7 @@ def test_quantized_model_runs_prompt_and_decode_routes(monkeypatch, mode, route)
     """Through each route where the layer offers it, the baseline elsewhere (routes differ in how they round the
     activations, which this check is not about)."""
     if route.startswith("native") and not quantization._has_native_int8():
-        pytest.skip("no C compiler or no AVX512-VNNI here")
+        pytest.skip("no C compiler, or neither AVX512-VNNI nor AVX2")
     if route == "native_amx" and not quantization._has_amx() or route == "native_amx_bf16" and not has_amx_bf16:
         pytest.skip("no AMX here")
     timings = dict.fromkeys(QUANTIZED_ROUTES[mode], 1.0) | {route: 0.5}
@@ -850,12 +891,12 @@ def test_demo_model_quantized_accuracy_within_stated_bounds(mode):
     assert relative_error(got, expected) <= max_error
 
 
-def test_int8_keeps_torch_s_layout_where_the_native_int8_kernel_is_plain_c(monkeypatch, avx2_native_kernels):
-    """Built without AVX512-VNNI, the native int8 product is a plain C loop (7x slower than a bfloat16 decode step,
-    AVX2 emulated): int8 then keeps a scale per output channel and torch's int8 kernels, as without a compiler."""
-    if avx2_native_kernels.vnni_available():
-        pytest.skip("this compiler builds AVX512-VNNI even with -mno-avx512f")
-    monkeypatch.setattr(quantization, "native_kernels", lambda: avx2_native_kernels)
+def test_int8_keeps_torch_s_layout_where_the_native_int8_kernel_is_plain_c(monkeypatch, plain_c_native_kernels):
+    """Built with neither AVX512-VNNI nor AVX2, the native int8 product is a plain C loop (7x slower than a bfloat16
+    decode step): int8 then keeps a scale per output channel and torch's int8 kernels, as without a compiler."""
+    if plain_c_native_kernels.int8_vectors_available():
+        pytest.skip("this compiler builds vector kernels even with -mno-avx512f -mno-avx2")
+    monkeypatch.setattr(quantization, "native_kernels", lambda: plain_c_native_kernels)
     weight = gaussian(64, 64).to(torch.bfloat16)
     layer = Int8Linear(weight)
     assert not layer.native_available and layer.block_size == 64 and "native" not in layer.routes(1)
