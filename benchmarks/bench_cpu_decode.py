@@ -362,6 +362,10 @@ def compare_on_gguf_files(args, config: ReplitLMConfig, bandwidth: float, folder
         for model in ours.values():
             model(torch.tensor([[5]]))  # the kernel routes are measured on first use
     files = export_gguf_files(base, folder)
+    import llama_cpp
+
+    # What llama.cpp was built with (e.g. AVX2 without AVX512, for an emulated laptop CPU), beside the CPU's flags.
+    print(f"- llama-cpp-python {llama_cpp.__version__}: {llama_cpp.llama_print_system_info().decode().strip()}")
     n_ctx = max(args.prompt) + args.new_tokens + 8
     rows = []
     for prompt in args.prompt:
