@@ -11,6 +11,7 @@ tokenizer.json; vLLM and TGI serve it as it is. gguf: one file for llama.cpp (an
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -308,9 +309,43 @@ def readable_by_all(path: Path):
     path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
+def partial_prefix(output: Path) -> str:
+    """The start of the temporary name an export to `output` writes under, beside it: hidden, and with the writer's
+    process id, so that a later export can tell what a killed one left."""
+    return f".{output.name}.{os.getpid()}."
+
+
+def remove_stale_partials(output: Path) -> list[Path]:
+    """Remove what exports to `output` that were killed before they could clean up (SIGKILL, out of memory, power
+    loss) left beside it: the `.NAME.PID.*.partial` files and folders of processes that no longer run, gigabytes at
+    the real size. Those of a running process (another export under way) stay. The removed paths."""
+    pattern = re.compile(rf"\.{re.escape(output.name)}\.(\d+)\.[^.]+\.partial")
+    removed = []
+    for path in output.parent.iterdir():
+        match = pattern.fullmatch(path.name)
+        if not match or process_runs(int(match.group(1))):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 def export(model, to: str, output: Path, type_: str) -> Path:
     """Write the export to a temporary name beside `output` and rename it at the end: an interrupted export leaves
-    nothing under the output's name."""
+    nothing under the output's name, and what a killed one left there is removed by the next."""
     output = Path(output)
     if output.exists() or output.is_symlink():
         raise ExportError(f"{output} already exists: choose a new name, or remove it first")
@@ -323,11 +358,13 @@ def export(model, to: str, output: Path, type_: str) -> Path:
         tempfile.TemporaryFile(dir=parent).close()
     except OSError as error:
         raise ExportError(f"cannot write in the folder {output.parent}: {error.strerror or error}") from error
+    for path in remove_stale_partials(output):
+        print(f"removed {path.name}, left by an export that was killed", file=sys.stderr)
     dtype = torch.bfloat16 if (to, type_) == ("mpt", "bf16") else torch.float32
     loaded, tokenizer = load(model, dtype)
     source = model_source(model)
     if to == "mpt":
-        temporary = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=parent))
+        temporary = Path(tempfile.mkdtemp(prefix=partial_prefix(output), suffix=".partial", dir=parent))
         try:
             export_mpt(loaded, tokenizer, source, output, dtype, temporary)
             for path in (temporary, *temporary.iterdir()):
@@ -337,7 +374,7 @@ def export(model, to: str, output: Path, type_: str) -> Path:
             shutil.rmtree(temporary, ignore_errors=True)
             raise
     else:
-        handle, name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".partial", dir=parent)
+        handle, name = tempfile.mkstemp(prefix=partial_prefix(output), suffix=".partial", dir=parent)
         os.close(handle)
         temporary = Path(name)
         try:

@@ -270,6 +270,32 @@ def test_an_interrupted_export_leaves_nothing(tmp_path, monkeypatch, to, name):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_export_removes_what_a_killed_one_left(tmp_path, monkeypatch):
+    """A SIGKILL leaves the temporary file or folder behind (gigabytes at the real size): the next export to the same
+    name removes those of processes that are gone, and keeps a running one's and other names'."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    output = tmp_path / "out.gguf"
+    stale_file = tmp_path / f".out.gguf.{gone.pid}.k3x_9q.partial"
+    stale_folder = tmp_path / f".out.gguf.{gone.pid}.a1b2c3.partial"
+    running = tmp_path / f".out.gguf.{os.getpid()}.zz9.partial"
+    other_name = tmp_path / f".out.gguf.1.gguf.{gone.pid}.abc.partial"  # an export to out.gguf.1.gguf
+    for path in (stale_file, running, other_name):
+        path.write_bytes(b"partial")
+    stale_folder.mkdir()
+    (stale_folder / "model.safetensors").write_bytes(b"partial")
+
+    def written_by_a_killed_process(*args):
+        target = args[-1]
+        assert target.name.startswith(f".out.gguf.{os.getpid()}.")  # the writer's id in the temporary name
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(exporter, "export_gguf", written_by_a_killed_process)
+    with pytest.raises(KeyboardInterrupt):
+        exporter.export(DEMO, "gguf", output, "f32")
+    assert sorted(tmp_path.iterdir()) == sorted([running, other_name])
+
+
 # ----- GGUF in llama.cpp ---------------------------------------------------------------------------------------------
 
 # f32 weights, llama.cpp's default f16 KV cache and its tanh-approximated GELU against float32 PyTorch with the exact
