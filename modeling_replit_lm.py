@@ -25,6 +25,7 @@ from .attention import (
     additive_bias,
     alibi_bias_table,
     alibi_slopes,
+    attends_in_blocks,
     attention_backend,
     key_ranges,
     native_decode_pays,
@@ -513,6 +514,10 @@ class ReplitLMModel(ReplitLMPreTrainedModel):
                 mask.kv_start, mask.kv_end = key_ranges(attention_mask)
         else:
             dtype = torch.float32 if backend == "native_decode" else x.dtype  # the kernel adds in float32
+            blocks = backend == "sdpa" and not output_attentions and attends_in_blocks(q_len, x.device)
+            if blocks and attention_mask is not None:  # the blocks hide the padding themselves (AttentionMask.padding)
+                mask.padding = ~attention_mask.bool()[:, None, None, :]
+                attention_mask = None
             mask.additive = additive_bias(mask, attention_mask, dtype, self._alibi)
         return mask
 

@@ -3,6 +3,7 @@ them, a long prompt's attention in blocks of queries, the native one-query atten
 fast path is checked against the float32 MptForCausalLM reference, float64 math, or the plain path it replaces;
 nothing here times anything (the choice of the attention kernel is tested with fake timings)."""
 
+from dataclasses import replace
 from unittest import mock
 
 import pytest
@@ -323,6 +324,10 @@ def test_long_prompt_attention_in_blocks_is_the_float64_result(dtype):
     mask = AttentionMask(q_len=q_len, kv_len=kv_len, slopes=alibi_slopes(heads))
     mask.additive = additive_bias(mask, padding, dtype, alibi_bias_table(mask.slopes, kv_len))
     out, _ = attention.sdpa_attention(q, k, v, mask, 0.25, 0.0, False)
+    # The padding left to the blocks (as the model does for a padded prompt): the same mask, one block at a time.
+    causal = additive_bias(mask, None, dtype, alibi_bias_table(mask.slopes, kv_len))
+    blocks = replace(mask, additive=causal, padding=(padding == 0)[:, None, None, :])
+    assert torch.equal(attention.sdpa_attention(q, k, v, blocks, 0.25, 0.0, False)[0], out)
     exact = replace_additive(
         mask, additive_bias(mask, padding, torch.float64, alibi_bias_table(mask.slopes, kv_len).double())
     )
@@ -352,6 +357,10 @@ def test_model_with_prompt_blocks_matches_the_reference(monkeypatch):
     torch.testing.assert_close(
         model(ids, attention_mask=mask).logits[real], ref(ids, attention_mask=mask).logits[real], atol=ATOL, rtol=0
     )
+    # The padding is left to the blocks: the pass's mask is one (heads, q_len, kv_len) bias, not one per sequence.
+    x = torch.zeros(2, 17, model.config.d_model)
+    built = model.transformer._attention_mask(x, 0, mask, output_attentions=False)
+    assert built.additive.shape == (1, model.config.n_heads, 17, 17) and built.padding.shape == (2, 1, 1, 17)
     assert len(calls) == 4 * model.config.n_layers  # 17 queries: blocks of 5, 5, 5 and 2
     cache = DynamicCache()
     first = model(ids[:, :6], attention_mask=mask[:, :6], past_key_values=cache, use_cache=True).logits
