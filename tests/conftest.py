@@ -56,6 +56,13 @@ def avx2_native_kernels():
 
 
 @pytest.fixture(scope="session")
+def no_vnni_native_kernels():
+    """The native library built without AVX512-VNNI, as for an AVX512 CPU that lacks it (Skylake-SP): the AVX2
+    integer tiles beside the AVX512 float kernels."""
+    return native_kernels_built_with("-mno-avx512vnni")
+
+
+@pytest.fixture(scope="session")
 def plain_c_native_kernels():
     """The native library built with neither AVX512 nor AVX2: the plain C loops (and whatever the compiler makes of
     them with SSE), as on a CPU of neither."""

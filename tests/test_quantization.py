@@ -243,14 +243,15 @@ NATIVE_INTEGER_ROUTES = {Int8Linear: ("native", "native_int8"), Int4Linear: ("na
 
 
 @pytest.mark.skipif(not quantization._has_native_int8(), reason="no C compiler, or neither AVX512-VNNI nor AVX2")
-@pytest.mark.parametrize("build", ["AVX2", "plain C"])
-def test_the_native_kernels_without_avx512_compute_the_same(build, request, monkeypatch):
-    """Built here with AVX512 turned off: AVX2's tiles (most laptop CPUs) give this CPU's build's products bit for
-    bit, whatever the rows (tiles of 4, the last one partial) and the dtype; the plain C loops, where neither is
-    built, the same products but for the float rounding. The dequantized weights too (the "dequantize" route unpacks
-    the native layout in C)."""
-    other = request.getfixturevalue("avx2_native_kernels" if build == "AVX2" else "plain_c_native_kernels")
-    if build == "AVX2" and not other.int8_vectors_available():
+@pytest.mark.parametrize("build", ["AVX2", "AVX512 without VNNI", "plain C"])
+def test_the_native_kernels_of_other_cpus_compute_the_same(build, request, monkeypatch):
+    """Built here with AVX512 or its VNNI turned off: AVX2's integer tiles (most laptop CPUs, and AVX512 CPUs without
+    VNNI) give this CPU's build's products bit for bit, whatever the rows (tiles of 4, the last one partial) and the
+    dtype; the plain C loops, where neither is built, the same products but for the float rounding. The dequantized
+    weights too (the "dequantize" route unpacks the native layout in C)."""
+    fixture = {"AVX2": "avx2_native_kernels", "AVX512 without VNNI": "no_vnni_native_kernels"}.get(build)
+    other = request.getfixturevalue(fixture or "plain_c_native_kernels")
+    if fixture and not other.int8_vectors_available():
         pytest.skip("this CPU has no AVX2 with FMA")
     weight = gaussian(100, 96, seed=int(torch.randint(1000, ()))).to(torch.bfloat16)
     for make, routes in NATIVE_INTEGER_ROUTES.items():
@@ -265,7 +266,7 @@ def test_the_native_kernels_without_avx512_compute_the_same(build, request, monk
         monkeypatch.setattr(quantization, "native_kernels", lambda: other)
         for (route, i), expected in here.items():
             got = layer.route_function(route)(inputs[i])
-            if build == "AVX2" and route != "dequantize":
+            if fixture and route != "dequantize":
                 assert torch.equal(got, expected), (make.__name__, route, inputs[i].shape, inputs[i].dtype)
             else:
                 torch.testing.assert_close(got, expected, atol=2e-2, rtol=1e-2)
