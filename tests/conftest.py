@@ -1,5 +1,5 @@
 """Shared test set-up: the repository root on sys.path, the model files importable as the package `replit_lm`, and
-the native kernels built for AVX2 and for neither AVX2 nor AVX512."""
+the native kernels built for other CPUs (AVX2, AVX512 without VNNI, neither)."""
 
 import os
 import sys
