@@ -70,11 +70,12 @@ of at least r rows (the last bucket's beyond it)."""
 ROUTE_CACHE_ENV = "REPLIT_LM_ROUTE_CACHE"
 """The file that keeps route choices between runs (default ~/.cache/replit_lm/cpu_routes.json); "off" keeps them
 in memory only."""
-ROUTES_VERSION = "routes 6"
-"""Part of the route cache's key, changed when the routes a layer offers change (2: int8 in blocks of 32, the
-unpacking routes W @ x^T; 3: the AMX bfloat16 route of the quantized layers; 4: bfloat16's native matrix-vector
-product; 5: its second loop order; 6: that product on CPUs without AVX512-BF16, and a prompt's product in
-float32), so that rankings stored by an older version are measured again."""
+ROUTES_VERSION = "routes 7"
+"""Part of the route cache's key, changed when the routes a layer offers or their timing change (2: int8 in blocks
+of 32, the unpacking routes W @ x^T; 3: the AMX bfloat16 route of the quantized layers; 4: bfloat16's native
+matrix-vector product; 5: its second loop order; 6: that product on CPUs without AVX512-BF16, and a prompt's
+product in float32; 7: timed with the weights out of the caches), so that rankings stored by an older version are
+measured again."""
 TIMING_REPEATS = 3
 LONG_CALL_SECONDS = 0.05
 SMALL_ROWS = 64
@@ -107,11 +108,14 @@ def cpu_flags() -> set[str]:
         return set()
 
 
-def time_call(fn, x: torch.Tensor, repeats: int) -> float:
+def time_call(fn, x: torch.Tensor, repeats: int, before=None) -> float:
     """The fastest of up to `repeats` calls of fn(x), in seconds; a call longer than LONG_CALL_SECONDS is not
-    repeated (its noise is small next to it, and the measurement stays short)."""
+    repeated (its noise is small next to it, and the measurement stays short). `before()`, where given, runs ahead
+    of each call, untimed."""
     best = float("inf")
     for _ in range(repeats):
+        if before is not None:
+            before()
         start = time.perf_counter()
         fn(x)
         best = min(best, time.perf_counter() - start)
@@ -163,16 +167,17 @@ class RouteChooser:
         generator = torch.Generator().manual_seed(0)
         inputs = {rows: torch.randn(rows, layer.in_features, generator=generator).to(dtype) for rows in ROW_BUCKETS}
         baseline, *others = layer.routes(bucket)
-        limit = self.timer(layer.route_function(baseline), inputs[bucket], TIMING_REPEATS)
+        cold = functools.partial(evict_from_caches, layer)
+        limit = self.timer(layer.route_function(baseline), inputs[bucket], TIMING_REPEATS, cold)
         timed = [(limit, 0, baseline)]  # the baseline first among equal times
         for order, route in enumerate(others, 1):
             try:
                 function = layer.route_function(route)  # prepares the weight layout the route reads, untimed
                 for rows in (r for r in ROW_BUCKETS if r < bucket and route in layer.routes(r)):
-                    if self.timer(function, inputs[rows], 1) > limit:  # more rows never take less time
+                    if self.timer(function, inputs[rows], 1, cold) > limit:  # more rows never take less time
                         break
                 else:
-                    timed.append((self.timer(function, inputs[bucket], TIMING_REPEATS), order, route))
+                    timed.append((self.timer(function, inputs[bucket], TIMING_REPEATS, cold), order, route))
             except RuntimeError:  # not available in this torch build, or not for this shape
                 continue
         return [[route, seconds] for seconds, _, route in sorted(timed)]
@@ -416,11 +421,31 @@ def _bind_native(library: ctypes.CDLL) -> ctypes.CDLL:
         "int4_matmul": ([pointer, pointer, size, size, pointer, size, pointer, integer, integer], integer),
         "int8_dequantize": ([pointer, pointer, size, size, pointer, integer], None),
         "int4_dequantize": ([pointer, pointer, size, size, pointer, integer], None),
+        "evict_from_caches": ([pointer, size], integer),
     }  # fmt: skip
     for name, (arguments, result) in signatures.items():
         function = getattr(library, name)
         function.argtypes, function.restype = arguments, result
     return library
+
+
+def evict_from_caches(layer) -> bool:
+    """Drop every tensor `layer` holds (its weights, in whichever layouts it keeps) from the CPU's caches, so that
+    its next product reads them from memory, as each product of a model larger than the caches does. Timed with its
+    weight in cache, a route is measured on another machine: on a Xeon whose 2 cores share a 480 MB L3, routes
+    timed warm ranked a one-row product that reads 20 GB/s from memory above two that read 25-29. False where
+    nothing was dropped (no native kernels, or a CPU without the instruction): timings then see warm caches."""
+    library = native_kernels()
+    if library is None:
+        return False
+    held = (*layer.__dict__.get("_parameters", {}).values(), *layer.__dict__.get("_buffers", {}).values(),
+            *vars(layer).values())  # fmt: skip
+    dropped = True
+    for tensor in held:
+        if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu" and tensor.layout == torch.strided:
+            storage = tensor.untyped_storage()
+            dropped = bool(library.evict_from_caches(storage.data_ptr(), storage.nbytes())) and dropped
+    return dropped
 
 
 NATIVE_DTYPES = (torch.bfloat16, torch.float32)  # what the native kernels read and write; others go as float32
@@ -2166,5 +2191,28 @@ void int4_dequantize(const uint8_t *w, const uint16_t *scales, int64_t n, int64_
             }
         }
     }
+}
+
+#if defined(__x86_64__) && defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
+// Writes back and drops from every cache level the 64-byte lines of [p, p + bytes), so that a timed product reads
+// its weights from memory as a decoding step does (its weights, far larger than any cache, stream through): the
+// route chooser times cold. 0 where this build has no such instruction (then the caches stay as they are).
+int evict_from_caches(const void *p, int64_t bytes) {
+#if defined(__x86_64__) && defined(__SSE2__)
+    for (uintptr_t line = (uintptr_t)p & ~(uintptr_t)63; line < (uintptr_t)p + (uintptr_t)bytes; line += 64)
+#ifdef __CLFLUSHOPT__
+        _mm_clflushopt((void *)line);
+#else
+        _mm_clflush((const void *)line);
+#endif
+    _mm_mfence();
+    return 1;
+#else
+    (void)p, (void)bytes;
+    return 0;
+#endif
 }
 """

@@ -4,6 +4,7 @@ loading with from_pretrained(..., weight_quantization=...)."""
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -320,7 +321,7 @@ class FakeTimer:
     def __init__(self, per_row: dict, failing=()):
         self.per_row, self.failing, self.calls = per_row, set(failing), []
 
-    def __call__(self, function, x, repeats):
+    def __call__(self, function, x, repeats, before=None):
         route = function.route
         self.calls.append((route, x.shape[0]))
         if route in self.failing:
@@ -394,6 +395,53 @@ def test_a_failing_route_falls_back():
     timer = FakeTimer({"linear": 1.0, "broken": 0.01}, failing={"broken"})
     plan = chooser_with(timer).plan(NamedRoutes(["linear", "broken"]), torch.bfloat16)
     assert all(ranking == ["linear"] for ranking in routes_of(plan).values())
+
+
+def test_each_timed_call_runs_after_its_before_hook():
+    events = []
+    quantization.time_call(lambda x: events.append("call"), torch.zeros(1), 3, before=lambda: events.append("before"))
+    assert events == ["before", "call"] * 3
+
+
+# The tensors each route multiplies with, by attribute (int4's "kernel" route reads torch's packing).
+NATIVE_INT8 = ["native", "_native_scale"]
+NATIVE_INT4 = ["native", "native_scales"]
+READS = {"bfloat16": dict.fromkeys(["linear", "mv", "matmul_t", "native", "native_one_stream", "float32"], ["weight"]),
+         "int8": dict.fromkeys(["native", "native_int8", "native_amx", "native_amx_bf16", "dequantize",
+                                "dequantize_t"], NATIVE_INT8),
+         "int4": {**dict.fromkeys(["native", "native_amx", "native_amx_bf16", "dequantize", "dequantize_t"],
+                                  NATIVE_INT4), "kernel": ["packed", "scales_and_zeros"]}}  # fmt: skip
+
+
+@pytest.mark.skipif(quantization.native_kernels() is None, reason="needs the native kernels (a C compiler)")
+@pytest.mark.parametrize("kind", ["bfloat16", "int8", "int4"])
+def test_every_route_is_timed_with_the_weights_it_reads_out_of_the_caches(monkeypatch, kind):
+    """A decoding step's weights stream from memory (a model is larger than the caches), so a route timed with
+    its weight in cache would be ranked for another machine: before every timed call the chooser drops from the
+    caches every tensor the route reads."""
+    layer = tag_routes(monkeypatch, make_layer(kind, gaussian(96, 64).to(torch.bfloat16)))
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    expected = layer.route_function(layer.routes(1)[0])(x)
+    # A real eviction leaves the numbers as they were, and drops something on x86-64.
+    assert quantization.evict_from_caches(layer) == (platform.machine().lower() in ("x86_64", "amd64"))
+    assert torch.equal(layer.route_function(layer.routes(1)[0])(x), expected)
+
+    evicted, timed = [], []
+    monkeypatch.setattr(quantization.native_kernels(), "evict_from_caches",
+                        lambda pointer, size: evicted.append((pointer, size)) or 1)  # fmt: skip
+
+    def timer(function, x, repeats, before=None):
+        evicted.clear()
+        before()
+        timed.append((function.route, set(evicted)))
+        return {"linear": 1.0, "dequantize": 1.0}.get(function.route, 0.5) * x.shape[0]
+
+    chooser_with(timer).plan(layer, torch.bfloat16)
+    assert {route for route, _ in timed} == {route for rows in quantization.ROW_BUCKETS for route in layer.routes(rows)}
+    for route, dropped in timed:
+        for name in READS[kind][route]:
+            storage = getattr(layer, name).untyped_storage()
+            assert (storage.data_ptr(), storage.nbytes()) in dropped, f"{route} timed with {name} in cache"
 
 
 def test_choices_are_kept_per_machine_in_the_cache_file(tmp_path, monkeypatch):
