@@ -5,7 +5,8 @@ Decoding a token reads every weight once, so its speed is bytes per weight over 
 cannot keep up with the memory; which of torch's CPU kernels keeps up differs between CPUs (AMX, AVX512-VNNI,
 AVX2) and with the number of rows (one per sequence when decoding, thousands in a prompt). So no route is fixed
 here: `ROUTES` times the routes of a layer's shape once per number-of-rows bucket (`ROW_BUCKETS`), the plain
-baseline first, and each layer of that shape then takes the fastest. The choices are kept per CPU model, torch
+baseline first, each call with the layer's weights dropped from the caches (`evict_from_caches`) as a decoding step
+finds them, and each layer of that shape then takes the fastest. The choices are kept per CPU model, torch
 version and thread count in a small JSON file (`ROUTE_CACHE_ENV`). docs/cpu.md has the measurements.
 
 - `RoutedLinear` (float weights): F.linear, torch.mv for one row, or W @ x^T for a few rows.
@@ -130,9 +131,10 @@ class RouteChooser:
     weight layout offers only the routes that read it, and the baseline, which reads any).
 
     A layer offers `routes(rows)`: route names in order, its plain baseline first. The first time a shape is seen,
-    every bucket is timed on that layer with random activations: the baseline at the bucket's rows, then each other
-    route at growing row counts, dropped as soon as it is slower than the baseline already (so that a route that is
-    very slow on this CPU costs one short call, not a long one), else timed at the bucket's rows. A route that
+    every bucket is timed on that layer with random activations, each call with the layer's tensors dropped from
+    the caches first (`evict_from_caches`): the baseline at the bucket's rows, then each other route at growing row
+    counts, dropped as soon as it is slower than the baseline already (so that a route that is very slow on this
+    CPU costs one short call, not a long one), else timed at the bucket's rows. A route that
     raises is dropped. The baseline wins ties, so nothing is ever slower than it by more than the timing noise.
     """
 
