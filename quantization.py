@@ -83,6 +83,8 @@ SMALL_ROWS = 64
 """Rows up to which the W @ x^T routes are offered (some CPUs multiply a few rows faster that way)."""
 WIDEN_ROWS = 8
 """Rows above which a bfloat16 or float16 layer also offers its product in float32 (the weight widened per call)."""
+WEIGHT_ONLY_K_MULTIPLE = 16
+"""The in_features that torch's int8 weight-only kernel is offered for must be a multiple of this."""
 
 
 def row_bucket(rows: int) -> int:
@@ -639,7 +641,10 @@ class Int8Linear(QuantizedLinear):
             # the unpacked weight is, with the float product's precision.
             prompt = ["native_int8"] + (["native_amx"] if _has_amx() else [])
             return routes + ["native"] + (prompt if 8 < rows <= SMALL_ROWS else []) + _amx_bf16_route(rows)
-        routes += ["weight_only"] if "plain" in self.layouts else []
+        # torch's int8 weight-only kernel (2.13, bfloat16, 2 rows or more) reads past the weight where in_features is
+        # not a multiple of 16 and kills the process; the real model's widths are.
+        weight_only = "plain" in self.layouts and self.in_features % WEIGHT_ONLY_K_MULTIPLE == 0
+        routes += ["weight_only"] if weight_only else []
         return routes + (["onednn"] if self.onednn_available and "packed" in self.layouts else [])
 
     def route_function(self, route: str):
