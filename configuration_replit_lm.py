@@ -27,6 +27,22 @@ _MPT_ATTN_FIELDS = {
     "alibi": "alibi",
     "alibi_bias_max": "alibi_bias_max",
 }
+# MPT attn_config keys of features ReplitLM does not have (llm-foundry's later releases), each with the value that
+# leaves the feature off; any other value (None also means off) is refused rather than silently not computed.
+_MPT_ATTN_OFF = {
+    "qk_gn": False,
+    "sliding_window_size": -1,
+    "attn_logit_softcapping": None,
+    "rope": False,
+    "kv_dim": None,
+    "flex_attn_mod_list": [],
+}
+# MPT's ffn_config, as replit-code-v1-3b's MLP is (up, exact GELU, down; expansion_ratio x d_model wide).
+_MPT_FFN = {
+    "ffn_type": "mptmlp",
+    "ffn_act_fn": {"name": "gelu", "approximate": "none"},
+    "ffn_hidden_size": None,
+}
 # MPT's nested init_config key -> our flat field.
 _MPT_INIT_FIELDS = {
     "name": "param_init_fn",
@@ -48,6 +64,20 @@ AUTO_MAP = {
 }
 
 
+def _flat_attn_fields(attn_config) -> dict:
+    """MPT's nested attn_config (a dict, or transformers' MptAttentionConfig) as our flat fields; a ValueError for
+    an attention this model does not compute."""
+    if not isinstance(attn_config, dict):
+        attn_config = attn_config.to_dict()
+    attn_type = attn_config.get("attn_type", "multihead_attention")
+    if attn_type != "multihead_attention":
+        raise ValueError(f"attn_config.attn_type={attn_type!r} is not supported: ReplitLM uses multihead_attention")
+    for key, off in _MPT_ATTN_OFF.items():
+        if attn_config.get(key, off) not in (off, None):
+            raise ValueError(f"attn_config.{key}={attn_config[key]!r} is not supported: ReplitLM has no such feature")
+    return {field: attn_config[key] for key, field in _MPT_ATTN_FIELDS.items() if key in attn_config}
+
+
 def _normalise_mpt_schema(kwargs: dict) -> dict:
     """Fold the MPT-era fields of a published config.json into the release fields, in place. An auto_map naming
     other code (MPT's configuration_mpt/modeling_mpt, or the release's replit_lm.py) is replaced by ours, so that a
@@ -61,15 +91,11 @@ def _normalise_mpt_schema(kwargs: dict) -> dict:
         not isinstance(value, str) or value.split("--")[-1] not in AUTO_MAP.values() for value in auto_map.values()
     ):
         kwargs["auto_map"] = dict(AUTO_MAP)
-    attn_config = kwargs.pop("attn_config", None) or {}
-    if not isinstance(attn_config, dict):
-        attn_config = attn_config.to_dict()
-    attn_type = attn_config.pop("attn_type", "multihead_attention")
-    if attn_type != "multihead_attention":
-        raise ValueError(f"attn_config.attn_type={attn_type!r} is not supported: ReplitLM uses multihead_attention")
-    for key, value in attn_config.items():
-        if key in _MPT_ATTN_FIELDS:
-            kwargs[_MPT_ATTN_FIELDS[key]] = value
+    kwargs.update(_flat_attn_fields(kwargs.pop("attn_config", None) or {}))
+    ffn_config = kwargs.pop("ffn_config", None) or {}
+    for key, supported in _MPT_FFN.items():
+        if ffn_config.get(key, supported) not in (supported, None):
+            raise ValueError(f"ffn_config.{key}={ffn_config[key]!r} is not supported: ReplitLM's MLP has {supported!r}")
     init_config = kwargs.pop("init_config", None) or {}
     for key, value in init_config.items():
         if key in _MPT_INIT_FIELDS:
@@ -264,6 +290,31 @@ class ReplitLMConfig(PretrainedConfig):
     def attn_config(self) -> dict:
         return _AttnConfigView(self)
 
+    @attn_config.setter
+    def attn_config(self, attn_config: dict):
+        """Sets the fields that a whole MPT attn_config names (from_pretrained(..., attn_config={...})), checked."""
+        _flat_attn_fields(attn_config)
+        self.attn_config.update({key: value for key, value in attn_config.items() if key in _MPT_ATTN_FIELDS})
+
+    # MPT's names of two flat fields, so that they can be read and set (from_pretrained(..., norm_type=...)) too.
+    @property
+    def expansion_ratio(self) -> int:
+        return self.mlp_ratio
+
+    @expansion_ratio.setter
+    def expansion_ratio(self, value: int):
+        self.mlp_ratio = value
+
+    @property
+    def norm_type(self) -> str:
+        return next(name for name, low_precision in NORM_TYPES.items() if low_precision == self.low_precision_layernorm)
+
+    @norm_type.setter
+    def norm_type(self, value: str):
+        if value not in NORM_TYPES:
+            raise ValueError(f"norm_type={value!r} is not supported; expected one of {sorted(NORM_TYPES)}")
+        self.low_precision_layernorm = NORM_TYPES[value]
+
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
@@ -320,8 +371,9 @@ class ReplitLMConfig(PretrainedConfig):
             raise ValueError(f"attn_clip_qkv must be positive or None, got {self.attn_clip_qkv!r}")
         if self.softmax_scale is not None and self.softmax_scale <= 0:
             raise ValueError(f"softmax_scale must be positive or None, got {self.softmax_scale!r}")
-        if self.logit_scale is not None and self.logit_scale != "inv_sqrt_d_model" and not _is_number(self.logit_scale):
-            raise ValueError(f"logit_scale must be a number, 'inv_sqrt_d_model' or None, got {self.logit_scale!r}")
+        scale = self.logit_scale
+        if scale is not None and scale != "inv_sqrt_d_model" and not (_is_number(scale) and scale > 0):
+            raise ValueError(f"logit_scale must be a positive number, 'inv_sqrt_d_model' or None, got {scale!r}")
         if self.param_init_fn not in PARAM_INIT_FNS:
             raise ValueError(f"param_init_fn={self.param_init_fn!r} is not supported; expected one of {PARAM_INIT_FNS}")
         if self.fan_mode not in ("fan_in", "fan_out"):

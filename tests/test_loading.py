@@ -111,7 +111,7 @@ def test_both_config_schemas_normalise_to_the_same_config(tmp_path, reference):
     for field in fields:
         assert getattr(release, field) == getattr(published, field), field
     assert published.model_type == "replit_lm"
-    assert "attn_config" not in published.to_dict() and not hasattr(published, "expansion_ratio")
+    assert not {"attn_config", "expansion_ratio", "norm_type"} & set(published.to_dict())
 
 
 def test_the_cards_attn_config_assignment_sets_the_flat_field(tmp_path, reference):
@@ -129,6 +129,26 @@ def test_the_cards_attn_config_assignment_sets_the_flat_field(tmp_path, referenc
     assert config.attn_impl == "triton"
     with pytest.raises(KeyError, match="attn_config has no field"):
         config.attn_config["attn_implementation"] = "eager"
+
+
+def test_from_pretrained_takes_the_mpt_schemas_names_as_overrides(tmp_path, reference):
+    """attn_config, expansion_ratio and norm_type passed to from_pretrained set the flat fields (they were refused
+    with an AttributeError, or silently dropped); the MPT defaults of llm-foundry's later fields are accepted."""
+    model = reference[0]
+    folder = write_hub_folder(tmp_path / "repo", mpt_config(model.config), published_state_dict(model))
+    config = AutoConfig.from_pretrained(
+        folder, trust_remote_code=True, attn_config={"attn_impl": "triton", "rope": False}, expansion_ratio=2,
+        norm_type="layernorm",
+    )  # fmt: skip
+    assert (config.attn_impl, config.mlp_ratio, config.low_precision_layernorm) == ("triton", 2, False)
+    assert (config.expansion_ratio, config.norm_type) == (2, "layernorm")
+    assert not {"attn_config", "expansion_ratio", "norm_type"} & set(config.to_dict())
+    with pytest.raises(ValueError, match="attn_config.rope=True"):
+        AutoConfig.from_pretrained(folder, trust_remote_code=True, attn_config={"rope": True})
+    with pytest.raises(ValueError, match="norm_type='rmsnorm'"):
+        AutoConfig.from_pretrained(folder, trust_remote_code=True, norm_type="rmsnorm")
+    loaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, norm_type="low_precision_layernorm")
+    assert loaded.config.low_precision_layernorm
 
 
 def test_attn_config_writes_through_every_dict_method(tmp_path, reference):

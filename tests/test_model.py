@@ -394,6 +394,15 @@ def test_init_scales_the_residual_projections_whatever_the_mlp_ratio():
         (dict(emb_init_std=-0.1), "emb_init_std"),
         (dict(emb_init_uniform_lim=[0.1, -0.1]), "emb_init_uniform_lim"),
         (dict(logit_scale="large"), "logit_scale"),
+        (dict(logit_scale=0), "logit_scale must be a positive number"),
+        (dict(logit_scale=-1.0), "logit_scale must be a positive number"),
+        # MPT features this model does not compute: refused, not dropped.
+        (dict(attn_config={"rope": True}), "attn_config.rope=True is not supported"),
+        (dict(attn_config={"sliding_window_size": 512}), "sliding_window_size"),
+        (dict(attn_config={"attn_logit_softcapping": 30.0}), "attn_logit_softcapping"),
+        (dict(ffn_config={"ffn_type": "mptglu"}), "ffn_config.ffn_type='mptglu' is not supported"),
+        (dict(ffn_config={"ffn_act_fn": {"name": "silu"}}), "ffn_act_fn"),
+        (dict(ffn_config={"ffn_hidden_size": 100}), "ffn_hidden_size"),
         # transformers 5's own checks of the base class read head_dim: these must not reach them first.
         (dict(n_heads=0), "n_heads must be a positive integer"),
         (dict(n_heads="8"), "n_heads must be a positive integer"),
