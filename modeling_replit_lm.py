@@ -67,6 +67,21 @@ def forget_generation_cache(model):
         model.__dict__.pop("_cache", None)
 
 
+def check_cache_takes(cache: Cache, batch: int, past_len: int, new_tokens: int):
+    """A ValueError where a cache passed to forward cannot take these tokens: it holds other sequences, or it is
+    preallocated (static) for fewer. (generate sizes its caches itself.)"""
+    layer = cache.layers[0] if getattr(cache, "layers", None) else None
+    keys = getattr(layer, "keys", None)  # (batch, heads, positions, head_dim) once filled
+    if isinstance(keys, torch.Tensor) and keys.dim() == 4 and keys.shape[0] != batch:
+        raise ValueError(f"the cache holds {keys.shape[0]} sequences and the input {batch}: pass the cache of this batch")
+    capacity = getattr(layer, "max_cache_len", None)
+    if isinstance(capacity, int) and not getattr(layer, "is_sliding", False) and past_len + new_tokens > capacity:
+        raise ValueError(
+            f"the cache has room for {capacity} tokens and holds {past_len}: {new_tokens} more do not fit (make it "
+            "with a larger max_cache_len)"
+        )
+
+
 def static_cache_with_room(cache: StaticCache, length: int, config) -> StaticCache:
     """A StaticCache of `length` positions holding what `cache` holds (4.x writes where cache_position says, 5.x
     after what the layer holds: both from 0 here)."""
@@ -418,6 +433,8 @@ class ReplitLMModel(ReplitLMPreTrainedModel):
             past_len = int(cache_position[0])
         else:
             past_len = int(past_key_values.get_seq_length())
+        if past_key_values is not None:
+            check_cache_takes(past_key_values, x.shape[0], past_len, x.shape[1])
         mask = self._attention_mask(x, past_len, attention_mask, output_attentions)
         if past_key_values is not None:
             mask.cache_position = torch.arange(past_len, mask.kv_len, device=x.device)
@@ -450,6 +467,11 @@ class ReplitLMModel(ReplitLMPreTrainedModel):
         if inputs_embeds is None:
             if input_ids.is_floating_point():
                 input_ids = float_ids_to_long(input_ids)
+            elif input_ids.dtype == torch.bool or input_ids.is_complex():
+                raise ValueError(f"input_ids must be token ids (an integer tensor), got {input_ids.dtype}")
+            elif input_ids.dtype not in (torch.int64, torch.int32):
+                # The embedding takes these two only, and in (u)int8 vocab_size itself wraps in the check below.
+                input_ids = input_ids.long()
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
             if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
@@ -459,6 +481,11 @@ class ReplitLMModel(ReplitLMPreTrainedModel):
         elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.d_model:
             raise ValueError(
                 f"inputs_embeds must be (batch, seq_len, {self.config.d_model}), got {tuple(inputs_embeds.shape)}"
+            )
+        elif inputs_embeds.dtype != self.wte.weight.dtype and not torch.is_autocast_enabled(inputs_embeds.device.type):
+            raise ValueError(
+                f"inputs_embeds are {inputs_embeds.dtype} and the model is {self.wte.weight.dtype}: pass "
+                f"inputs_embeds.to({self.wte.weight.dtype})"
             )
         if inputs_embeds.shape[0] == 0 or inputs_embeds.shape[1] == 0:
             raise ValueError(f"empty input: got shape {tuple(inputs_embeds.shape[:2])} (batch, seq_len)")
@@ -555,12 +582,13 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
 
         Raises before any work where the prompt and the new tokens would not fit in config.max_seq_len."""
         config = kwargs.get("generation_config") or self.generation_config
-        total = self._check_generation_length(args, kwargs, config)
-        mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1]:
-            empty = (~mask.bool().any(dim=1)).nonzero()
-            if len(empty):
-                raise ValueError(f"row {int(empty[0])} of attention_mask is all padding: no prompt to continue")
+        prompt = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
+        if prompt is None:
+            prompt = kwargs.get("inputs_embeds")
+        if isinstance(prompt, torch.Tensor) and prompt.dim() == 1:
+            raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(prompt.shape)}: pass ids[None]")
+        total = self._check_generation_length(prompt, kwargs, config)
+        self._check_no_row_is_all_padding(prompt, kwargs, config)
         cache_keyword = "cache" if kwargs.get("cache") is not None else "past_key_values"
         given = kwargs.get(cache_keyword)
         if given is None:
@@ -587,10 +615,23 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
                 kwargs["cache_implementation"] = "static"
         return super().generate(*args, **kwargs)
 
-    def _check_generation_length(self, args, kwargs, config):
-        prompt = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
-        if prompt is None:
-            prompt = kwargs.get("inputs_embeds")
+    @staticmethod
+    def _check_no_row_is_all_padding(prompt, kwargs, config):
+        """A row with no token would be continued from nothing. Without an attention_mask, generate makes one from
+        pad_token_id where the prompt holds it and it is not an end-of-text id: the same check on that mask."""
+        mask = kwargs.get("attention_mask")
+        pad, eos = kwargs.get("pad_token_id", config.pad_token_id), kwargs.get("eos_token_id", config.eos_token_id)
+        eos = eos if isinstance(eos, (list, tuple)) else [eos]
+        if mask is None and isinstance(prompt, torch.Tensor) and prompt.dim() == 2 and not prompt.is_floating_point():
+            if pad is not None and pad not in eos:
+                mask = prompt != pad
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1]:
+            empty = (~mask.bool().any(dim=1)).nonzero()
+            if len(empty):
+                source = "attention_mask" if kwargs.get("attention_mask") is not None else f"input_ids (pad {pad})"
+                raise ValueError(f"row {int(empty[0])} of {source} is all padding: no prompt to continue")
+
+    def _check_generation_length(self, prompt, kwargs, config):
         if not isinstance(prompt, torch.Tensor) or prompt.dim() < 2:
             return None
         max_new_tokens, max_length = kwargs.get("max_new_tokens"), kwargs.get("max_length")
@@ -673,7 +714,7 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
             logits,
             labels,
             self.config.vocab_size,
-            shift_labels=shift_labels,
+            shift_labels=shift_labels.long(),
             num_items_in_batch=num_items_in_batch,
             ignore_index=ignore_index,
         )
@@ -723,9 +764,9 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
                 raise ValueError(f"labels must have shape {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}")
             if logits.shape[1] != labels.shape[1]:
                 raise ValueError("labels need the logits of every position: do not combine them with logits_to_keep")
-            if labels.is_floating_point() or labels.is_complex():
+            if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
                 raise ValueError(f"labels must be token ids (an integer tensor), got {labels.dtype}")
-            loss = self._loss(logits, labels, attention_mask, **kwargs)
+            loss = self._loss(logits, labels.long(), attention_mask, **kwargs)  # cross_entropy takes int64 targets
 
         cache = getattr(outputs, CACHE_FIELD)
         if not return_dict:

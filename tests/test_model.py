@@ -8,7 +8,7 @@ from unittest import mock
 import pytest
 import torch
 from model_helpers import TINY_CONFIGS, VOCAB, model_pair, replit_config
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 from replit_lm import attention
 from replit_lm.attention import alibi_slopes
@@ -458,6 +458,35 @@ def test_bad_inputs_raise_clear_errors():
         model(torch.tensor([[1, 2, 3]]), attention_mask=[[1, 1, 1]])
 
 
+def test_ids_labels_embeddings_and_caches_of_other_kinds():
+    """Integer ids of any width are ids (uint8's range check wrapped vocab_size to 0 before; int16 failed in the
+    embedding), int32 labels are labels; embeddings of another dtype and a cache that cannot take the input are
+    errors that say so, not failures deep in torch or in the cache."""
+    model, _ = model_pair("pow2_heads")
+    ids = random_ids(1, 8, seed=34) % 100
+    expected = model(ids, labels=ids)
+    for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32):
+        torch.testing.assert_close(model(ids.to(dtype)).logits, expected.logits, atol=0, rtol=0)
+    torch.testing.assert_close(model(ids, labels=ids.int()).loss, expected.loss, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="input_ids must be token ids .* got torch.bool"):
+        model(ids > 50)
+    with pytest.raises(ValueError, match="labels must be token ids .* got torch.bool"):
+        model(ids, labels=ids > 50)
+    embeds = model.get_input_embeddings()(ids)
+    with pytest.raises(ValueError, match=r"inputs_embeds are torch.bfloat16 and the model is torch.float32"):
+        model(inputs_embeds=embeds.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast the layers cast as they go
+        model(inputs_embeds=embeds.bfloat16())
+    cache = model(ids.repeat(2, 1), use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="the cache holds 2 sequences and the input 1"):
+        model(ids[:, :1], past_key_values=cache)
+    static = StaticCache(config=model.config, max_cache_len=10)
+    model(ids, past_key_values=static)
+    with pytest.raises(ValueError, match="room for 10 tokens and holds 8: 3 more do not fit"):
+        model(ids[:, :3], past_key_values=static)
+    assert model(ids[:, :2], past_key_values=static).logits.shape[1] == 2
+
+
 def test_float_token_ids():
     """The card casts its ids to the model's dtype: whole numbers that the dtype holds exactly are taken as ids;
     fractions, and numbers from where the dtype starts rounding integers, are refused by name."""
@@ -490,6 +519,13 @@ def test_generate_checks_the_length_and_the_mask_before_starting():
         mask[1] = 0
         with pytest.raises(ValueError, match="row 1 of attention_mask is all padding"):
             model.generate(ids.repeat(2, 1), attention_mask=mask, max_new_tokens=2)
+        # Without a mask, generate makes one from pad_token_id: a row of pad tokens alone is the same mistake.
+        padded = ids.repeat(2, 1)
+        padded[0] = model.config.pad_token_id
+        with pytest.raises(ValueError, match=r"row 0 of input_ids \(pad 2\) is all padding"):
+            model.generate(padded, max_new_tokens=2)
+        with pytest.raises(ValueError, match=r"input_ids must be \(batch, seq_len\), got shape \(60,\)"):
+            model.generate(ids[0], max_new_tokens=2)
     assert not forward.called
     assert model.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 64)
     # Within the bound, prompt lookup decoding is greedy decoding made faster: the same tokens.
