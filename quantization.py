@@ -195,27 +195,36 @@ class RouteChooser:
     def _machine(self) -> str:
         return f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {ROUTES_VERSION}"
 
+    @staticmethod
+    def _stored(path: Path) -> dict:
+        """The cache file's rankings per machine; {} where there is no file, or one that is not ours (it is then
+        measured again and overwritten)."""
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return stored if isinstance(stored, dict) else {}
+
     def _load(self):
         path = self._cache_file()
         if path is None or path == self._loaded_from:
             return
         self._loaded_from = path
-        try:
-            stored = json.loads(path.read_text()).get(self._machine(), {})
-        except (OSError, ValueError, AttributeError):
-            return  # no file yet, or one that is not ours: measure again
-        for key, plan in stored.items():
-            if all(isinstance(ranking, list) and all(len(pair) == 2 for pair in ranking) for ranking in plan.values()):
-                self.choices.setdefault(key, {int(bucket): ranking for bucket, ranking in plan.items()})
+        stored = self._stored(path).get(self._machine())
+        for key, plan in stored.items() if isinstance(stored, dict) else ():
+            try:
+                plan = {int(bucket): ranking for bucket, ranking in plan.items()}
+            except (AttributeError, TypeError, ValueError):
+                continue
+            pairs = [pair for ranking in plan.values() for pair in (ranking if isinstance(ranking, list) else [None])]
+            if all(isinstance(pair, list) and len(pair) == 2 for pair in pairs):
+                self.choices.setdefault(key, plan)
 
     def _save(self):
         path = self._cache_file()
         if path is None:
             return
-        try:
-            stored = json.loads(path.read_text()) if path.exists() else {}
-        except ValueError:
-            stored = {}
+        stored = self._stored(path)
         stored[self._machine()] = self.choices
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

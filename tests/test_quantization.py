@@ -473,6 +473,22 @@ def test_choices_are_kept_per_machine_in_the_cache_file(tmp_path, monkeypatch):
     assert routes_of(float32)[1] == ["linear", "mv"]
 
 
+@pytest.mark.parametrize("content", ["{not json", "[]", "null", '{"MACHINE": []}', '{"MACHINE": {"k": 3}}',
+                                     '{"MACHINE": {"k": {"one": []}}}', '{"MACHINE": {"k": {"1": [7]}}}', "a folder"])
+def test_a_cache_file_that_is_not_ours_is_measured_again_and_replaced(tmp_path, monkeypatch, content):
+    """Any content (JSON of another shape, a folder in the file's place) costs a measurement, never the pass."""
+    path = tmp_path / "routes.json"
+    monkeypatch.setenv(quantization.ROUTE_CACHE_ENV, str(path))
+    chooser = chooser_with(FakeTimer({"linear": 1.0, "mv": 0.5}))
+    if content == "a folder":
+        path.mkdir()
+    else:
+        path.write_text(content.replace("MACHINE", chooser._machine()))
+    assert routes_of(chooser.plan(NamedRoutes(["linear", "mv"]), torch.bfloat16))[1] == ["mv", "linear"]
+    if content != "a folder":
+        assert list(json.loads(path.read_text())) == [chooser._machine()]
+
+
 def test_row_buckets():
     assert [row_bucket(rows) for rows in (1, 2, 8, 9, 64, 65, 512, 4096)] == [1, 8, 8, 64, 64, 512, 512, 512]
 
