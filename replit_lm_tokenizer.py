@@ -14,6 +14,7 @@ numpy, sentencepiece, tokenizers and transformers (and torch when asked for PyTo
 `spiece.model` itself: protobuf, which sentencepiece's own model bindings need, is not among the model's requirements.
 """
 
+import json
 import os
 import re
 import struct
@@ -574,6 +575,22 @@ class _ReplitLMTokenizerMixin:
             if isinstance(error.__context__, ValueError):
                 raise error.__context__ from None
             raise
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        files = super().save_pretrained(save_directory, *args, **kwargs)
+        # The saved auto_map names this module. transformers copies it beside the files only for a tokenizer loaded
+        # through AutoTokenizer; one made from the class itself (the fast twin, or an import) would leave a folder
+        # that AutoTokenizer cannot load.
+        module = os.path.join(save_directory, os.path.basename(__file__))
+        try:
+            with open(os.path.join(save_directory, "tokenizer_config.json"), encoding="utf-8") as config:
+                auto_map = json.load(config).get("auto_map") or {}
+        except (OSError, ValueError):
+            auto_map = {}
+        named = [name for names in auto_map.values() for name in (names if isinstance(names, list) else [names])]
+        if any(str(name).startswith(f"{__name__.rpartition('.')[2]}.") for name in named) and not os.path.exists(module):
+            copyfile(__file__, module)
+        return files
 
     # -- input checks: the base classes' own errors for these are mixed, late, or (negative ids) absent
 

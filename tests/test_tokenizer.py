@@ -387,6 +387,10 @@ def test_save_and_reload(folder, cls, tmp_path):
         reloaded = loader.from_pretrained(tmp_path)
         assert reloaded.encode(CODE["go"] + "<|endoftext|>") == original.encode(CODE["go"]) + [1]
         assert (reloaded.eos_token, reloaded.pad_token, reloaded.unk_token) == ("<|endoftext|>", "<|pad|>", "<|unk|>")
+    # The saved auto_map names replit_lm_tokenizer.py, which transformers copies only for a tokenizer loaded through
+    # AutoTokenizer: saved from the class itself, the folder lacked it and AutoTokenizer could not load it.
+    auto = AutoTokenizer.from_pretrained(tmp_path, trust_remote_code=True)
+    assert type(auto).__name__ == "ReplitLMTokenizer" and auto.encode(CODE["go"]) == original.encode(CODE["go"])
 
 
 def test_pickle(slow, fast):
