@@ -93,6 +93,12 @@ def server_arguments(argv=None) -> argparse.Namespace:
     for name in ("max_batch_size", "max_queued", "max_body_bytes", "read_timeout", "timeout_keep_alive", "backlog"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
+    key = args.api_key
+    # An empty key would be matched by a bare "Bearer"; a header carries printable ASCII only, without the ends'
+    # whitespace, so any other key could never be matched (and the openai client could not even send it).
+    if key is not None and not (key and key.isascii() and key.isprintable() and key == key.strip()):
+        parser.error(f"--api-key (or {API_KEY_ENV}) must be printable ASCII, not empty and not starting or ending "
+                     "with a space")  # fmt: skip
     return args
 
 

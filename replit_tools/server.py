@@ -95,6 +95,8 @@ class Limits:
     context_length: int  # the model's, in tokens
     max_chars_per_token: int  # the longest piece of the vocabulary: a prompt of C characters has >= C / this tokens
     max_body_bytes: int = 1 << 20
+    # prompts times n: a request runs in one batch, so no more than --max-batch-size
+    max_completions: int = MAX_COMPLETIONS_PER_REQUEST
 
 
 @dataclass(frozen=True)
@@ -144,8 +146,8 @@ def parse_request(body, limits: Limits) -> CompletionRequest:
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise RequestError("prompt must be a string or a non-empty list of strings", param="prompt")
-    if len(prompts) > MAX_COMPLETIONS_PER_REQUEST:
-        raise RequestError(f"at most {MAX_COMPLETIONS_PER_REQUEST} prompts per request", param="prompt")
+    if len(prompts) > limits.max_completions:
+        raise RequestError(f"at most {limits.max_completions} prompts per request", param="prompt")
     for p in prompts:
         _text(p, "prompt")
 
@@ -163,8 +165,8 @@ def parse_request(body, limits: Limits) -> CompletionRequest:
     n = _number(body, "n", 1, integer=True)
     if n < 1:
         raise RequestError("n must be at least 1", param="n")
-    if n * len(prompts) > MAX_COMPLETIONS_PER_REQUEST:
-        raise RequestError(f"at most {MAX_COMPLETIONS_PER_REQUEST} completions per request (prompts times n)", "n")
+    if n * len(prompts) > limits.max_completions:
+        raise RequestError(f"at most {limits.max_completions} completions per request (prompts times n)", "n")
     defaults = Settings()  # the model card's
     max_tokens = _number(body, "max_tokens", defaults.max_new_tokens, integer=True)
     if not 1 <= max_tokens < limits.context_length:
@@ -780,7 +782,12 @@ def max_chars_per_token(tokenizer) -> int:
 
 def serve(completer: Completer, model_id: str, sock: socket.socket, args: argparse.Namespace):
     """Run uvicorn on `sock` until SIGINT or SIGTERM; print the address once it is ready."""
-    limits = Limits(completer.context_length, max_chars_per_token(completer.tokenizer), args.max_body_bytes)
+    limits = Limits(
+        completer.context_length,
+        max_chars_per_token(completer.tokenizer),
+        args.max_body_bytes,
+        min(MAX_COMPLETIONS_PER_REQUEST, args.max_batch_size),
+    )
     scheduler = BatchScheduler(completer, args.max_batch_size, args.max_queued)
     app = create_app(completer, model_id, limits, scheduler, args.api_key)
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)

@@ -436,6 +436,16 @@ def test_a_full_queue_is_a_429_with_retry_after(strict):
             assert headers["Retry-After"] == "1" and "busy" in answer["error"]["message"]
 
 
+def test_a_request_larger_than_a_batch_is_refused(strict):
+    """--max-batch-size 2: a request runs in one batch, so 3 completions (prompts times n) are a 400, not a batch of 3."""
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    for body in ({"prompt": PROMPT, "max_tokens": 2, "n": 3}, {"prompt": [PROMPT] * 3, "max_tokens": 2}):
+        status, _, answer = call(strict, body, headers=auth)
+        assert status == 400 and "at most 2" in answer["error"]["message"], answer
+    assert call(strict, {"prompt": PROMPT, "max_tokens": 2, "n": 2}, headers=auth)[0] == 200
+    assert stats(strict)["max_batch_rows"] <= 2
+
+
 # --- Authentication ---------------------------------------------------------------------------------------------
 
 
@@ -481,3 +491,14 @@ def test_listening_beyond_localhost_needs_a_key(tiny, capsys, monkeypatch):
         assert server.main(["--model", "/nowhere", "--host", host]) == 2
         assert "--allow-unauthenticated" in capsys.readouterr().err
     assert [server.is_loopback(host) for host in ("127.0.0.1", "127.1.2.3", "::1", "localhost")] == [True] * 4
+
+
+@pytest.mark.parametrize("key", ["", " key", "key\n", "sekr\u00eft", "a\tb"])
+def test_an_api_key_no_request_could_carry_is_refused(key, capsys):
+    """An empty key let a bare "Authorization: Bearer" in, past the guard on listening beyond localhost; the
+    others could never be matched (a header is printable ASCII, its ends stripped)."""
+    from replit_tools.commands import server_arguments
+
+    with pytest.raises(SystemExit) as exit:
+        server_arguments(["--host", "0.0.0.0", "--api-key", key])
+    assert exit.value.code == 2 and "--api-key" in capsys.readouterr().err
