@@ -64,7 +64,8 @@ def load_model(source: Path | str, **kwargs) -> ReplitLM:
     transformers fills a missing tensor with random values and only logs it (the tools silence its logs), and names
     no tensor when shapes differ."""
     model, info = ReplitLM.from_pretrained(source, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
-    problems = [f"{name} is missing" for name in sorted(info["missing_keys"]) if name != "lm_head.weight"]
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()  # the embedding, not a tensor of its own
+    problems = [f"{name} is missing" for name in sorted(set(info["missing_keys"]) - tied)]
     problems += [f"{name} is not a tensor of this model" for name in sorted(info["unexpected_keys"])]
     for mismatch in sorted(info["mismatched_keys"]):  # transformers 5: (name, checkpoint shape, model shape)
         name, *shapes = mismatch if isinstance(mismatch, tuple) else (mismatch,)

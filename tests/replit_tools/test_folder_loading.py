@@ -52,6 +52,16 @@ def test_weights_that_do_not_fit_the_config_are_refused_by_name(tiny, tmp_path, 
         load_model(folder)
 
 
+def test_an_untied_config_needs_an_lm_head_of_its_own(tiny, tmp_path):
+    """The checkpoints have no lm_head tensor (it is the embedding): with tie_word_embeddings false in config.json,
+    transformers made a random one, and completions were noise."""
+    folder = damaged_copy(tiny, tmp_path / "untied", lambda t: None)
+    config = json.loads((tmp_path / "untied" / "config.json").read_text())
+    (tmp_path / "untied" / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    with pytest.raises(CompletionError, match=r"do not fit config.json: lm_head\.weight is missing"):
+        load_model(folder)
+
+
 def test_the_command_line_refuses_a_missing_tensor_in_one_line(tiny, tmp_path):
     folder = damaged_copy(tiny, tmp_path / "damaged", lambda t: t.pop("transformer.blocks.0.ffn.up_proj.weight"))
     result = run_script("generate.py", "--model", folder, "def f():")
