@@ -64,11 +64,21 @@ AUTO_MAP = {
 }
 
 
+def _section(value, name: str) -> dict:
+    """One of MPT's nested sections (attn_config, init_config, ffn_config) as a dict; None is an empty one."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) and hasattr(value, "to_dict"):  # transformers' MptAttentionConfig
+        value = value.to_dict()
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a dict of MPT's {name} fields, got {value!r}")
+    return value
+
+
 def _flat_attn_fields(attn_config) -> dict:
     """MPT's nested attn_config (a dict, or transformers' MptAttentionConfig) as our flat fields; a ValueError for
     an attention this model does not compute."""
-    if not isinstance(attn_config, dict):
-        attn_config = attn_config.to_dict()
+    attn_config = _section(attn_config, "attn_config")
     attn_type = attn_config.get("attn_type", "multihead_attention")
     if attn_type != "multihead_attention":
         raise ValueError(f"attn_config.attn_type={attn_type!r} is not supported: ReplitLM uses multihead_attention")
@@ -91,12 +101,12 @@ def _normalise_mpt_schema(kwargs: dict) -> dict:
         not isinstance(value, str) or value.split("--")[-1] not in AUTO_MAP.values() for value in auto_map.values()
     ):
         kwargs["auto_map"] = dict(AUTO_MAP)
-    kwargs.update(_flat_attn_fields(kwargs.pop("attn_config", None) or {}))
-    ffn_config = kwargs.pop("ffn_config", None) or {}
+    kwargs.update(_flat_attn_fields(kwargs.pop("attn_config", None)))
+    ffn_config = _section(kwargs.pop("ffn_config", None), "ffn_config")
     for key, supported in _MPT_FFN.items():
         if ffn_config.get(key, supported) not in (supported, None):
             raise ValueError(f"ffn_config.{key}={ffn_config[key]!r} is not supported: ReplitLM's MLP has {supported!r}")
-    init_config = kwargs.pop("init_config", None) or {}
+    init_config = _section(kwargs.pop("init_config", None), "init_config")
     for key, value in init_config.items():
         if key in _MPT_INIT_FIELDS:
             kwargs[_MPT_INIT_FIELDS[key]] = value
@@ -107,10 +117,20 @@ def _normalise_mpt_schema(kwargs: dict) -> dict:
         if norm_type not in NORM_TYPES:
             raise ValueError(f"norm_type={norm_type!r} is not supported; expected one of {sorted(NORM_TYPES)}")
         kwargs["low_precision_layernorm"] = NORM_TYPES[norm_type]
+    for name in ("dtype", "torch_dtype"):  # transformers would fail on getattr(torch, value)
+        value = kwargs.get(name)
+        if isinstance(value, str) and value != "auto" and not _is_torch_dtype(value):
+            raise ValueError(f"{name}={value!r} is not a torch dtype (float32, bfloat16, float16, ...)")
     # MPT writes learned_pos_emb=True even with ALiBi, where it has no effect; only alibi decides positions.
     kwargs.pop("learned_pos_emb", None)
     kwargs.pop("tokenizer_name", None)
     return kwargs
+
+
+def _is_torch_dtype(name: str) -> bool:
+    import torch
+
+    return isinstance(getattr(torch, name, None), torch.dtype)
 
 
 class _AttnConfigView(dict):

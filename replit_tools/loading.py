@@ -5,6 +5,7 @@ schema; its own code files are never run: this repository's classes load it), or
 """
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from huggingface_hub.utils import logging as hub_logging
 from . import DEMO_MODEL
 from .completion import Completer
 from .options import DTYPE_NAMES, CompletionError, one_line
+from replit_lm.configuration_replit_lm import ReplitLMConfig
 from replit_lm.modeling_replit_lm import ReplitLM
 from replit_lm.quantization import measure_routes
 from replit_lm.replit_lm_tokenizer import ReplitLMTokenizer
@@ -24,6 +26,7 @@ from replit_lm.triton_flash_attn import triton_available_for
 # A Hub id (owner/name), tried on the Hub when no such local folder exists.
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
+FOLDER_JSON_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def model_source(model: str | Path) -> Path | str:
@@ -33,6 +36,14 @@ def model_source(model: str | Path) -> Path | str:
         for required in ("config.json", "spiece.model"):
             if not (path / required).is_file():
                 raise CompletionError(f"{model} is not a model folder: it has no {required}")
+        # Read here, so that a broken file is named: the tokenizer's loader says only where in the file JSON failed,
+        # and generation_config.json would be skipped without a word.
+        for name in FOLDER_JSON_FILES:
+            if (path / name).is_file():
+                try:
+                    json.loads((path / name).read_text(encoding="utf-8"))
+                except ValueError as error:
+                    raise CompletionError(f"{path / name} is not valid JSON: {one_line(error)}") from error
         return path
     if path.exists():
         raise CompletionError(f"the model must be a folder: {model}")
@@ -59,11 +70,19 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def load_model(source: Path | str, **kwargs) -> ReplitLM:
-    """ReplitLM.from_pretrained(source, **kwargs), refusing a checkpoint whose tensors are not the configured model's:
-    transformers fills a missing tensor with random values and only logs it (the tools silence its logs), and names
-    no tensor when shapes differ."""
-    model, info = ReplitLM.from_pretrained(source, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+def load_model(source: Path | str, dtype: torch.dtype | None = None, **config_fields) -> ReplitLM:
+    """ReplitLM.from_pretrained(source) in `dtype`, with `config_fields` overriding config.json's. A config.json that
+    does not describe this model is refused naming the file; so is a checkpoint whose tensors are not the configured
+    model's: transformers fills a missing tensor with random values and only logs it (the tools silence its logs),
+    and names no tensor when shapes differ."""
+    try:
+        config = ReplitLMConfig.from_pretrained(source, **config_fields)
+    except (ValueError, TypeError, AttributeError, KeyError) as error:  # a value, or a file that is no dict
+        raise CompletionError(f"{Path(source, 'config.json')}: {one_line(error)}") from error
+    dtype = {} if dtype is None else {"dtype": dtype}
+    model, info = ReplitLM.from_pretrained(
+        source, config=config, output_loading_info=True, ignore_mismatched_sizes=True, **dtype
+    )
     tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()  # the embedding, not a tensor of its own
     problems = [f"{name} is missing" for name in sorted(set(info["missing_keys"]) - tied)]
     problems += [f"{name} is not a tensor of this model" for name in sorted(info["unexpected_keys"])]
@@ -120,11 +139,11 @@ def load_from_arguments(args: argparse.Namespace) -> Completer:
 
 def run_quietly(function, args: argparse.Namespace):
     """function(args) with the libraries quiet (`quiet_libraries`); None, after one line on standard error, where it
-    fails as bad input does (CompletionError, ValueError, OSError)."""
+    fails: as generate.py, serve.py and export.py, a failure is one line for the user, never a traceback."""
     quiet_libraries()
     try:
         return function(args)
-    except (CompletionError, ValueError, OSError) as error:
+    except Exception as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return None
 

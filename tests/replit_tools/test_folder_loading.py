@@ -2,6 +2,7 @@
 the evaluation and the exporter load a folder."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -60,6 +61,39 @@ def test_an_untied_config_needs_an_lm_head_of_its_own(tiny, tmp_path):
     (tmp_path / "untied" / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
     with pytest.raises(CompletionError, match=r"do not fit config.json: lm_head\.weight is missing"):
         load_model(folder)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ([1, 2], "must be a mapping, not list"),
+        ({"dtype": "bogus"}, "dtype='bogus' is not a torch dtype"),
+        ({"attn_config": 5}, "attn_config must be a dict"),
+        ({"attn_config": {"rope": True}}, "attn_config.rope=True is not supported"),
+    ],
+    ids=["a list", "a dtype torch lacks", "attn_config a number", "an MPT feature this model lacks"],
+)
+def test_a_config_json_that_does_not_describe_the_model_is_refused_naming_the_file(tiny, tmp_path, config, message):
+    folder = damaged_copy(tiny, tmp_path / "bad", lambda t: None)
+    written = config if isinstance(config, list) else {**json.loads((tmp_path / "bad" / "config.json").read_text()),
+                                                           **config}  # fmt: skip
+    (tmp_path / "bad" / "config.json").write_text(json.dumps(written))
+    with pytest.raises(CompletionError, match=f"bad/config.json: .*{re.escape(message)}"):
+        load_model(folder)
+    result = run_script("evaluate.py", "held-out", "--model", folder, "--prompts", "1")  # AttributeError escaped
+    stderr = result.stderr.decode()
+    assert result.returncode == 1 and stderr.count("\n") == 1 and message in stderr, stderr
+
+
+@pytest.mark.parametrize("name", ["config.json", "generation_config.json", "tokenizer_config.json"])
+def test_a_json_file_that_is_not_json_is_named(tiny, tmp_path, name):
+    """The tokenizer's loader said only "Expecting property name ... (char 1)"; generation_config.json was skipped."""
+    folder = damaged_copy(tiny, tmp_path / "bad", lambda t: None)
+    (tmp_path / "bad" / name).write_text("{x")
+    result = run_script("generate.py", "--model", folder, "def f():")
+    stderr = result.stderr.decode()
+    assert result.returncode == 1 and stderr.count("\n") == 1, stderr
+    assert f"bad/{name} is not valid JSON" in stderr, stderr
 
 
 def test_the_command_line_refuses_a_missing_tensor_in_one_line(tiny, tmp_path):
