@@ -7,7 +7,7 @@ from pathlib import Path
 
 from . import DEMO_MODEL
 from .cli import unescape
-from .options import OneLineErrorParser, Settings, add_model_arguments
+from .options import SEEDS, OneLineErrorParser, Settings, add_model_arguments
 from .sandbox import Limits
 
 # ----- export.py ---------------------------------------------------------------------------------------------------
@@ -35,6 +35,8 @@ def export_arguments(argv=None) -> argparse.Namespace:
         help="weights: f32 or bf16 for mpt (default f32); f32, bf16, q8_0 or q4_0 for gguf (default bf16)",
     )
     args = parser.parse_args(argv)
+    if not str(args.output).strip() or str(args.output) == ".":  # Path("") is ".", which "already exists"
+        parser.error("the output path is empty: name the folder (mpt) or file (gguf) to write")
     args.type = (DEFAULT_TYPE[args.to] if args.type is None else args.type).lower()
     if args.type not in FORMATS[args.to]:
         parser.error(f"--type {args.type} is not available for {args.to}: use one of {', '.join(FORMATS[args.to])}")
@@ -108,6 +110,9 @@ HUMANEVAL_DESCRIPTION = (
     "HumanEval pass@k for a model folder: `python3 evaluate.py humaneval --model PATH` (docs/evaluation.md)."
 )
 HUMANEVAL_MAX_NEW_TOKENS = 384
+# The options of the model and its generation: what --canonical does not use.
+CANONICAL_IGNORES = ("model", "device", "dtype", "attn_impl", "weight_quantization", "samples", "greedy", "temperature",
+                     "top_p", "top_k", "max_new_tokens", "stop", "batch_size", "seed")  # fmt: skip
 
 
 def humaneval_arguments(argv=None) -> argparse.Namespace:
@@ -157,6 +162,19 @@ def humaneval_arguments(argv=None) -> argparse.Namespace:
                                ("--workers", args.workers, 1), ("--limit", args.limit, 1)):  # fmt: skip
         if value is not None and value < least:
             parser.error(f"{name} must be at least {least}")
+    for option, limit in (("--timeout", dict(timeout=args.timeout)), ("--memory-mb", dict(memory_mb=args.memory_mb))):
+        try:
+            Limits(**limit)
+        except ValueError as error:
+            parser.error(f"{option}: {error}")
+    if not 0 <= args.seed < SEEDS:
+        parser.error(f"--seed must be 0 to 2**32 - 1, got {args.seed}")
+    if args.canonical:
+        # The canonical solutions are run as they are: a model option would be read and silently do nothing.
+        ignored = [action.option_strings[0] for action in parser._actions if action.dest in CANONICAL_IGNORES
+                   and getattr(args, action.dest) != action.default]  # fmt: skip
+        if ignored:
+            parser.error(f"--canonical runs no model: {', '.join(ignored)} would do nothing")
     if args.problems == []:
         parser.error("--problems names no problem: give ids such as HumanEval/0,HumanEval/5 (or 0,5)")
     if args.output:
@@ -178,7 +196,8 @@ def held_out_arguments(argv=None) -> argparse.Namespace:
     parser = OneLineErrorParser(prog="evaluate.py held-out", description=HELD_OUT_DESCRIPTION)
     parser.add_argument("--model", type=Path, default=DEMO_MODEL)
     parser.add_argument("--prompts", type=int,
-                        help="function headers to complete (default 100; 20 with --headers-only)")  # fmt: skip
+                        help="function headers to complete (default 100; 20 with --headers-only; the plain "
+                             "report's headers-only part always takes 20)")  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=128, help="the token budget of a completion")
     parser.add_argument("--original-code", action="store_true",
                         help="measure the code that follows each header in its file instead of the model (with the "
@@ -195,6 +214,8 @@ def held_out_arguments(argv=None) -> argparse.Namespace:
     for name, value in (("--prompts", args.prompts), ("--max-new-tokens", args.max_new_tokens)):
         if value < 1:
             parser.error(f"{name} must be at least 1")
+    if args.original_code and args.headers_only:
+        parser.error("--original-code and --headers-only are two measures: give one")
     if args.sample and not args.headers_only:
         parser.error("--sample goes with --headers-only (the other measures sample with the card's settings)")
     return args

@@ -38,7 +38,7 @@ import transformers
 
 from .completion import Completer, Settings
 from .corpus import read_text, stdlib_sources
-from .loading import load_completer, run_quietly
+from .loading import load_completer, model_source, run_quietly
 from .commands import held_out_arguments
 from .postprocessing import finish_completion
 from replit_lm.replit_lm_tokenizer import ReplitLMTokenizer
@@ -224,7 +224,7 @@ def run(args: argparse.Namespace) -> dict:
             print(f"--- {number} ({'parses' if parses(code) else 'does not parse'})\n{code}")
         report["completions"] = len(report["completions"])
     elif args.original_code:
-        tokenizer = ReplitLMTokenizer.from_pretrained(args.model)
+        tokenizer = ReplitLMTokenizer.from_pretrained(model_source(args.model))
         prompts = function_prompts(held_out_files, args.prompts, args.seed)
         rate = original_code_parse_rate(tokenizer, prompts, args.max_new_tokens)
         report = {"original_code_parse_rate": rate, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens}

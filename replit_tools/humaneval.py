@@ -29,7 +29,7 @@ from tqdm import tqdm
 from .commands import humaneval_arguments as parse_arguments
 from .completion import Completer, Completion, CompletionError, Settings
 from .loading import load_from_arguments, run_quietly
-from .options import one_line
+from .options import SEEDS, one_line
 from .postprocessing import DEFAULT_STOP_SEQUENCES
 from .sandbox import Limits, isolation_summary, run_programs
 
@@ -105,7 +105,7 @@ def generation_batches(problems: list[dict], samples: int, batch_size: int):
 def generate(completer: Completer, problems: list[dict], settings: Settings, samples: int, batch_size: int,
              seed: int = 0, progress: bool = True) -> dict[str, list[Completion]]:  # fmt: skip
     """`samples` completions of each problem's prompt, batch by batch (prompts of similar length together, so that
-    left-padding wastes little), each generate call seeded with seed + its number."""
+    left-padding wastes little), each generate call seeded with seed + its number (wrapping round at 2**32)."""
     lengths = {problem["task_id"]: len(ids) for problem, ids in
                zip(problems, completer.tokenizer([p["prompt"] for p in problems])["input_ids"])}  # fmt: skip
     too_long = [task for task, length in lengths.items() if length + settings.max_new_tokens > completer.context_length]
@@ -119,7 +119,7 @@ def generate(completer: Completer, problems: list[dict], settings: Settings, sam
     with tqdm(total=len(problems) * samples, desc="generating", unit="sample", disable=not progress,
               file=sys.stderr) as bar:  # fmt: skip
         for call, (batch, count) in enumerate(generation_batches(ordered, samples, batch_size)):
-            call_settings = Settings(**{**asdict(settings), "num_completions": count, "seed": seed + call})
+            call_settings = Settings(**{**asdict(settings), "num_completions": count, "seed": (seed + call) % SEEDS})
             for completion in completer.complete([problem["prompt"] for problem in batch], call_settings):
                 completions[batch[completion.prompt_index]["task_id"]].append(completion)
             bar.update(len(batch) * count)

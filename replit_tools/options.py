@@ -23,6 +23,8 @@ SAMPLING_TEMPERATURE_FROM = 1e-5
 dividing float32 logits by a temperature below about 1e-37 overflows (sampling from the infinities fails)."""
 
 
+SEEDS = 2**32  # seeds 0 .. 2**32 - 1: transformers.set_seed seeds numpy too, which takes no others
+
 @dataclass(frozen=True)
 class Settings:
     """How to complete: the model card's sampling settings by default. A temperature of 0 (below
@@ -48,7 +50,7 @@ class Settings:
             (0 < self.top_p <= 1, f"top-p must be in (0, 1], got {self.top_p}"),
             (self.top_k >= 0, "top-k must be 0 (no top-k filtering) or more"),
             (all(self.stop_sequences), "a stop sequence cannot be empty"),
-            (self.seed is None or 0 <= self.seed < 2**32, f"the seed must be 0 to 2**32 - 1, got {self.seed}"),
+            (self.seed is None or 0 <= self.seed < SEEDS, f"the seed must be 0 to 2**32 - 1, got {self.seed}"),
         )
         for passed, message in checks:
             if not passed:

@@ -108,6 +108,8 @@ os._exit(0)
 """
 
 
+MAX_TIMEOUT = 86400  # seconds: a day per program
+
 @dataclass(frozen=True)
 class Limits:
     """What one program may use. `timeout` is wall-clock seconds for the whole child, its interpreter's start
@@ -118,10 +120,12 @@ class Limits:
     file_size_mb: int = 16
 
     def __post_init__(self):
-        if self.timeout <= 0 or self.memory_mb < 64 or self.file_size_mb < 1:
-            raise ValueError(
-                "the time limit must be positive, the memory limit 64 MB or more, the file size 1 MB or more"
-            )
+        if not 0 < self.timeout <= MAX_TIMEOUT:  # False for NaN; the clocks that enforce it take no infinity
+            raise ValueError(f"the time limit must be more than 0 and at most {MAX_TIMEOUT} s, got {self.timeout}")
+        if self.memory_mb < 64:
+            raise ValueError(f"the memory limit must be 64 MB or more, got {self.memory_mb}")
+        if self.file_size_mb < 1:
+            raise ValueError(f"the file size limit must be 1 MB or more, got {self.file_size_mb}")
 
     def child_config(self) -> dict:
         return {

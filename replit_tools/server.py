@@ -43,7 +43,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from .completion import Completer, Completion, CompletionError, Row, Settings
 from .loading import load_from_arguments, quiet_libraries
 from .commands import API_KEY_ENV, server_arguments
-from .options import one_line
+from .options import SEEDS, one_line
 from .postprocessing import DEFAULT_STOP_SEQUENCES, STOP_LENGTH, FinishedCompletion
 
 # OpenAI request fields this server cannot honour, with the value that asks for nothing (and is accepted).
@@ -59,7 +59,7 @@ UNSUPPORTED_FIELDS = {
 MAX_COMPLETIONS_PER_REQUEST = 16  # prompts times n
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_SEQUENCE_CHARS = 256
-MAX_SEED = 2**32 - 1  # transformers.set_seed seeds numpy too, which takes 0 .. 2**32 - 1
+MAX_SEED = SEEDS - 1
 # Prompts up to this many characters in all are tokenized on the event loop (about a millisecond), longer ones on
 # a worker thread: a hand-off to another thread costs more than that on a busy machine.
 INLINE_TOKENIZATION_CHARS = 16384

@@ -234,6 +234,7 @@ def test_command_line_writes_the_export(tmp_path):
         (["--to", "mpt", "{tmp}/exists"], "already exists"),
         (["--to", "gguf", "{tmp}/x.bin"], "ends in .gguf"),
         (["--to", "onnx", "{tmp}/x"], "invalid choice"),
+        (["--to", "gguf", ""], "the output path is empty"),  # was ". already exists"
     ],
 )
 def test_bad_input_is_one_line_and_exit_1(tmp_path, capsys, args, message):

@@ -13,6 +13,7 @@ from completion_helpers import DEMO, ROOT, one_torch_thread, run_script  # noqa:
 from replit_tools import humaneval
 from replit_tools.commands import HUMANEVAL_MAX_NEW_TOKENS
 from replit_tools.completion import CompletionError, Settings
+from replit_tools.options import SEEDS
 from replit_tools.humaneval import generation_batches, pass_at_k, program, score, select_problems
 from replit_tools.postprocessing import DEFAULT_STOP_SEQUENCES, truncate
 from replit_tools.sandbox import Limits
@@ -149,6 +150,9 @@ def test_generate_gives_n_samples_per_problem_in_batches(problems):
     assert [[c.text for c in s] for s in again.values()] == [[c.text for c in s] for s in completions.values()]
     with pytest.raises(CompletionError, match="context"):
         humaneval.generate(completer, chosen, Settings(max_new_tokens=1024), samples=1, batch_size=4, progress=False)
+    # Call i is seeded with seed + i: from the largest seed the next calls wrap round instead of failing.
+    last_seed = humaneval.generate(completer, chosen, settings, samples=1, batch_size=1, seed=SEEDS - 1, progress=False)
+    assert all(len(samples) == 1 for samples in last_seed.values())
 
 
 def test_evaluate_py_humaneval_on_the_demo_model_writes_a_valid_report(problems, tmp_path):
@@ -223,6 +227,15 @@ def test_every_prompt_fits_the_demo_s_context_with_the_default_budget(problems):
         (["held-out", "--model", "/nonexistent/model"], "model folder not found: /nonexistent/model"),
         (["--model", "/nonexistent/model"], "model folder not found: /nonexistent/model"),
         (["held-out", "--headers-only", "--prompts", "1", "--max-new-tokens", "5000"], "context"),
+        (["held-out", "--original-code", "--model", "/nonexistent/model"], "model folder not found: /nonexistent/model"),
+        (["held-out", "--original-code", "--headers-only"], "--original-code and --headers-only are two measures"),
+        # Refused before generating, not after it, in the sandbox's clock (inf, 1e30) or as an anonymous NaN.
+        (["humaneval", "--timeout", "inf"], "--timeout: the time limit must be more than 0 and at most 86400 s"),
+        (["humaneval", "--timeout", "1e30"], "--timeout: the time limit"),
+        (["humaneval", "--timeout", "nan"], "--timeout: the time limit"),
+        (["humaneval", "--memory-mb", "1"], "--memory-mb: the memory limit must be 64 MB or more, got 1"),
+        (["humaneval", "--seed", "4294967296"], "--seed must be 0 to 2**32 - 1"),
+        (["humaneval", "--canonical", "-n", "5", "--greedy"], "--canonical runs no model: -n, --greedy would do nothing"),
     ],
 )
 def test_evaluate_py_answers_bad_input_in_one_line_before_any_work(args, message):
