@@ -185,6 +185,7 @@ def write_demo_folder(model, tokenizer, out: Path, training: list[dict]) -> None
     shutil.copy(ROOT / "generation_config.json", staging / "generation_config.json")
     (staging / "training.json").write_text(json.dumps(training, indent=2) + "\n")
     for name in CODE_FILES:
+        (staging / name).unlink(missing_ok=True)  # a copy save_pretrained made (the tokenizer copies its module)
         (staging / name).symlink_to(os.path.relpath(ROOT / name, out.resolve()))
     if out.exists():
         shutil.rmtree(out)
