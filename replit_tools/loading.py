@@ -41,9 +41,11 @@ def model_source(model: str | Path) -> Path | str:
         for name in FOLDER_JSON_FILES:
             if (path / name).is_file():
                 try:
-                    json.loads((path / name).read_text(encoding="utf-8"))
+                    content = json.loads((path / name).read_text(encoding="utf-8"))
                 except ValueError as error:
                     raise CompletionError(f"{path / name} is not valid JSON: {one_line(error)}") from error
+                if not isinstance(content, dict):
+                    raise CompletionError(f"{path / name} is not a JSON object: {type(content).__name__}")
         return path
     if path.exists():
         raise CompletionError(f"the model must be a folder: {model}")
