@@ -51,7 +51,9 @@ def model_source(model: str | Path) -> Path | str:
         raise CompletionError(f"the model must be a folder: {model}")
     if path == DEMO_MODEL:
         raise CompletionError(f"the demo model is missing: {DEMO_MODEL} (python -m replit_tools.demo builds it)")
-    if not HUB_ID.fullmatch(str(model)):
+    # models/replit where models/ is a folder here is a path with a typo, not a Hub id: answered now, not after the
+    # Hub has been tried (half a minute without a network).
+    if not HUB_ID.fullmatch(str(model)) or path.parent.is_dir():
         raise CompletionError(f"model folder not found: {model}")
     return str(model)
 

@@ -8,7 +8,7 @@ import torch
 from completion_helpers import hub_folder, run_script
 from safetensors.torch import load_file, save_file
 
-from replit_tools.loading import load_model
+from replit_tools.loading import load_model, model_source
 from replit_tools.options import CompletionError
 
 
@@ -26,6 +26,15 @@ def damaged_copy(tiny, folder, change) -> str:
     change(tensors)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     return str(folder)
+
+
+def test_a_relative_path_with_a_typo_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    """models/replit, where models/ is a folder here, was tried on the Hub: half a minute without a network."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    with pytest.raises(CompletionError, match="model folder not found: models/replit$"):
+        model_source("models/replit")
+    assert model_source("replit/replit-code-v1-3b") == "replit/replit-code-v1-3b"
 
 
 def test_a_complete_checkpoint_loads(tiny):
