@@ -580,7 +580,8 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
         A static cache returned by an earlier call (return_dict_in_generate=True) holds that call's length only; to
         continue from it, it is copied into one with room for this call.
 
-        Raises before any work where the prompt and the new tokens would not fit in config.max_seq_len."""
+        Raises before any work where the prompt and the new tokens would not fit in config.max_seq_len, or where a
+        row of the prompt holds no token (all padding)."""
         config = kwargs.get("generation_config") or self.generation_config
         prompt = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
         if prompt is None:
