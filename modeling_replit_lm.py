@@ -693,6 +693,7 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
     ):
         """transformers' causal LM loss (self.loss_function) on the targets of each position."""
         real = None if attention_mask is None else attention_mask[:, -labels.shape[1] :].bool().to(labels.device)
+        counted = labels[:, 1:] if shift_labels is None else shift_labels  # the targets transformers' Trainer counts
         if shift_labels is None:
             shift_labels = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
             if real is not None:
@@ -705,6 +706,13 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
             # A padding position predicts nothing: with left padding it would otherwise be asked for the first real
             # token, from a position that saw no token at all.
             shift_labels = shift_labels.masked_fill(~real, ignore_index)
+        if num_items_in_batch is not None and real is not None:
+            # Trainer's num_items_in_batch counts the targets of counted that are not ignore_index; padding took some
+            # of those away here (pad tokens left as labels, the first token after left padding). Scaled by this
+            # batch's share, so that the loss stays the mean over real targets: exactly for one batch, and for
+            # accumulated ones as far as their padding is alike.
+            kept = (shift_labels != ignore_index).sum()
+            num_items_in_batch = num_items_in_batch * kept / (counted != ignore_index).sum().clamp(min=1)
         outside = (shift_labels != ignore_index) & ((shift_labels < 0) | (shift_labels >= self.config.vocab_size))
         if bool(outside.any()):
             raise ValueError(
@@ -739,7 +747,8 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
         logits_to_keep: compute logits for the last N positions only (0: all), or for the given positions.
         kwargs: also transformers' loss arguments: shift_labels (targets already shifted, which then replace the
             shifted labels), num_items_in_batch (the loss is the sum over that many targets, as transformers'
-            Trainer asks for with gradient accumulation) and ignore_index."""
+            Trainer asks for with gradient accumulation; where padding takes away targets that Trainer counted, the
+            count is scaled by this batch's share) and ignore_index."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.transformer(
             input_ids=input_ids,

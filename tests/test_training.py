@@ -61,6 +61,13 @@ def test_padded_training_batch_gives_the_loss_of_the_unpadded_sequences(padding_
     expected = (loss_short * 11 + loss_long * 17) / 28
     torch.testing.assert_close(batch_loss, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(model(ids, attention_mask=mask, labels=ids).loss, expected, atol=1e-5, rtol=1e-5)
+    # transformers' Trainer passes num_items_in_batch counted as the targets of labels[:, 1:] that are not -100:
+    # pads left as labels, and with left padding the first token (predicted from a pad), are among them. The loss
+    # of a batch stays the mean over its real targets (Trainer's loss was 1.06 where it was 1.40 before).
+    for given in (labels, ids):
+        counted = (given[:, 1:] != -100).sum()
+        loss = model(ids, attention_mask=mask, labels=given, num_items_in_batch=counted).loss
+        torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_trainer_trains(tmp_path):
