@@ -750,6 +750,12 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
             Trainer asks for with gradient accumulation; where padding takes away targets that Trainer counted, the
             count is scaled by this batch's share) and ignore_index."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if labels is not None and self.training and torch.is_grad_enabled() and self._has_quantized_layers():
+            # The quantized layers compute no gradient: backward would fail deep in autograd (no grad_fn).
+            raise NotImplementedError(
+                f"this model's Linear layers are quantized to {self.config.weight_quantization}, for inference only: "
+                "train (or fine-tune with LoRA) the model loaded without weight_quantization"
+            )
         outputs = self.transformer(
             input_ids=input_ids,
             past_key_values=cache_argument(past_key_values, kwargs),

@@ -891,6 +891,18 @@ def test_saving_a_quantized_model_is_a_clear_error(hub_folder, tmp_path):
     assert not (tmp_path / "saved" / "model.safetensors").exists()
 
 
+def test_training_a_quantized_model_is_a_clear_error(hub_folder):
+    """The quantized layers compute no gradient: Trainer's step failed deep in autograd ("does not require grad")."""
+    folder, _ = hub_folder
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, weight_quantization="int8").train()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with pytest.raises(NotImplementedError, match="quantized to int8, for inference only"):
+        model(ids, labels=ids)
+    with torch.no_grad():  # evaluation, in either mode, still works
+        assert model(ids, labels=ids).loss.isfinite()
+    assert model.eval()(ids, labels=ids).loss.isfinite()
+
+
 def test_bad_weight_quantization_value_is_rejected_on_load(hub_folder):
     folder, _ = hub_folder
     with pytest.raises(ValueError, match="weight_quantization"):
