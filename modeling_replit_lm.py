@@ -82,6 +82,25 @@ def check_cache_takes(cache: Cache, batch: int, past_len: int, new_tokens: int):
         )
 
 
+def check_position_ids(position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None):
+    """ALiBi takes positions from the order of the tokens, so position_ids are not read. Those of sequences packed
+    into one row (restarting at 0, as DataCollatorWithFlattening writes them) would need attention kept within each
+    sequence, which this model does not do: a ValueError rather than attention across the sequences."""
+    if not isinstance(position_ids, torch.Tensor) or position_ids.shape[-1] < 2:
+        return
+    new_tokens = position_ids.shape[-1]
+    skips = (position_ids[..., 1:] - position_ids[..., :-1]) != 1
+    if attention_mask is not None:  # padding positions may hold anything (transformers writes 1 there)
+        real = attention_mask[:, -new_tokens:].bool()
+        skips = skips & real[:, 1:] & real[:, :-1]
+    if bool(skips.any()):
+        raise ValueError(
+            "position_ids that do not count up by one within a row (sequences packed into one row, as "
+            "DataCollatorWithFlattening makes them) are not supported: ALiBi attention would run across the "
+            "sequences; pad the batch instead (positions come from the token order)"
+        )
+
+
 def static_cache_with_room(cache: StaticCache, length: int, config) -> StaticCache:
     """A StaticCache of `length` positions holding what `cache` holds (4.x writes where cache_position says, 5.x
     after what the layer holds: both from 0 here)."""
@@ -426,6 +445,7 @@ class ReplitLMModel(ReplitLMPreTrainedModel):
                 "past_key_values must be a transformers Cache (e.g. DynamicCache), not "
                 f"{type(past_key_values).__name__}; tuple caches are no longer supported"
             )
+        check_position_ids(kwargs.get("position_ids"), attention_mask)
         cache_position = kwargs.get("cache_position")  # the new tokens' positions, from transformers 4.x generate
         if past_key_values is None:
             past_len = 0
@@ -766,6 +786,7 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             return_dict=True,
             cache_position=kwargs.get("cache_position"),
+            position_ids=kwargs.get("position_ids"),
         )
         hidden = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep

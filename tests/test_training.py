@@ -170,3 +170,19 @@ def test_trainer_with_gradient_accumulation_logs_the_mean_loss(tmp_path):
         # causal LM predicts: 24 per row where there are 23 targets (its own models log the same).
         expected *= 23 / 24
     assert logged == pytest.approx(expected, rel=1e-4), (logged, micro_losses)
+
+
+def test_packed_sequences_are_refused_and_ordinary_position_ids_change_nothing():
+    """position_ids are not read (ALiBi takes positions from the token order). Sequences packed into one row, whose
+    positions restart at 0 (DataCollatorWithFlattening), were trained on with attention across them, silently."""
+    model = tiny_model(seed=12).eval()
+    ids = repetitive_batch(2, 12, seed=13)[:, :8]
+    expected = model(ids).logits
+    torch.testing.assert_close(model(ids, position_ids=torch.arange(8)[None]).logits, expected, atol=0, rtol=0)
+    mask = torch.tensor([[0, 0] + [1] * 6, [1] * 8])
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as transformers writes them for left padding
+    torch.testing.assert_close(model(ids, attention_mask=mask, position_ids=positions).logits,
+                               model(ids, attention_mask=mask).logits, atol=0, rtol=0)  # fmt: skip
+    packed = torch.cat([torch.arange(5), torch.arange(3)])[None]
+    with pytest.raises(ValueError, match="sequences packed into one row"):
+        model.train()(ids[:1], position_ids=packed, labels=ids[:1])
