@@ -320,8 +320,11 @@ def test_loss_takes_transformers_loss_arguments():
     torch.testing.assert_close(model(ids, attention_mask=mask, labels=labels, shift_labels=shifted).loss, mean)
     other = torch.randint(3, VOCAB, shifted.shape, generator=torch.Generator().manual_seed(0))
     assert not torch.equal(model(ids, attention_mask=mask, labels=labels, shift_labels=other).loss, mean)
-    targets = 9 + 5  # each real position but the last predicts the next token
-    total = model(ids, attention_mask=mask, labels=labels, num_items_in_batch=torch.tensor(2 * targets)).loss
+    # num_items_in_batch as transformers' Trainer counts it: the targets of labels[:, 1:], here 9 + 6, the first real
+    # token of the left-padded row among them, which a pad position would predict and the model leaves out (9 + 5).
+    counted = (labels[:, 1:] != -100).sum()
+    assert counted == 9 + 6
+    total = model(ids, attention_mask=mask, labels=labels, num_items_in_batch=2 * counted).loss
     torch.testing.assert_close(total, mean / 2)
     # Padding positions predict nothing even where their labels are real ids.
     torch.testing.assert_close(model(ids, attention_mask=mask, labels=ids).loss, mean)
