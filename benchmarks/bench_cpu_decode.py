@@ -54,6 +54,7 @@ from replit_tools.mpt_reference import mpt_config  # noqa: E402  (also registers
 from replit_lm.configuration_replit_lm import ReplitLMConfig  # noqa: E402
 from replit_lm.modeling_replit_lm import ReplitLM  # noqa: E402
 from replit_lm import quantization  # noqa: E402
+from replit_tools.options import at_least  # noqa: E402
 from replit_lm.quantization import (  # noqa: E402
     ROUTE_CACHE_ENV,
     ROUTES,
@@ -449,7 +450,7 @@ def main():
     parser.add_argument("--prompt", type=int, nargs="+", default=[64, 512, 1024], help="prompt lengths in tokens")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per sequence")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved runs per model; the best is kept")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=at_least(1), default=None, help="torch threads (default: torch's choice)")
     parser.add_argument(
         "--models", nargs="+", default=["float32", "bfloat16", "int8", "int4"],
         choices=["float32", "bfloat16", "int8", "int4"],
@@ -471,6 +472,11 @@ def main():
     for flag, values, least in counts:
         if min(values) < least:  # a decode step is timed between two tokens: --new-tokens 2 at least
             parser.error(f"{flag} must be at least {least}")
+    context = replit_config(1).max_seq_len
+    if max(args.prompt) + args.new_tokens > context:
+        parser.error(f"--prompt {max(args.prompt)} with --new-tokens {args.new_tokens} exceeds the model's {context} tokens")
+    if args.accuracy and not Path(args.accuracy).is_dir():
+        parser.error(f"--accuracy {args.accuracy}: no such model folder")
     if args.without_amx:
         without_amx()
     if args.threads:

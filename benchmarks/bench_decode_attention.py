@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cpu_decode import machine_description, mpt_sharing, random_replit, replit_config, run_generate  # noqa: E402
 
 from replit_lm import attention  # noqa: E402
+from replit_tools.options import at_least  # noqa: E402
 from replit_lm.attention import AttentionMask, alibi_bias_table, alibi_slopes  # noqa: E402
 
 HEADS, HEAD_DIM = 32, 80
@@ -91,12 +92,16 @@ def decode_table(args, dtype: torch.dtype):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--keys", type=int, nargs="+", default=[64, 512, 1024, 2048], help="cache lengths (part 1)")
-    parser.add_argument("--prompt", type=int, nargs="+", default=[64, 1024], help="prompt lengths (part 2)")
-    parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layers", type=at_least(1), default=4)
+    parser.add_argument("--keys", type=at_least(1), nargs="+", default=[64, 512, 1024, 2048],
+                        help="cache lengths (part 1)")  # fmt: skip
+    parser.add_argument("--prompt", type=at_least(1), nargs="+", default=[64, 1024], help="prompt lengths (part 2)")
+    parser.add_argument("--new-tokens", type=at_least(2), default=16, help="a step is timed between two tokens")
+    parser.add_argument("--repeats", type=at_least(1), default=3)
     args = parser.parse_args()
+    context = replit_config(1).max_seq_len
+    if max(args.keys) > context or max(args.prompt) + args.new_tokens > context:
+        parser.error(f"--keys, and --prompt with --new-tokens, must stay within the model's {context} tokens")
     if not attention.native_decode_is_faster(HEADS, HEAD_DIM, getattr(torch, args.dtype), torch.get_num_threads()):
         kernels = attention.native_kernels()
         if kernels is None or not kernels.decode_attention_available():

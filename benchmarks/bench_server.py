@@ -7,7 +7,7 @@ and the latency of a lone request, for this server and for the standard-library 
 Both servers run as subprocesses on 127.0.0.1 with the same model and settings. Requests are greedy, without stop
 sequences (each generates exactly --max-tokens tokens unless the model ends its text), one distinct prompt per
 client. The previous server is read from git (`--baseline`, a commit whose replit_tools/server.py is the
-ThreadingHTTPServer one) and run against today's Completer, so only the HTTP side and the scheduling differ.
+ThreadingHTTPServer one) and run with today's tokenizer file (the one of that time needed protobuf).
 """
 
 import argparse
@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import select
+import shutil
 import statistics
 import subprocess
 import sys
@@ -25,6 +26,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from replit_tools.options import at_least  # noqa: E402  (no torch: the servers run in subprocesses)
 BASELINE = "624b54b"  # the last commit with the standard-library server (one request at a time, behind a lock)
 PROMPTS = [
     "def fibonacci(n):",
@@ -73,8 +77,13 @@ def start(command: list[str], env: dict) -> tuple[subprocess.Popen, int]:
 def baseline_command(ref: str, server_args: list[str], folder: Path) -> list[str]:
     """The previous server: the repository as it was at `ref` (its package too, which the server imports from),
     unpacked from git into `folder`."""
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], capture_output=True)
+    if archive.returncode:
+        raise SystemExit(f"error: --baseline {ref}: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    # The tokenizer of that time read spiece.model with protobuf, which no requirements file installs: today's
+    # gives the same ids, and the tokenizer is not what is measured.
+    shutil.copy(ROOT / "replit_lm_tokenizer.py", folder / "replit_lm_tokenizer.py")
     return [sys.executable, str(folder / "serve.py"), *server_args]
 
 
@@ -133,11 +142,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(ROOT / "demo"))
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=11, help="lone requests timed (the median is shown)")
+    parser.add_argument("--clients", type=at_least(1), default=16)
+    parser.add_argument("--max-tokens", type=at_least(1), default=64)
+    parser.add_argument("--repeats", type=at_least(1), default=11, help="lone requests timed (the median is shown)")
     parser.add_argument("--baseline", default=BASELINE, help="git commit of the previous server (none: skip it)")
-    parser.add_argument("--threads", type=int, help="torch threads of the servers (OMP_NUM_THREADS; default: torch's)")
+    parser.add_argument("--threads", type=at_least(1),
+                        help="torch threads of the servers (OMP_NUM_THREADS; default: torch's)")  # fmt: skip
     args = parser.parse_args()
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.clients)]
     server_args = ["--model", args.model, "--device", args.device, "--port", "0"]

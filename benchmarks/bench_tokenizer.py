@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from quantization import cpu_model  # noqa: E402
 from replit_lm_tokenizer import ReplitLMTokenizer, ReplitLMTokenizerFast  # noqa: E402
+from replit_tools.options import at_least  # noqa: E402
 
 
 SOURCE_DIRS = [Path(sysconfig.get_paths()["purelib"]), Path("/usr/include"), Path("/usr/share"), Path("/usr/lib")]
@@ -82,9 +83,9 @@ def best_time(function, repeat):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--spiece", type=Path, default=ROOT.parent / "shared" / "replit-code-v1-3b" / "spiece.model")
-    parser.add_argument("--corpus-bytes", type=int, default=1_000_000)
-    parser.add_argument("--snippets", type=int, default=1000)
-    parser.add_argument("--repeat", type=int, default=5, help="best of this many runs")
+    parser.add_argument("--corpus-bytes", type=at_least(1), default=1_000_000)
+    parser.add_argument("--snippets", type=at_least(1), default=1000)
+    parser.add_argument("--repeat", type=at_least(1), default=5, help="best of this many runs")
     args = parser.parse_args()
     if not args.spiece.is_file():
         parser.error(f"no spiece.model at {args.spiece}: give the real model's with --spiece PATH")

@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -26,6 +27,9 @@ from pathlib import Path
 
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from replit_tools.options import at_least  # noqa: E402
 DEFAULT_SPIECE = ROOT.parent / "shared" / "replit-code-v1-3b" / "spiece.model"
 SOURCE_DIRS = [Path(sysconfig.get_paths()["stdlib"]), Path(sysconfig.get_paths()["purelib"])]
 MAX_FILE_BYTES = 1_000_000
@@ -103,7 +107,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spiece", default=str(DEFAULT_SPIECE))
     parser.add_argument("--reference-python", help="a Python with sentencepiece 0.1.99")
-    parser.add_argument("--files", type=int, default=10_000)
+    parser.add_argument("--files", type=at_least(1), default=10_000)
     parser.add_argument("--no-fast", action="store_true", help="check only ReplitLMTokenizer")
     parser.add_argument("--also", metavar="FILE", help="another replit_lm_tokenizer.py to check on the same files")
     parser.add_argument("--show", type=int, default=0, help="print the paths of up to this many differing files")
@@ -113,12 +117,13 @@ def main():
         return emit_reference(args.spiece)
     if not args.reference_python:
         parser.error("--reference-python is required")
+    if not shutil.which(args.reference_python):
+        parser.error(f"--reference-python {args.reference_python}: no such program")
 
     import sentencepiece as spm
     import tokenizers
     import transformers
 
-    sys.path.insert(0, str(ROOT))
     from quantization import cpu_model
     from replit_lm_tokenizer import ReplitLMTokenizer, ReplitLMTokenizerFast
 

@@ -74,6 +74,18 @@ def reject_empty(prompts: list[str]):
             raise CompletionError(f"{which} is empty or only whitespace: give the code to complete")
 
 
+def at_least(least: int):
+    """An argparse type: a whole number of at least `least`; anything else is the option's one-line error."""
+
+    def whole_number(text: str) -> int:
+        value = int(text)  # a ValueError: argparse's "invalid whole_number value"
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        return value
+
+    return whole_number
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
     """argparse, its errors one line ("error: ..."), exiting with `error_status` (argparse's own: 2)."""
 
