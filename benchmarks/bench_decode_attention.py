@@ -102,13 +102,16 @@ def main():
     context = replit_config(1).max_seq_len
     if max(args.keys) > context or max(args.prompt) + args.new_tokens > context:
         parser.error(f"--keys, and --prompt with --new-tokens, must stay within the model's {context} tokens")
-    if not attention.native_decode_is_faster(HEADS, HEAD_DIM, getattr(torch, args.dtype), torch.get_num_threads()):
+    kept_sdpa = not attention.native_decode_is_faster(HEADS, HEAD_DIM, getattr(torch, args.dtype),
+                                                      torch.get_num_threads())  # fmt: skip
+    if kept_sdpa:
         kernels = attention.native_kernels()
         if kernels is None or not kernels.decode_attention_available():
             sys.exit("the native decode attention is not built here (it needs a C compiler and AVX2 or AVX512)")
-        print("(on this machine the model would keep SDPA: the native kernel was not timed faster)")
     print(f"# Decode attention on the CPU\n\n- machine: {machine_description()}")
     print(f"- python {sys.version.split()[0]}, torch {torch.__version__}")
+    if kept_sdpa:
+        print("- on this machine the model keeps SDPA: the native kernel was not timed faster")
     dtype = getattr(torch, args.dtype)
     attention_table(args, dtype)
     decode_table(args, dtype)
