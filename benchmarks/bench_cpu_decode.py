@@ -445,11 +445,12 @@ def without_amx():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=32, help="transformer blocks (32: the real model)")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--prompt", type=int, nargs="+", default=[64, 512, 1024], help="prompt lengths in tokens")
-    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per sequence")
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved runs per model; the best is kept")
+    parser.add_argument("--layers", type=at_least(1), default=32, help="transformer blocks (32: the real model)")
+    parser.add_argument("--batch", type=at_least(1), nargs="+", default=[1, 8])
+    parser.add_argument("--prompt", type=at_least(1), nargs="+", default=[64, 512, 1024], help="prompt lengths in tokens")
+    # A decode step is timed between two tokens.
+    parser.add_argument("--new-tokens", type=at_least(2), default=32, help="tokens generated per sequence")
+    parser.add_argument("--repeats", type=at_least(1), default=2, help="interleaved runs per model; the best is kept")
     parser.add_argument("--threads", type=at_least(1), default=None, help="torch threads (default: torch's choice)")
     parser.add_argument(
         "--models", nargs="+", default=["float32", "bfloat16", "int8", "int4"],
@@ -458,20 +459,14 @@ def main():
     )  # fmt: skip
     parser.add_argument("--llama-cpp", action="store_true", help="run llama.cpp beside ReplitLM (batch 1)")
     parser.add_argument("--accuracy", metavar="MODEL_DIR", help="measure int8/int4 accuracy of this trained model")
-    parser.add_argument("--window", type=int, default=256, help="--accuracy: tokens per window")
-    parser.add_argument("--windows", type=int, default=32, help="--accuracy: number of windows")
+    parser.add_argument("--window", type=at_least(2), default=256, help="--accuracy: tokens per window")
+    parser.add_argument("--windows", type=at_least(1), default=32, help="--accuracy: number of windows")
     parser.add_argument(
         "--without-amx", action="store_true",
         help="AMX out of every engine, a stand-in on an AMX CPU for AVX512 CPUs without it (AMD EPYC): oneDNN capped "
         "at AVX512-BF16, ReplitLM's AMX routes not offered, llama.cpp without its AMX buffers, routes not cached",
     )  # fmt: skip
     args = parser.parse_args()
-    counts = (("--layers", [args.layers], 1), ("--batch", args.batch, 1), ("--prompt", args.prompt, 1),
-              ("--new-tokens", [args.new_tokens], 2), ("--repeats", [args.repeats], 1), ("--window", [args.window], 2),
-              ("--windows", [args.windows], 1))  # fmt: skip
-    for flag, values, least in counts:
-        if min(values) < least:  # a decode step is timed between two tokens: --new-tokens 2 at least
-            parser.error(f"{flag} must be at least {least}")
     context = replit_config(1).max_seq_len
     if max(args.prompt) + args.new_tokens > context:
         parser.error(f"--prompt {max(args.prompt)} with --new-tokens {args.new_tokens} exceeds the model's {context} tokens")
