@@ -73,7 +73,9 @@ def check_cache_takes(cache: Cache, batch: int, past_len: int, new_tokens: int):
     layer = cache.layers[0] if getattr(cache, "layers", None) else None
     keys = getattr(layer, "keys", None)  # (batch, heads, positions, head_dim) once filled
     if isinstance(keys, torch.Tensor) and keys.dim() == 4 and keys.shape[0] != batch:
-        raise ValueError(f"the cache holds {keys.shape[0]} sequences and the input {batch}: pass the cache of this batch")
+        raise ValueError(
+            f"the cache holds {keys.shape[0]} sequences and the input {batch}: pass the cache of this batch"
+        )
     capacity = getattr(layer, "max_cache_len", None)
     if isinstance(capacity, int) and not getattr(layer, "is_sliding", False) and past_len + new_tokens > capacity:
         raise ValueError(

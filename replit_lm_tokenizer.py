@@ -588,7 +588,8 @@ class _ReplitLMTokenizerMixin:
         except (OSError, ValueError):
             auto_map = {}
         named = [name for names in auto_map.values() for name in (names if isinstance(names, list) else [names])]
-        if any(str(name).startswith(f"{__name__.rpartition('.')[2]}.") for name in named) and not os.path.exists(module):
+        names_this_module = any(str(name).startswith(f"{__name__.rpartition('.')[2]}.") for name in named)
+        if names_this_module and not os.path.exists(module):
             copyfile(__file__, module)
         return files
 

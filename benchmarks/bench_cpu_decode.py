@@ -447,7 +447,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=at_least(1), default=32, help="transformer blocks (32: the real model)")
     parser.add_argument("--batch", type=at_least(1), nargs="+", default=[1, 8])
-    parser.add_argument("--prompt", type=at_least(1), nargs="+", default=[64, 512, 1024], help="prompt lengths in tokens")
+    parser.add_argument("--prompt", type=at_least(1), nargs="+", default=[64, 512, 1024],
+                        help="prompt lengths in tokens")  # fmt: skip
     # A decode step is timed between two tokens.
     parser.add_argument("--new-tokens", type=at_least(2), default=32, help="tokens generated per sequence")
     parser.add_argument("--repeats", type=at_least(1), default=2, help="interleaved runs per model; the best is kept")
@@ -469,7 +470,9 @@ def main():
     args = parser.parse_args()
     context = replit_config(1).max_seq_len
     if max(args.prompt) + args.new_tokens > context:
-        parser.error(f"--prompt {max(args.prompt)} with --new-tokens {args.new_tokens} exceeds the model's {context} tokens")
+        parser.error(
+            f"--prompt {max(args.prompt)} with --new-tokens {args.new_tokens} exceeds the model's {context} tokens"
+        )
     if args.accuracy and not Path(args.accuracy).is_dir():
         parser.error(f"--accuracy {args.accuracy}: no such model folder")
     if args.without_amx:

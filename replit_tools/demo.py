@@ -275,7 +275,8 @@ def main():
                              "or a finished demo) and run stage 2 on it; its training.json is carried on")  # fmt: skip
     parser.add_argument("--average-with-start", action="store_true",
                         help="end stage 2 with the mean of the weights it started from and those it ended with (a "
-                             "checkpoint average; the current demo's last step averaged two folders instead, with --average-with)")  # fmt: skip
+                             "checkpoint average; the current demo's last step averaged two folders instead, "
+                             "with --average-with)")  # fmt: skip
     parser.add_argument("--unlikelihood-steps", type=int, default=0,
                         help="optimizer steps of a third stage: stage 2's batches plus unlikelihood training "
                              "against the loops of the model's own greedy completions (replit_tools/unlikelihood.py); "

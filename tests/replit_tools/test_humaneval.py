@@ -227,7 +227,8 @@ def test_every_prompt_fits_the_demo_s_context_with_the_default_budget(problems):
         (["held-out", "--model", "/nonexistent/model"], "model folder not found: /nonexistent/model"),
         (["--model", "/nonexistent/model"], "model folder not found: /nonexistent/model"),
         (["held-out", "--headers-only", "--prompts", "1", "--max-new-tokens", "5000"], "context"),
-        (["held-out", "--original-code", "--model", "/nonexistent/model"], "model folder not found: /nonexistent/model"),
+        (["held-out", "--original-code", "--model", "/nonexistent/model"],
+         "model folder not found: /nonexistent/model"),
         (["held-out", "--original-code", "--headers-only"], "--original-code and --headers-only are two measures"),
         # Refused before generating, not after it, in the sandbox's clock (inf, 1e30) or as an anonymous NaN.
         (["humaneval", "--timeout", "inf"], "--timeout: the time limit must be more than 0 and at most 86400 s"),
@@ -235,7 +236,8 @@ def test_every_prompt_fits_the_demo_s_context_with_the_default_budget(problems):
         (["humaneval", "--timeout", "nan"], "--timeout: the time limit"),
         (["humaneval", "--memory-mb", "1"], "--memory-mb: the memory limit must be 64 MB or more, got 1"),
         (["humaneval", "--seed", "4294967296"], "--seed must be 0 to 2**32 - 1"),
-        (["humaneval", "--canonical", "-n", "5", "--greedy"], "--canonical runs no model: -n, --greedy would do nothing"),
+        (["humaneval", "--canonical", "-n", "5", "--greedy"],
+         "--canonical runs no model: -n, --greedy would do nothing"),
     ],
 )
 def test_evaluate_py_answers_bad_input_in_one_line_before_any_work(args, message):

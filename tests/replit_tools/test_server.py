@@ -437,7 +437,8 @@ def test_a_full_queue_is_a_429_with_retry_after(strict):
 
 
 def test_a_request_larger_than_a_batch_is_refused(strict):
-    """--max-batch-size 2: a request runs in one batch, so 3 completions (prompts times n) are a 400, not a batch of 3."""
+    """--max-batch-size 2: a request runs in one batch, so 3 completions (prompts times n) are a 400, not a batch of
+    3."""
     auth = {"Authorization": f"Bearer {API_KEY}"}
     for body in ({"prompt": PROMPT, "max_tokens": 2, "n": 3}, {"prompt": [PROMPT] * 3, "max_tokens": 2}):
         status, _, answer = call(strict, body, headers=auth)
