@@ -182,8 +182,10 @@ def sdpa_attention(q, k, v, mask: AttentionMask, softmax_scale: float, dropout_p
 
 def eager_attention(q, k, v, mask: AttentionMask, softmax_scale: float, dropout_p: float, output_attentions: bool):
     """The explicit computation: scores, softmax in float32, weighted sum. Shapes as `sdpa_attention`."""
-    scores = torch.matmul(q, k.transpose(-1, -2)) * softmax_scale + mask.additive
-    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    # In float32: the hidden keys' bias is the dtype's minimum, and in float16 any score below about -16 added to
+    # it would overflow to -inf, turning a row with every key hidden (left padding) into NaNs.
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * softmax_scale + mask.additive
+    weights = torch.softmax(scores, dim=-1).to(q.dtype)
     out = torch.matmul(F.dropout(weights, p=dropout_p), v)
     return out, weights if output_attentions else None
 

@@ -436,7 +436,9 @@ class ReplitLMModel(ReplitLMPreTrainedModel):
         )
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if self.gradient_checkpointing and self.training:
+        # Checkpointing replays layers in the backward pass, which a cache would not survive; without gradients
+        # (generating from a model in training mode) there is no backward, and generate needs its cache.
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             use_cache, past_key_values = False, None
 
         x = self._embed(input_ids, inputs_embeds)  # (batch, q_len, d_model)
@@ -657,10 +659,10 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
     def _check_generation_length(self, prompt, kwargs, config):
         if not isinstance(prompt, torch.Tensor) or prompt.dim() < 2:
             return None
-        max_new_tokens, max_length = kwargs.get("max_new_tokens"), kwargs.get("max_length")
-        if max_new_tokens is None and max_length is None:
-            max_new_tokens = config.max_new_tokens
-            max_length = None if config.max_length == UNSET_MAX_LENGTH else config.max_length
+        # As transformers resolves them: an argument overrides the generation config's field, and max_new_tokens
+        # from either one overrides max_length.
+        max_new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
+        max_length = kwargs.get("max_length", None if config.max_length == UNSET_MAX_LENGTH else config.max_length)
         if max_new_tokens is not None:
             total, asked = prompt.shape[1] + max_new_tokens, f"max_new_tokens={max_new_tokens}"
         elif max_length is not None:

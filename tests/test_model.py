@@ -179,6 +179,43 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_generating_in_training_mode_with_checkpointing_keeps_the_cache():
+    """Sampling a completion inside a training loop, without model.eval(): generate runs without gradients, so
+    checkpointing has nothing to replay and the cache stays (without it each token was decoded with no context).
+    A training step with checkpointing still keeps no cache."""
+    model, ref = model_pair("pow2_heads")
+    ids = random_ids(2, 8, seed=7)
+    mask = left_padding_mask([8, 5], 8)
+    greedy = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=2)
+    expected = ref.generate(ids, **greedy)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    assert torch.equal(model.generate(ids, **greedy), expected)
+    assert torch.equal(model.generate(ids, cache_implementation="static", **greedy), expected)
+    assert model(ids, attention_mask=mask, use_cache=True).past_key_values is None
+
+
+def test_float16_eager_attention_keeps_left_padded_rows_finite():
+    """The eager computation (output_attentions, attn_implementation="eager") adds the hidden keys' bias, the
+    dtype's minimum, to the scores in float32: in float16, scores below about -16 overflowed to -inf on a padding
+    row, whose NaNs then reached the real tokens through the next layer's keys. Weights scaled up so that the
+    scores are large; float16 logits within 2% of float32 at every real position."""
+    model, _ = model_pair("pow2_heads", n_layers=4)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2 and "wte" not in name:
+                param.mul_(3.3)
+    ids = random_ids(2, 9, seed=15)
+    mask = left_padding_mask([9, 5], 9)
+    real = mask.bool()
+    model.set_attn_implementation("eager")
+    expected = model(ids, attention_mask=mask).logits[real]
+    got = model.half()(ids, attention_mask=mask, output_attentions=True)
+    assert all(torch.isfinite(weights).all() for weights in got.attentions)
+    error = (got.logits[real].float() - expected).norm() / expected.norm()
+    assert error < 0.02, error
+
+
 def test_inputs_embeds_equal_input_ids():
     model, _ = model_pair("pow2_heads")
     ids = random_ids(2, 7, seed=8)
@@ -516,6 +553,11 @@ def test_generate_checks_the_length_and_the_mask_before_starting():
             model.generate(ids, max_new_tokens=5)
         with pytest.raises(ValueError, match="max_length=70.*max_seq_len=64"):
             model.generate(ids, max_length=70)
+        # max_new_tokens of the generation config wins over a max_length argument, as in transformers.
+        model.generation_config.max_new_tokens = 10
+        with pytest.raises(ValueError, match="max_new_tokens=10 reaches 70"):
+            model.generate(ids, max_length=64)
+        model.generation_config.max_new_tokens = None
         with pytest.raises(ValueError, match="prompt_lookup_num_tokens=10 tokens ahead.*reach 73 tokens"):
             model.generate(ids[:, :50], max_new_tokens=14, prompt_lookup_num_tokens=10)
         mask = torch.ones(2, 60, dtype=torch.long)
