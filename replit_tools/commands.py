@@ -2,6 +2,7 @@
 line answer at once, before the seconds torch and transformers take to import (generate.py's are in options.py)."""
 
 import argparse
+import math
 import os
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def server_arguments(argv=None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     for name in ("max_batch_size", "max_queued", "max_body_bytes", "read_timeout", "timeout_keep_alive", "backlog"):
-        if getattr(args, name) <= 0:
+        if not 0 < getattr(args, name) < math.inf:  # NaN too
             parser.error(f"--{name.replace('_', '-')} must be positive")
     key = args.api_key
     # An empty key would be matched by a bare "Bearer"; a header carries printable ASCII only, without the ends'

@@ -262,14 +262,18 @@ class Completer:
     def check_prompts(self, prompts: list[str], settings: Settings):
         """Raise CompletionError, saying why, unless every prompt can be completed with these settings."""
         reject_empty(prompts)
-        self._check_lengths([len(ids) for ids in self.tokenizer(prompts)["input_ids"]], settings)
+        self.check_lengths([len(ids) for ids in self.tokenizer(prompts)["input_ids"]], settings.max_new_tokens)
 
-    def _check_lengths(self, lengths: list[int], settings: Settings):
+    def check_lengths(self, lengths: list[int], max_new_tokens: int):
+        """CompletionError, saying why, unless prompts of these lengths in tokens can each be completed: at least one
+        token, and room in the context for max_new_tokens more."""
         for number, length in enumerate(lengths, start=1):
-            if length + settings.max_new_tokens > self.context_length:
-                which = "the prompt" if len(lengths) == 1 else f"prompt {number}"
+            which = "the prompt" if len(lengths) == 1 else f"prompt {number}"
+            if length == 0:  # not empty as text: SentencePiece's normalization drops control characters
+                raise CompletionError(f"{which} has no tokens: the tokenizer drops all of its characters")
+            if length + max_new_tokens > self.context_length:
                 raise CompletionError(
-                    f"{which} is {length} tokens: with {settings.max_new_tokens} new tokens it exceeds the model's "
+                    f"{which} is {length} tokens: with {max_new_tokens} new tokens it exceeds the model's "
                     f"context of {self.context_length} tokens; shorten it or ask for fewer new tokens"
                 )
 
@@ -278,7 +282,7 @@ class Completer:
         reject_empty(prompts)
         encoded = self.tokenizer(prompts, padding=True, return_tensors="pt")
         lengths = encoded["attention_mask"].sum(dim=1).tolist()
-        self._check_lengths(lengths, settings)
+        self.check_lengths(lengths, settings.max_new_tokens)
         return _Prompts(
             input_ids=encoded["input_ids"].to(self.model.device),
             attention_mask=encoded["attention_mask"].to(self.model.device),

@@ -136,7 +136,7 @@ def _text(value: str, name: str) -> str:
 def parse_request(body, limits: Limits) -> CompletionRequest:
     """The prompts and settings of a /v1/completions request body; the model card's defaults where it says
     nothing (OpenAI's are meant for chat models). Every field is checked here: a bad one is a RequestError naming
-    it. Prompt lengths in tokens are checked later (`check_prompt_lengths`), after this cheap bound on characters."""
+    it. Prompt lengths in tokens are checked later (`Completer.check_lengths`), after this cheap bound on characters."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     for name, nothing in UNSUPPORTED_FIELDS.items():
@@ -222,17 +222,6 @@ def parse_request(body, limits: Limits) -> CompletionRequest:
     return CompletionRequest(prompts, settings, bool(stream), bool(include_usage))
 
 
-def check_prompt_lengths(lengths: list[int], settings: Settings, context_length: int):
-    for number, length in enumerate(lengths, start=1):
-        if length + settings.max_new_tokens > context_length:
-            which = "the prompt" if len(lengths) == 1 else f"prompt {number}"
-            raise RequestError(
-                f"{which} is {length} tokens: with {settings.max_new_tokens} new tokens it exceeds the model's "
-                f"context of {context_length} tokens; shorten it or ask for fewer new tokens",
-                param="prompt",
-            )
-
-
 def choice(text: str, index: int, finish_reason: str | None) -> dict:
     return {"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}
 
@@ -259,8 +248,9 @@ def usage(completions: list[Completion]) -> dict:
 @dataclass(eq=False)
 class Job:
     """One request's completions, from the event loop to the model thread and back. The model thread reports
-    through `events` (an asyncio.Queue of the request's loop): ("text", choice index, piece) while streaming,
-    ("done",) once every completion is in `completions`, or ("error", message)."""
+    through `events` (an asyncio.Queue of the request's loop): ("text", choice index, piece) and ("end", choice
+    index) while streaming, ("done",) as soon as the job's own rows are finished and every completion is in
+    `completions` (its batch may go on for others), or ("error", message, HTTP status)."""
 
     rows: list[Row]
     settings: Settings
@@ -268,6 +258,7 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     completions: dict = field(default_factory=dict)  # choice index -> Completion
     cancelled: threading.Event = field(default_factory=threading.Event)
+    unfinished_rows: int = 0
 
     @property
     def key(self):
@@ -290,6 +281,16 @@ class Job:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the loop has closed: the server is stopping
             pass
+
+    def row_finished(self):
+        """Called on the model thread once per row, after its completions are in."""
+        self.unfinished_rows -= 1
+        if not self.unfinished_rows:
+            self.send("done")
+
+    def fail(self, message: str, status: int):
+        if self.unfinished_rows:
+            self.send("error", message, status)
 
 
 def make_job(request: CompletionRequest, prompt_ids, prompt_texts, loop) -> Job:
@@ -314,6 +315,7 @@ def make_job(request: CompletionRequest, prompt_ids, prompt_texts, loop) -> Job:
                     )
                     if request.stream:
                         job.send("end", i)
+                job.row_finished()
 
             job.rows.append(
                 Row(
@@ -326,11 +328,19 @@ def make_job(request: CompletionRequest, prompt_ids, prompt_texts, loop) -> Job:
                     cancelled=job.cancelled.is_set,
                 )
             )
+    job.unfinished_rows = len(job.rows)
     return job
 
 
 class QueueFull(Exception):
     pass
+
+
+class SchedulerStopped(Exception):
+    pass
+
+
+SHUTTING_DOWN = "the server is shutting down"
 
 
 class BatchScheduler:
@@ -369,8 +379,11 @@ class BatchScheduler:
                     self._condition.notify_all()
 
     def submit(self, job: Job, admitting: list[bool]):
-        """Queue `job` (QueueFull if --max-queued are waiting); `admitting` is what `admission` gave."""
+        """Queue `job` (QueueFull if --max-queued are waiting, SchedulerStopped after `stop`); `admitting` is what
+        `admission` gave."""
         with self._condition:
+            if self._closed:
+                raise SchedulerStopped()
             if len(self._queue) >= self.max_queued:
                 self.counters["refused_requests"] += 1
                 raise QueueFull(len(self._queue))
@@ -401,17 +414,26 @@ class BatchScheduler:
         with self._condition:
             return {
                 "queued_requests": len(self._queue),
-                "running_rows": sum(len(job.rows) for job in self._running),
+                "running_rows": sum(not row.done for job in self._running for row in job.rows),
                 **{name: self.counters[name] for name in STAT_COUNTERS},
             }
 
-    def close(self):
-        """Cancel everything (a running batch stops at its next step) and stop the model thread."""
+    def stop(self, reason: str = SHUTTING_DOWN):
+        """Take no more jobs, and end the queued and running ones now with a 503 (`reason`); a running batch stops
+        at its next step. The server calls this as its shutdown begins, so that its open requests are answered."""
         with self._condition:
             self._closed = True
-            for job in [*self._queue, *self._running]:
+            jobs = [*self._queue, *self._running]
+            self._queue.clear()
+            for job in jobs:
                 job.cancelled.set()
             self._condition.notify_all()
+        for job in jobs:
+            job.fail(reason, HTTPStatus.SERVICE_UNAVAILABLE)
+
+    def close(self):
+        """`stop`, then wait for the model thread to end."""
+        self.stop()
         self._thread.join(timeout=10)
 
     def _work(self):
@@ -452,15 +474,11 @@ class BatchScheduler:
         rows = [row for job in jobs for row in job.rows]
         started = time.perf_counter()
         try:
-            self.completer.generate_rows(rows, jobs[0].settings)
+            self.completer.generate_rows(rows, jobs[0].settings)  # each job is told "done" as its rows finish
         except Exception as error:  # a failure of the server (or the model), not of the requests
             logger.error("generation failed: %s", one_line(error))
             for job in jobs:
-                job.send("error", one_line(error))
-        else:
-            for job in jobs:
-                if not job.cancelled.is_set():
-                    job.send("done")
+                job.fail(one_line(error), HTTPStatus.INTERNAL_SERVER_ERROR)
         cancelled = sum(row.was_cancelled for row in rows)
         with self._condition:
             self.counters["batches"] += 1
@@ -572,8 +590,8 @@ def create_app(
             body += chunk
             if len(body) > limits.max_body_bytes:
                 raise too_large
-        try:
-            return json.loads(body or b"null")
+        try:  # decoded here: json.loads would take UTF-16 and UTF-32 too, and UTF-8-encoded surrogates
+            return json.loads(bytes(body).decode("utf-8") or "null")
         except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise RequestError(f"the request body is not JSON: {one_line(error)}") from None
 
@@ -585,9 +603,9 @@ def create_app(
                     ids, texts = completer.encode_prompts(parsed.prompts)
                 else:
                     ids, texts = await run_in_threadpool(completer.encode_prompts, parsed.prompts)
-            except CompletionError as error:  # an empty prompt
+                completer.check_lengths([len(i) for i in ids], parsed.settings.max_new_tokens)
+            except CompletionError as error:  # an empty prompt, or one too long
                 raise RequestError(str(error), param="prompt") from None
-            check_prompt_lengths([len(i) for i in ids], parsed.settings, limits.context_length)
             job = make_job(parsed, ids, texts, asyncio.get_running_loop())
             try:
                 scheduler.submit(job, admitting)
@@ -597,6 +615,8 @@ def create_app(
                     status=HTTPStatus.TOO_MANY_REQUESTS,
                     headers={"Retry-After": "1"},
                 ) from None
+            except SchedulerStopped:
+                raise RequestError(SHUTTING_DOWN, status=HTTPStatus.SERVICE_UNAVAILABLE) from None
             return parsed, job
 
     @app.post("/v1/completions", dependencies=authorized)
@@ -613,7 +633,8 @@ def create_app(
         if finished is None:
             return Response(status_code=499)
         if finished[0] == "error":
-            return JSONResponse(error_body(finished[1], 500), status_code=500)
+            _, message, status = finished
+            return JSONResponse(error_body(message, status), status_code=status)
         ordered = [job.completions[i] for i in sorted(job.completions)]
         choices = [choice(c.text, i, finish_reason(c)) for i, c in zip(sorted(job.completions), ordered)]
         return completion_object(response_id, choices, usage(ordered))
@@ -666,7 +687,8 @@ def create_app(
                     yield event("[DONE]")
                     return
                 else:
-                    yield event({"error": {"message": data[0], "type": "server_error", "param": None}})
+                    message, status = data
+                    yield event(error_body(message, status))
                     return
         finally:
             scheduler.cancel(job)
@@ -759,11 +781,17 @@ def run(args: argparse.Namespace) -> int:
         return 2
     quiet_libraries()
     try:
+        sock = listen(args.host, args.port, args.backlog)  # first: a port in use is told before a long load
+    except OSError as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 1
+    try:
         completer = load_from_arguments(args)
-        sock = listen(args.host, args.port, args.backlog)
     except KeyboardInterrupt:
+        sock.close()
         return 130
     except Exception as error:
+        sock.close()
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 1
     model_id = args.served_model_name or Path(args.model).name
@@ -814,6 +842,12 @@ def serve(completer: Completer, model_id: str, sock: socket.socket, args: argpar
             await super().startup(sockets)
             if self.started:
                 print(ready, flush=True)  # tests and scripts read this line to learn the port
+
+        async def shutdown(self, sockets=None):
+            # Before uvicorn waits for the open requests: they are answered at once (503, or an error event ending
+            # a stream) rather than cancelled without an answer when its wait runs out.
+            scheduler.stop()
+            await super().shutdown(sockets)
 
     try:
         Server(config).run(sockets=[sock])

@@ -172,6 +172,7 @@ def test_published_snapshots_load_with_our_classes(tmp_path, tiny, reference, sc
 
 BAD_INPUT = {
     "empty prompt": ([""], "empty"),
+    "a prompt of characters the tokenizer drops": (["\x01\x02"], "has no tokens"),
     "prompt longer than the context": (["--max-new-tokens", "100", "x = 1\n" * 20], "context"),
     "missing model folder": (["--model", "/nonexistent/replit", "def f():"], "not found"),
     "unknown option value": (["--dtype", "float64", "def f():"], "float64"),

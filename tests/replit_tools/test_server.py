@@ -274,12 +274,18 @@ def test_concurrent_clients_are_batched_and_answered_as_alone(served):
 LONG = {"prompt": "x = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,", "max_tokens": 1000, "temperature": 0, "stop": []}
 
 
+def send_request(base_url: str, body: dict) -> socket.socket:
+    """A connection that has sent `body` to /v1/completions; closing it leaves the request."""
+    sock = socket.create_connection(address(base_url), timeout=30)
+    data = json.dumps(body).encode()
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(data), data))  # fmt: skip
+    return sock
+
+
 def test_a_client_leaving_mid_stream_frees_the_model(demo_served):
     before = stats(demo_served)
-    with socket.create_connection(address(demo_served), timeout=30) as sock:
-        body = json.dumps({**LONG, "stream": True}).encode()
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+    with send_request(demo_served, {**LONG, "stream": True}) as sock:
         received, deadline = b"", time.monotonic() + 30
         while b"data: " not in received and time.monotonic() < deadline:  # until generation has begun
             received += sock.recv(65536)
@@ -292,10 +298,7 @@ def test_a_client_leaving_mid_stream_frees_the_model(demo_served):
 
 def test_a_client_leaving_a_plain_request_frees_the_model(demo_served):
     before = stats(demo_served)
-    with socket.create_connection(address(demo_served), timeout=30) as sock:
-        body = json.dumps(LONG).encode()
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+    with send_request(demo_served, LONG):
         assert wait_until(lambda: stats(demo_served)["running_rows"] == 1)
     assert wait_until(lambda: stats(demo_served)["cancelled_rows"] == before["cancelled_rows"] + 1)
     after = stats(demo_served)
@@ -305,6 +308,24 @@ def test_a_client_leaving_a_plain_request_frees_the_model(demo_served):
     started = time.monotonic()
     assert call(demo_served, {"prompt": PROMPT, "max_tokens": 4})[0] == 200
     assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_short_request_is_answered_before_the_long_one_in_its_batch(demo_served, stream):
+    """A request queued with a long one shares its batch, and is answered as soon as its own rows are done, not when
+    the batch ends (an editor's 4-token completion held for someone's 1000 tokens)."""
+    short = {"prompt": PROMPT, "max_tokens": 4, "temperature": 0, "stream": stream}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool, send_request(demo_served, LONG) as busy:
+        assert wait_until(lambda: stats(demo_served)["running_rows"] == 1)
+        with send_request(demo_served, LONG):
+            answered = pool.submit(call, demo_served, short)
+            assert wait_until(lambda: stats(demo_served)["queued_requests"] == 2)
+            busy.close()  # its client leaves: the two waiting requests share the next batch
+            status, _, answer = answered.result(timeout=60)
+            assert status == 200, answer
+            # The long one of the batch is still being written: its row alone is left running.
+            assert stats(demo_served)["running_rows"] == 1
+    assert wait_until(lambda: stats(demo_served)["running_rows"] == 0)
 
 
 def test_demo_model_serves(demo_served):
@@ -349,6 +370,7 @@ def test_empty_prompt_is_a_clear_400(served, prompt, stream):
         ({"prompt": PROMPT, "max_tokens": 8, "stream_options": {"include_usage": 1}}, "stream_options"),
         ({"prompt": PROMPT, "max_tokens": 8, "stop": [""]}, "stop"),
         ({"prompt": PROMPT, "max_tokens": 8, "stop": 3}, "stop"),
+        ({"prompt": "\x01\x02", "max_tokens": 8}, "prompt"),  # no tokens: SentencePiece drops control characters
         ({"prompt": "def f(\ud800):"}, "prompt"),  # a lone surrogate (json.dumps writes it as \ud800)
         ({"prompt": PROMPT, "max_tokens": 8, "stop": ["\udfff"]}, "stop"),
         ({"prompt": PROMPT, "max_tokens": 8, "logprobs": 3}, "logprobs"),
@@ -359,6 +381,7 @@ def test_empty_prompt_is_a_clear_400(served, prompt, stream):
         ([PROMPT], None),
         ("{not json", None),
         (b'{"prompt": "\xff"}', None),  # not UTF-8
+        ('{"prompt": "x", "max_tokens": 8}'.encode("utf-16"), None),  # JSON, but not UTF-8 either
         ("[" * 100000, None),  # nested too deep for the parser
     ],
 )
@@ -503,3 +526,50 @@ def test_an_api_key_no_request_could_carry_is_refused(key, capsys):
     with pytest.raises(SystemExit) as exit:
         server_arguments(["--host", "0.0.0.0", "--api-key", key])
     assert exit.value.code == 2 and "--api-key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_a_read_timeout_that_is_no_positive_number_is_refused(value, capsys):
+    """NaN passed a `<= 0` check, and a deadline of NaN seconds fires at once: every slow request was a 408."""
+    from replit_tools.commands import server_arguments
+
+    with pytest.raises(SystemExit) as exit:
+        server_arguments(["--read-timeout", value])
+    assert exit.value.code == 2 and "--read-timeout must be positive" in capsys.readouterr().err
+
+
+def test_a_port_in_use_is_told_before_the_model_loads():
+    """The port is bound first: a user learns it is taken at once, not after loading the model (here the model
+    folder does not even exist)."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = str(taken.getsockname()[1])
+        done = subprocess.run([sys.executable, str(ROOT / "serve.py"), "--model", "/nonexistent/replit", "--port",
+                               port], capture_output=True, text=True, timeout=120, env=SCRIPT_ENV)  # fmt: skip
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.startswith("error: ") and "in use" in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_stopping_answers_the_open_requests():
+    """SIGTERM while a plain and a streamed request run: both are answered at once, the plain one with a 503 in
+    OpenAI's error shape and the stream with an error event (they were cut off without an answer when uvicorn's
+    wait for them ran out), and the server exits."""
+    if not (DEMO / "config.json").exists():
+        pytest.skip("the demo model (demo/) is not built")
+    server, base_url = start_server(DEMO)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool, send_request(base_url, {**LONG, "stream": True}) as sock:
+            plain = pool.submit(call, base_url, LONG)
+            assert wait_until(lambda: stats(base_url)["running_rows"] + stats(base_url)["queued_requests"] == 2)
+            server.terminate()
+            stopped = time.monotonic()
+            status, _, answer = plain.result(timeout=30)
+            assert status == 503 and answer["error"]["message"] == "the server is shutting down", answer
+            streamed = b""
+            while piece := sock.recv(65536):
+                streamed += piece
+            last_event = streamed.rsplit(b"data: ", 1)[1].split(b"\n\n")[0]
+            assert json.loads(last_event)["error"]["message"] == "the server is shutting down"
+            assert time.monotonic() - stopped < 4
+        server.wait(timeout=30)
+    finally:
+        stop_process(server)
