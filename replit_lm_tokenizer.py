@@ -18,11 +18,14 @@ import json
 import os
 import re
 import struct
+import unicodedata
+from functools import cache
 from itertools import filterfalse
 from shutil import copyfile
 
 import numpy as np
 import sentencepiece as spm
+import transformers
 from tokenizers import Tokenizer, decoders, models, normalizers
 from transformers import PreTrainedTokenizer, PreTrainedTokenizerFast
 
@@ -38,6 +41,22 @@ _DEFAULTS = {
     "sep_token": None,
     "clean_up_tokenization_spaces": False,
 }
+_TRANSFORMERS_4 = transformers.__version__.startswith("4.")
+
+
+def _init_kwargs(kwargs: dict) -> dict:
+    """Both classes' keyword arguments for the base initialiser: `_DEFAULTS`, then the caller's (or the saved
+    tokenizer_config.json's). transformers 5 saves added special tokens as a list, `extra_special_tokens`, which 4.x
+    reads as a dict of named tokens and fails on: there, they are its `additional_special_tokens`."""
+    kwargs = {**_DEFAULTS, **kwargs}
+    extra = kwargs.get("extra_special_tokens")
+    if _TRANSFORMERS_4 and isinstance(extra, (list, tuple)):
+        additional = list(kwargs.get("additional_special_tokens") or [])
+        kwargs["additional_special_tokens"] = additional + [token for token in extra if token not in additional]
+        del kwargs["extra_special_tokens"]
+    return kwargs
+
+
 # See `_as_trained`.
 _SENTENCEPIECE_VERSION = tuple(int(part) for part in re.match(r"(\d+)\.(\d+)\.(\d+)", spm.__version__).groups())
 _SENTENCEPIECE_SCORES_AS_TRAINED = _SENTENCEPIECE_VERSION < (0, 2, 2)
@@ -291,6 +310,26 @@ def _as_trained(model):
     return model
 
 
+@cache
+def _combining_marks() -> tuple[str, ...]:
+    return tuple(chr(code) for code in range(0x300, 0x30000) if unicodedata.combining(chr(code)))
+
+
+def _marks_after_user_defined(model) -> dict[str, tuple[str, ...]]:
+    """{mark: the user-defined pieces it would compose with}: the combining marks that NFKC joins to the last character
+    of a user-defined piece (in this vocabulary, U+0338 after the ">" of "<extra_id_N>", which would make "≯").
+    SentencePiece copies a user-defined piece unnormalised, so a mark after it stays apart; `_as_trained` makes those
+    pieces ordinary, so the encoder splits the text after them where such a mark follows."""
+    pieces = [piece.replace(SPIECE_UNDERLINE, " ") for piece, _, kind in model.pieces if kind == model.USER_DEFINED]
+    marks = {}
+    for last in {piece[-1] for piece in pieces}:
+        for mark in _combining_marks():
+            apart = unicodedata.normalize("NFKC", last) + unicodedata.normalize("NFKC", mark)
+            if unicodedata.normalize("NFKC", last + mark) != apart:
+                marks[mark] = marks.get(mark, ()) + tuple(piece for piece in pieces if piece[-1] == last)
+    return marks
+
+
 class _TrainingTimeTies:
     """Makes sentencepiece >= 0.2.2 choose among segmentations that score the same, or almost, as 0.1.99 did.
 
@@ -535,6 +574,11 @@ def _check_encodable(text, name):
         ) from None
 
 
+def _plain_ids(ids):
+    """Python ints for ids given as a torch tensor or numpy array (a 0-d one gives one int); other ids as they are."""
+    return ids.tolist() if hasattr(ids, "tolist") else ids
+
+
 def _check_text(value, name, optional=True):
     """Raise a TypeError for inputs that are not text, a batch of texts or token ids; a ValueError for text that
     cannot be encoded."""
@@ -547,7 +591,11 @@ def _check_text(value, name, optional=True):
             for i, item in enumerate(value):
                 _check_encodable(item, f"{name}[{i}]")
             return
-        if all(isinstance(item, (list, tuple)) for item in value):
+        if all(isinstance(item, (list, tuple)) for item in value):  # words (is_split_into_words), or ids
+            for i, item in enumerate(value):
+                for j, word in enumerate(item):
+                    if isinstance(word, str):
+                        _check_encodable(word, f"{name}[{i}][{j}]")
             return
         if all(isinstance(item, int) and not isinstance(item, bool) for item in value):
             return
@@ -570,9 +618,9 @@ class _ReplitLMTokenizerMixin:
             return super()._from_pretrained(*args, **kwargs)
         except ImportError as error:
             # transformers 4.x evaluates `except import_protobuf_decode_error()` when the constructor raises, and
-            # that expression itself raises ImportError where protobuf is not installed: give back our own error
-            # (a missing or corrupt spiece.model), which the ImportError hides.
-            if isinstance(error.__context__, ValueError):
+            # that expression itself raises ImportError where protobuf is not installed: give back the constructor's
+            # own error (a missing or corrupt spiece.model, a bad tokenizer_config.json), which the ImportError hides.
+            if error.__context__ is not None and "protobuf" in str(error):
                 raise error.__context__ from None
             raise
 
@@ -620,6 +668,17 @@ class _ReplitLMTokenizerMixin:
         _check_text(text_pair, "text_pair")
         return super().encode(text, text_pair, *args, **kwargs)
 
+    if _TRANSFORMERS_4:  # transformers 5 has neither
+
+        def encode_plus(self, text, text_pair=None, *args, **kwargs):
+            _check_text(text, "text", optional=False)
+            _check_text(text_pair, "text_pair")
+            return super().encode_plus(text, text_pair, *args, **kwargs)
+
+        def batch_encode_plus(self, batch_text_or_text_pairs, *args, **kwargs):
+            _check_text(batch_text_or_text_pairs, "batch_text_or_text_pairs", optional=False)
+            return super().batch_encode_plus(batch_text_or_text_pairs, *args, **kwargs)
+
     def tokenize(self, text, *args, **kwargs):
         if not isinstance(text, str):
             raise TypeError(f"`text` must be a str; got {type(text).__name__}.")
@@ -628,6 +687,7 @@ class _ReplitLMTokenizerMixin:
 
     def _check_ids(self, ids):
         """Raise a ValueError naming the first of `ids` that is no token id, before any decoding."""
+        ids = _plain_ids(ids)
         if isinstance(ids, int):
             ids = (ids,)
         size = len(self)
@@ -636,6 +696,7 @@ class _ReplitLMTokenizerMixin:
             raise ValueError(f"{bad} is not a token id of this tokenizer: ids go from 0 to {size - 1}.")
 
     def convert_ids_to_tokens(self, ids, skip_special_tokens=False):
+        ids = _plain_ids(ids)
         self._check_ids(ids)
         return super().convert_ids_to_tokens(ids, skip_special_tokens=skip_special_tokens)
 
@@ -689,18 +750,20 @@ class ReplitLMTokenizer(_ReplitLMTokenizerMixin, PreTrainedTokenizer):
         model = _SentencePieceModel.read(self.vocab_file)
         self.sp_model = spm.SentencePieceProcessor(**self.sp_model_kwargs)
         self._ties = None
+        self._marks_after_user_defined = {}
         try:
             if _SENTENCEPIECE_SCORES_AS_TRAINED:
                 self.sp_model.LoadFromSerializedProto(model.serialize())
             else:
                 self.sp_model.LoadFromSerializedProto(_as_trained(model).serialize())
+                self._marks_after_user_defined = _marks_after_user_defined(model)
                 if not self.sp_model_kwargs.get("enable_sampling"):  # sampled ids are no one's choice among ties
                     self._ties = _TrainingTimeTies(model)
         except RuntimeError as error:
             raise ValueError(f"{self.vocab_file!r} is not a valid SentencePiece model: {error}") from error
         self._pieces = [self.sp_model.id_to_piece(i) for i in range(self.sp_model.get_piece_size())]
         self._piece_ids = {piece: i for i, piece in enumerate(self._pieces)}
-        super().__init__(sp_model_kwargs=self.sp_model_kwargs, **{**_DEFAULTS, **kwargs})
+        super().__init__(sp_model_kwargs=self.sp_model_kwargs, **_init_kwargs(kwargs))
 
     @property
     def vocab_size(self):
@@ -709,10 +772,16 @@ class ReplitLMTokenizer(_ReplitLMTokenizerMixin, PreTrainedTokenizer):
     @property
     def _tokenizer(self):
         """The `tokenizers` twin's backend, for code that decodes a stream of ids with it (`transformers serve` reads
-        `tokenizer._tokenizer`); encoding stays SentencePiece's. Built on first use."""
-        if "_twin_backend" not in self.__dict__:
-            twin = ReplitLMTokenizerFast(vocab_file=self.vocab_file, **self.special_tokens_map)
-            self.__dict__["_twin_backend"] = twin.backend_tokenizer
+        `tokenizer._tokenizer`); encoding stays SentencePiece's. Built on first use, and again once tokens are added:
+        the twin holds the same added tokens under the same ids."""
+        added = sorted((i, token) for i, token in self.added_tokens_decoder.items() if i >= self.vocab_size)
+        key = [(i, token.content, token.special) for i, token in added]
+        if self.__dict__.get("_twin_key") != key:
+            named = {name: getattr(self, name) for name in ("eos_token", "unk_token", "pad_token")}
+            twin = ReplitLMTokenizerFast(vocab_file=self.vocab_file, **named)
+            for _, token in added:  # one at a time, in id order: each takes the next id, as it did here
+                twin.add_tokens([token], special_tokens=token.special)
+            self.__dict__.update(_twin_key=key, _twin_backend=twin.backend_tokenizer)
         return self.__dict__["_twin_backend"]
 
     def get_vocab(self):
@@ -733,10 +802,26 @@ class ReplitLMTokenizer(_ReplitLMTokenizerMixin, PreTrainedTokenizer):
         return super().tokenize(text, **kwargs)  # which also rejects what is not text
 
     def _encode_ids(self, text):
-        ids = self.sp_model.encode(text)
+        parts = self._split_after_user_defined(text)
+        ids = self.sp_model.encode(text) if len(parts) == 1 else [i for p in parts for i in self.sp_model.encode(p)]
         if self._ties is not None:
-            ids = self._ties(ids, lambda: self.sp_model.normalize(text))
+            ids = self._ties(ids, lambda: "".join(map(self.sp_model.normalize, parts)))
         return ids
+
+    def _split_after_user_defined(self, text) -> list[str]:
+        """`text` cut after each user-defined piece that is followed by a mark NFKC would join to it (see
+        `_marks_after_user_defined`), so that the mark stays apart as in SentencePiece's own handling of the piece."""
+        cuts = []
+        for mark, pieces in self._marks_after_user_defined.items():
+            start = text.find(mark)
+            while start != -1:
+                if text.endswith(pieces, 0, start):
+                    cuts.append(start)
+                start = text.find(mark, start + 1)
+        if not cuts:
+            return [text]
+        bounds = [0, *sorted(cuts), len(text)]
+        return [text[a:b] for a, b in zip(bounds, bounds[1:])]
 
     def _tokenize(self, text, **kwargs):
         # Pieces looked up from ids rather than `out_type=str`, which is slower and spells unknown characters out
@@ -760,6 +845,7 @@ class ReplitLMTokenizer(_ReplitLMTokenizerMixin, PreTrainedTokenizer):
         return self._pieces[index]
 
     def convert_ids_to_tokens(self, ids, skip_special_tokens=False):
+        ids = _plain_ids(ids)
         if isinstance(ids, int):
             return super().convert_ids_to_tokens(ids)
         ids = list(ids)
@@ -813,7 +899,7 @@ class ReplitLMTokenizerFast(_ReplitLMTokenizerMixin, PreTrainedTokenizerFast):
         if tokenizer_file is None or not os.path.isfile(tokenizer_file):
             vocab_file = _vocab_file_path(vocab_file, kwargs.get("name_or_path"))
             kwargs["tokenizer_object"] = _sentencepiece_to_tokenizers(_SentencePieceModel.read(vocab_file))
-        super().__init__(vocab_file=vocab_file, tokenizer_file=tokenizer_file, **{**_DEFAULTS, **kwargs})
+        super().__init__(vocab_file=vocab_file, tokenizer_file=tokenizer_file, **_init_kwargs(kwargs))
         self.vocab_file = vocab_file
 
     @classmethod

@@ -27,7 +27,7 @@ def main():
     reference = {
         "sentencepiece": spm.__version__,
         "model": "replit-code-v1-3b spiece.model",
-        "ids": {text: sp.encode(text) for text in constants["ALL_TEXTS"]},
+        "ids": {text: sp.encode(text) for text in constants["REFERENCE_TEXTS"]},
     }
     (HERE / "tokenizer_reference_ids.json").write_text(json.dumps(reference, ensure_ascii=False) + "\n")
 
