@@ -225,6 +225,9 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace):
         folder = getattr(args, flag)
         if folder is not None and not ((folder / "config.json").is_file() and (folder / "spiece.model").is_file()):
             parser.error(f"--{flag.replace('_', '-')} {folder}: not a model folder (no config.json and spiece.model)")
+    out = args.out
+    if (out.exists() or out.is_symlink()) and not ((out / "config.json").is_file() and (out / "spiece.model").exists()):
+        parser.error(f"--out {out}: exists and is not a model folder, which --out replaces; choose another name")
     for flag, least in (("threads", 1), ("batch_size", 1), ("seq_len", 2), ("steps", 0), ("stage2_steps", 0),
                         ("unlikelihood_steps", 0), ("stage2_definitions", 0), ("stage2_file_starts", 0)):  # fmt: skip
         if getattr(args, flag) < least:
@@ -251,7 +254,9 @@ def same_vocabulary(tokenizer, folder) -> bool:
 
 def main():
     parser = OneLineErrorParser(prog="python3 -m replit_tools.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEMO_MODEL, help="folder to write (replaced)")
+    parser.add_argument(
+        "--out", type=Path, default=DEMO_MODEL, help="folder to write (a model folder there is replaced)"
+    )
     parser.add_argument("--steps", type=int, default=3000, help="optimizer steps of the first stage (the files)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)

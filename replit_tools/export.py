@@ -9,10 +9,12 @@ tokenizer.json; vLLM and TGI serve it as it is. gguf: one file for llama.cpp (an
 """
 
 import argparse
+import errno
 import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -41,6 +43,18 @@ MPT_ATTENTION_FIELDS = (
 )  # fmt: skip
 
 
+# Tensor names of the checkpoint (MPT's) and of llama.cpp's MPT layout.
+GGUF_NAMES = {"transformer.wte.weight": "token_embd.weight", "transformer.norm_f.weight": "output_norm.weight"}
+GGUF_BLOCK_NAMES = {
+    "norm_1.weight": "attn_norm.weight",
+    "attn.Wqkv.weight": "attn_qkv.weight",
+    "attn.out_proj.weight": "attn_output.weight",
+    "norm_2.weight": "ffn_norm.weight",
+    "ffn.up_proj.weight": "ffn_up.weight",
+    "ffn.down_proj.weight": "ffn_down.weight",
+}
+
+
 class ExportError(Exception):
     """An export that cannot be done as asked; the message says what to change."""
 
@@ -52,21 +66,34 @@ def load(model: str | Path, dtype: torch.dtype):
     """ReplitLM and the exact tokenizer of a model folder (or Hub id), checked to be replit-code-v1-3b's kind."""
     source = model_source(model)
     try:
-        loaded = load_model(source, dtype=dtype)
+        # The weights as they are: a weight_quantization in config.json would replace the Linear weights by codes,
+        # which no export format here holds.
+        loaded = load_model(source, dtype=dtype, weight_quantization=None)
         tokenizer = ReplitLMTokenizer.from_pretrained(source)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, CompletionError) as error:
-        raise ExportError(f"{model} is not a replit-code-v1-3b model folder: {one_line(error)}") from error
+        raise ExportError(f"cannot load {model} as a replit-code-v1-3b model: {one_line(error)}") from error
     config = loaded.config
     if config.prefix_lm or config.attn_qk_ln or config.attn_uses_sequence_id or not config.alibi:
         raise ExportError(f"{model}: only causal ALiBi models without QK LayerNorm export (as replit-code-v1-3b)")
+    # MptForCausalLM, vLLM and llama.cpp's MPT graph have neither: the export would compute other logits.
+    if not config.tie_word_embeddings:
+        raise ExportError(f"{model}: its output layer is its own (tie_word_embeddings: false); MPT's is the embedding")
+    if config.logit_scale is not None:
+        raise ExportError(f"{model}: logit_scale {config.logit_scale!r} has no place in MPT's format; it must be null")
     if tokenizer.vocab_size > config.vocab_size:
         raise ExportError(f"{model}: the vocabulary ({tokenizer.vocab_size}) exceeds the model's ({config.vocab_size})")
     return loaded.eval(), tokenizer
 
 
 def state_dict(model) -> dict:
-    """The checkpoint's tensors as MPT names them: no lm_head (it is the embedding)."""
-    return {name: tensor.contiguous() for name, tensor in model.state_dict().items() if name != "lm_head.weight"}
+    """The checkpoint's tensors as MPT names them, every one of them: no lm_head (it is the embedding)."""
+    tensors = {name: tensor.contiguous() for name, tensor in model.state_dict().items() if name != "lm_head.weight"}
+    blocks = range(model.config.n_layers)
+    expected = {*GGUF_NAMES, *(f"transformer.blocks.{i}.{name}" for i in blocks for name in GGUF_BLOCK_NAMES)}
+    if set(tensors) != expected:
+        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise ExportError(f"the model's tensors are not MPT's: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return tensors
 
 
 # ----- mpt ---------------------------------------------------------------------------------------------------------
@@ -141,7 +168,7 @@ Exported by `export.py` from `{source}` ({dtype}). Everything here loads without
 code to complete (no chat template); it was trained without a BOS token and ends a completion with `<|endoftext|>`.
 
 ```bash
-vllm serve {out} --tensor-parallel-size N          # N divides {n_heads} (the number of heads): 1, 2, 4, 8
+vllm serve {out} --tensor-parallel-size N          # N divides {n_heads} (the number of heads): {parallel}
 text-generation-launcher --model-id {out}          # TGI
 transformers serve                                 # then ask for model "{out}" in /v1/completions
 ```
@@ -169,8 +196,9 @@ def export_mpt(model, tokenizer, source, out: Path, dtype: torch.dtype, folder: 
     generation = {"eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id, "use_cache": True}
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     tokenizer_files(source, config.max_seq_len, folder)
+    parallel = ", ".join(str(n) for n in range(1, min(config.n_heads, 16) + 1) if config.n_heads % n == 0)
     readme = MPT_README.format(name=out.name, source=source, dtype=str(dtype).removeprefix("torch."), out=out,
-                               n_heads=config.n_heads)  # fmt: skip
+                               n_heads=config.n_heads, parallel=parallel)  # fmt: skip
     (folder / "README.md").write_text(readme)
 
 
@@ -195,24 +223,12 @@ def gguf_vocabulary(tokenizer: ReplitLMTokenizer, vocab_size: int):
 
 def gguf_tensors(model):
     """(GGUF name, float32 array) in llama.cpp's MPT layout; GGUF reverses numpy's shape, as llama.cpp expects."""
-    names = {
-        "transformer.wte.weight": "token_embd.weight",
-        "transformer.norm_f.weight": "output_norm.weight",
-    }
-    per_block = {
-        "norm_1.weight": "attn_norm.weight",
-        "attn.Wqkv.weight": "attn_qkv.weight",
-        "attn.out_proj.weight": "attn_output.weight",
-        "norm_2.weight": "ffn_norm.weight",
-        "ffn.up_proj.weight": "ffn_up.weight",
-        "ffn.down_proj.weight": "ffn_down.weight",
-    }
     for name, tensor in state_dict(model).items():
-        if name in names:
-            gguf_name = names[name]
+        if name in GGUF_NAMES:
+            gguf_name = GGUF_NAMES[name]
         else:
             _, _, block, rest = name.split(".", 3)  # transformer.blocks.N.rest
-            gguf_name = f"blk.{block}.{per_block[rest]}"
+            gguf_name = f"blk.{block}.{GGUF_BLOCK_NAMES[rest]}"
         # No output.weight: llama.cpp's MPT loader uses token_embd for the head when it is absent (tied).
         yield gguf_name, tensor.detach().float().numpy()
 
@@ -270,10 +286,14 @@ def export_gguf(model, tokenizer, source, out: Path, qtype: str, path: Path):
             writer.add_tensor(name, array)
         else:
             writer.add_tensor(name, gguf.quants.quantize(array, kind), raw_dtype=kind)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    except OSError as error:  # numpy's tofile says only "N requested and M written" when the disk is full
+        free = shutil.disk_usage(path.parent).free
+        raise ExportError(f"writing {out} failed ({one_line(error)}); {free / 2**20:.0f} MiB are free there") from error
 
 
 def open_gguf(path: Path, extra_buffer_types: bool = True, **llama_arguments):
@@ -354,8 +374,8 @@ def export(model, to: str, output: Path, type_: str) -> Path:
         raise ExportError(f"the folder {output.parent} does not exist")
     if to == "gguf" and output.suffix != ".gguf":
         raise ExportError(f"a GGUF file's name ends in .gguf: {output}")
-    try:  # before minutes of loading and converting
-        tempfile.TemporaryFile(dir=parent).close()
+    try:  # before minutes of loading and converting, under a name as long as the temporary one's
+        tempfile.NamedTemporaryFile(prefix=partial_prefix(output), suffix=".partial", dir=parent).close()
     except OSError as error:
         raise ExportError(f"cannot write in the folder {output.parent}: {error.strerror or error}") from error
     for path in remove_stale_partials(output):
@@ -369,7 +389,7 @@ def export(model, to: str, output: Path, type_: str) -> Path:
             export_mpt(loaded, tokenizer, source, output, dtype, temporary)
             for path in (temporary, *temporary.iterdir()):
                 readable_by_all(path)
-            temporary.rename(output)
+            move_into_place(temporary, output)
         except BaseException:
             shutil.rmtree(temporary, ignore_errors=True)
             raise
@@ -380,27 +400,64 @@ def export(model, to: str, output: Path, type_: str) -> Path:
         try:
             export_gguf(loaded, tokenizer, source, output, type_, temporary)
             readable_by_all(temporary)
-            temporary.rename(output)
+            move_into_place(temporary, output)
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise
     return output
 
 
+def move_into_place(temporary: Path, output: Path):
+    """Rename `temporary` to `output` unless something took that name meanwhile (a user, another export): a rename
+    would replace a file, or an empty folder, without a word. A file is linked (which fails on an existing name) then
+    unlinked; a folder is renamed, which fails on a folder that is not empty."""
+    exists = ExportError(f"{output} appeared while exporting (a user, or another export); it was left as it is")
+    if temporary.is_dir():
+        if output.exists() or output.is_symlink():
+            raise exists
+        try:
+            temporary.rename(output)
+        except OSError as error:
+            if error.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+                raise exists from None
+            raise
+        return
+    try:
+        os.link(temporary, output)
+    except FileExistsError:
+        raise exists from None
+    except OSError:  # a file system without hard links
+        if output.exists() or output.is_symlink():
+            raise exists from None
+        temporary.rename(output)
+        return
+    temporary.unlink()
+
+
 def main(argv=None) -> int:
     return run(export_arguments(argv))
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def run(args: argparse.Namespace) -> int:
     """export.py after its command line was read (commands.export_arguments): one line on any error."""
     quiet_libraries()
+    # SIGTERM (timeout, docker stop, systemd, CI) and SIGHUP (a closed terminal) clean up as Ctrl-C does: by default
+    # they end the process at once and leave the temporary export, gigabytes at the real size, behind.
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
     try:
         written = export(args.model, args.to, args.output, args.type)
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written", file=sys.stderr)
-        return 1
+        return 130
     except Exception as error:  # every failure is one line for the user, never a traceback
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 1
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     print(f"wrote {written}")
     return 0

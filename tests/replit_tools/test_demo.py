@@ -146,6 +146,16 @@ def test_the_builders_bad_flags_are_refused_before_any_work(tmp_path, args, mess
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and list(tmp_path.iterdir()) == []
 
 
+def test_an_out_folder_that_holds_no_model_is_not_replaced(tmp_path):
+    """--out replaces a model folder (the demo rebuilt in place); any other folder or file there was deleted."""
+    for out in (tmp_path / "notes", tmp_path / "file"):
+        (out / "sub").mkdir(parents=True) if out.name == "notes" else out.write_text("precious")
+        result = subprocess.run([sys.executable, "-m", "replit_tools.demo", "--out", str(out)], cwd=ROOT,
+                                capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert result.returncode == 2 and "is not a model folder" in result.stderr, result.stderr
+    assert (tmp_path / "notes" / "sub").is_dir() and (tmp_path / "file").read_text() == "precious"
+
+
 def test_averaging_needs_the_same_vocabulary(tmp_path):
     from completion_helpers import hub_folder
     from replit_tools.demo import same_vocabulary

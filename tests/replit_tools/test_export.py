@@ -118,7 +118,10 @@ def test_mpt_folder_loads_without_remote_code(demo_mpt):
     config = json.loads((demo_mpt / "config.json").read_text())
     assert config["architectures"] == ["MptForCausalLM"] and config["model_type"] == "mpt"
     assert json.loads((demo_mpt / "generation_config.json").read_text())["use_cache"] is True
-    assert f"vllm serve {demo_mpt} --tensor-parallel-size" in (demo_mpt / "README.md").read_text()
+    # The demo's 8 heads split over 1, 2, 4 or 8 GPUs (vLLM asserts n_heads % tensor_parallel_size == 0).
+    readme = (demo_mpt / "README.md").read_text()
+    assert f"vllm serve {demo_mpt} --tensor-parallel-size N" in readme
+    assert "# N divides 8 (the number of heads): 1, 2, 4, 8\n" in readme
 
 
 def test_mpt_logits_equal_replit_lm_on_padded_batches(demo_mpt, ours):
@@ -254,8 +257,108 @@ def test_not_this_model_is_one_error(tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1}))
     shutil.copy(DEMO / "spiece.model", folder / "spiece.model")
-    with pytest.raises(exporter.ExportError, match="is not a replit-code-v1-3b model folder"):
+    with pytest.raises(exporter.ExportError, match="cannot load .*gpt2 as a replit-code-v1-3b model"):
         exporter.export(folder, "mpt", tmp_path / "out", "f32")
+
+
+def demo_copy(folder: Path, **config_fields) -> Path:
+    """The demo model folder with some config.json fields changed (its code files copied, not linked)."""
+    shutil.copytree(DEMO, folder, symlinks=False)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **config_fields}))
+    return folder
+
+
+def test_a_model_quantized_by_its_config_exports_its_weights(tmp_path, demo_mpt):
+    """weight_quantization in config.json quantizes the model as it loads; the export takes the weights as they are
+    stored (it wrote 10 of the 26 tensors, and MptForCausalLM filled the rest with random values)."""
+    folder = demo_copy(tmp_path / "int8", weight_quantization="int8")
+    exported = exporter.export(folder, "mpt", tmp_path / "out", "f32")
+    from safetensors.torch import load_file
+
+    got, expected = load_file(exported / "model.safetensors"), load_file(demo_mpt / "model.safetensors")
+    assert got.keys() == expected.keys() and all(torch.equal(got[name], expected[name]) for name in expected)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [({"logit_scale": 0.5}, "logit_scale 0.5"), ({"tie_word_embeddings": False}, "tie_word_embeddings: false")],
+)
+def test_what_mpt_cannot_compute_is_refused(tmp_path, fields, message):
+    """MptForCausalLM, vLLM and llama.cpp ignore logit_scale and tie the output layer: exported, such a model would
+    compute other logits (its lm_head and logit_scale were dropped without a word)."""
+    folder = demo_copy(tmp_path / "model", **fields)
+    if "tie_word_embeddings" in fields:  # an output layer of its own
+        from safetensors.torch import load_file
+
+        tensors = load_file(folder / "model.safetensors")
+        tensors["lm_head.weight"] = tensors["transformer.wte.weight"] + 0.01
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(exporter.ExportError, match=message):
+        exporter.export(folder, "gguf", tmp_path / "out.gguf", "f32")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]
+
+
+# An export killed by a signal while it writes (in a process of its own: without the handler, the signal ends it).
+KILLED_EXPORT = """
+import os, signal, sys, time
+from replit_tools import export as exporter
+
+def killed(*args):
+    args[-1].write_bytes(b"partial")
+    os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+    time.sleep(60)  # the signal's handler interrupts this
+
+exporter.export_gguf = killed
+sys.exit(exporter.main(["--model", sys.argv[2], "--to", "gguf", sys.argv[3]]))
+"""
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_leave_nothing(tmp_path, signame):
+    """timeout, docker stop and a closed terminal stop an export as Ctrl-C does: by default, SIGTERM and SIGHUP ended
+    the process at once and left the temporary export behind."""
+    done = subprocess.run([sys.executable, "-c", KILLED_EXPORT, signame, str(DEMO), str(tmp_path / "out.gguf")],
+                          cwd=ROOT, env=SCRIPT_ENV, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 130 and done.stderr.endswith("error: interrupted; nothing was written\n"), done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("to, name", [("mpt", "out"), ("gguf", "out.gguf")])
+def test_a_name_taken_during_the_export_is_left_alone(tmp_path, monkeypatch, to, name):
+    """Checked at the start, the output's name can be taken while the export runs (a user, a second export): the
+    rename at the end replaced a file or an empty folder without a word."""
+    output = tmp_path / name
+    write = getattr(exporter, f"export_{to}")
+
+    def meanwhile(*args):
+        write(*args)
+        output.mkdir() if to == "mpt" else output.write_bytes(b"precious")
+
+    monkeypatch.setattr(exporter, f"export_{to}", meanwhile)
+    with pytest.raises(exporter.ExportError, match="appeared while exporting"):
+        exporter.export(DEMO, to, output, "f32")
+    assert list(tmp_path.iterdir()) == [output]
+    assert list(output.iterdir()) == [] if to == "mpt" else output.read_bytes() == b"precious"
+
+
+def test_a_full_disk_is_named(tmp_path, monkeypatch):
+    """numpy's tofile says only "147456 requested and 55360 written" when the disk fills."""
+    gguf = pytest.importorskip("gguf")
+
+    def full(self):
+        raise OSError("147456 requested and 55360 written")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", full)
+    with pytest.raises(exporter.ExportError, match=r"writing .*out.gguf failed \(147456 requested.*MiB are free"):
+        exporter.export(DEMO, "gguf", tmp_path / "out.gguf", "f32")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_name_too_long_for_the_temporary_one_fails_before_loading(tmp_path, monkeypatch):
+    monkeypatch.setattr(exporter, "load", lambda *args: pytest.fail("loaded before the name was checked"))
+    with pytest.raises(exporter.ExportError, match="cannot write in the folder.*too long"):
+        exporter.export(DEMO, "gguf", tmp_path / ("x" * 240 + ".gguf"), "f32")
 
 
 @pytest.mark.parametrize("to, name", [("mpt", "out"), ("gguf", "out.gguf")])
