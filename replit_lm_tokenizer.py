@@ -644,6 +644,11 @@ class _ReplitLMTokenizerMixin:
     # -- input checks: the base classes' own errors for these are mixed, late, or (negative ids) absent
 
     def __call__(self, text=None, text_pair=None, *args, return_tensors=None, **kwargs):
+        if kwargs.get("return_offsets_mapping") and not self.is_fast:  # transformers 5 returned none, silently
+            raise NotImplementedError(
+                "return_offsets_mapping=True needs the fast twin, ReplitLMTokenizerFast (docs/tokenizer.md): "
+                "SentencePiece's own encoding gives no offsets"
+            )
         _check_text(text, "text")
         _check_text(text_pair, "text_pair")
         _check_text(kwargs.get("text_target"), "text_target")

@@ -519,6 +519,16 @@ def test_lone_surrogates_are_a_value_error(tokenizer):
             call()
 
 
+def test_offsets_come_from_the_fast_twin_and_are_refused_by_the_slow_class(slow, fast):
+    text = "def f(x):\n    return x"
+    offsets = fast(text, return_offsets_mapping=True)["offset_mapping"]
+    pieces = fast.convert_ids_to_tokens(fast.encode(text))
+    assert [text[a:b] for a, b in offsets] == [piece.replace("▁", " ") for piece in pieces]
+    for call in (lambda: slow(text, return_offsets_mapping=True), lambda: slow([text], return_offsets_mapping=True)):
+        with pytest.raises(NotImplementedError, match="needs the fast twin"):
+            call()
+
+
 def test_the_backend_for_streamed_decoding_knows_the_added_tokens(folder):
     """`tokenizer._tokenizer` (what `transformers serve` decodes a stream with) holds the tokens added since, under
     the same ids: it had the vocabulary alone, and dropped them (or, on transformers 4, named another token)."""
