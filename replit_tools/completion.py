@@ -219,11 +219,12 @@ class Completer:
                 completions.append(completion)
         return completions
 
-    def encode_prompts(self, prompts: list[str]) -> tuple[list[list[int]], list[str]]:
-        """Each prompt's token ids (no padding) and its text as the tokenizer gives it back; CompletionError for an
-        empty prompt."""
+    def encode_prompts(self, prompts: list[str], max_new_tokens: int) -> tuple[list[list[int]], list[str]]:
+        """Each prompt's token ids (no padding) and its text as the tokenizer gives it back; CompletionError for a
+        prompt that cannot be completed with max_new_tokens (`_check_lengths`) or is empty."""
         reject_empty(prompts)
         ids = self.tokenizer(prompts)["input_ids"]
+        self._check_lengths([len(prompt_ids) for prompt_ids in ids], max_new_tokens)
         return ids, [decode(self.tokenizer, prompt_ids) for prompt_ids in ids]
 
     def generate_rows(self, rows: list[Row], settings: Settings):
@@ -259,12 +260,7 @@ class Completer:
         if settings.seed is not None:
             transformers.set_seed(settings.seed)
 
-    def check_prompts(self, prompts: list[str], settings: Settings):
-        """Raise CompletionError, saying why, unless every prompt can be completed with these settings."""
-        reject_empty(prompts)
-        self.check_lengths([len(ids) for ids in self.tokenizer(prompts)["input_ids"]], settings.max_new_tokens)
-
-    def check_lengths(self, lengths: list[int], max_new_tokens: int):
+    def _check_lengths(self, lengths: list[int], max_new_tokens: int):
         """CompletionError, saying why, unless prompts of these lengths in tokens can each be completed: at least one
         token, and room in the context for max_new_tokens more."""
         for number, length in enumerate(lengths, start=1):
@@ -282,7 +278,7 @@ class Completer:
         reject_empty(prompts)
         encoded = self.tokenizer(prompts, padding=True, return_tensors="pt")
         lengths = encoded["attention_mask"].sum(dim=1).tolist()
-        self.check_lengths(lengths, settings.max_new_tokens)
+        self._check_lengths(lengths, settings.max_new_tokens)
         return _Prompts(
             input_ids=encoded["input_ids"].to(self.model.device),
             attention_mask=encoded["attention_mask"].to(self.model.device),

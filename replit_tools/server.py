@@ -136,7 +136,8 @@ def _text(value: str, name: str) -> str:
 def parse_request(body, limits: Limits) -> CompletionRequest:
     """The prompts and settings of a /v1/completions request body; the model card's defaults where it says
     nothing (OpenAI's are meant for chat models). Every field is checked here: a bad one is a RequestError naming
-    it. Prompt lengths in tokens are checked later (`Completer.check_lengths`), after this cheap bound on characters."""
+    it. Prompt lengths in tokens are checked later (`Completer.encode_prompts`), after this cheap bound on
+    characters."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     for name, nothing in UNSUPPORTED_FIELDS.items():
@@ -599,11 +600,11 @@ def create_app(
         with scheduler.admission() as admitting:
             parsed = parse_request(await read_json(request), limits)
             try:
+                max_new_tokens = parsed.settings.max_new_tokens
                 if sum(map(len, parsed.prompts)) <= INLINE_TOKENIZATION_CHARS:
-                    ids, texts = completer.encode_prompts(parsed.prompts)
+                    ids, texts = completer.encode_prompts(parsed.prompts, max_new_tokens)
                 else:
-                    ids, texts = await run_in_threadpool(completer.encode_prompts, parsed.prompts)
-                completer.check_lengths([len(i) for i in ids], parsed.settings.max_new_tokens)
+                    ids, texts = await run_in_threadpool(completer.encode_prompts, parsed.prompts, max_new_tokens)
             except CompletionError as error:  # an empty prompt, or one too long
                 raise RequestError(str(error), param="prompt") from None
             job = make_job(parsed, ids, texts, asyncio.get_running_loop())
