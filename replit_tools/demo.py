@@ -221,13 +221,15 @@ def stage_two_batches(tokenizer, train_files, held_out_files, train_stream, args
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace):
     """Refuse, before any work, what would fail or mislead later: folders that hold no model, counts out of range,
     an --average-with model of another shape or vocabulary."""
+    def is_model_folder(folder: Path) -> bool:
+        return (folder / "config.json").is_file() and (folder / "spiece.model").is_file()
+
     for flag in ("from_model", "average_with"):
         folder = getattr(args, flag)
-        if folder is not None and not ((folder / "config.json").is_file() and (folder / "spiece.model").is_file()):
+        if folder is not None and not is_model_folder(folder):
             parser.error(f"--{flag.replace('_', '-')} {folder}: not a model folder (no config.json and spiece.model)")
-    out = args.out
-    if (out.exists() or out.is_symlink()) and not ((out / "config.json").is_file() and (out / "spiece.model").exists()):
-        parser.error(f"--out {out}: exists and is not a model folder, which --out replaces; choose another name")
+    if (args.out.exists() or args.out.is_symlink()) and not is_model_folder(args.out):
+        parser.error(f"--out {args.out}: exists and is not a model folder, which --out replaces; choose another name")
     for flag, least in (("threads", 1), ("batch_size", 1), ("seq_len", 2), ("steps", 0), ("stage2_steps", 0),
                         ("unlikelihood_steps", 0), ("stage2_definitions", 0), ("stage2_file_starts", 0)):  # fmt: skip
         if getattr(args, flag) < least:
