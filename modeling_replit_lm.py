@@ -199,6 +199,14 @@ class ReplitBlock(GradientCheckpointingLayer):
         self.resid_attn_dropout = nn.Dropout(config.resid_pdrop)
         self.resid_ffn_dropout = nn.Dropout(config.resid_pdrop)
 
+    def __call__(self, *args, **kwargs):
+        # Without gradients there is no backward to replay the block in, so it runs as is, cache included (generating
+        # from a model in training mode), as transformers 5's GradientCheckpointingLayer does; 4.x's checkpointed it
+        # and dropped the cache whenever the model was in training mode.
+        if not torch.is_grad_enabled():
+            return nn.Module.__call__(self, *args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
     # `layer_past` is the name under which transformers' gradient checkpointing drops the cache, in 4.x and 5.x.
     def forward(self, x, mask: AttentionMask, layer_past: Cache | None = None, output_attentions: bool = False):
         attn_out, weights = self.attn(self.norm_1(x), mask, layer_past, output_attentions)
