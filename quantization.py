@@ -31,6 +31,7 @@ bfloat16 (a lookup reads a few rows, not the matrix). A quantized model cannot b
 opaque tensor): save the original checkpoint and pass `weight_quantization` again when loading it.
 """
 
+import _ctypes
 import ctypes
 import functools
 import hashlib
@@ -40,6 +41,7 @@ import os
 import platform
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -366,7 +368,8 @@ NATIVE_ROWS = 16  # output channels the native layouts interleave
 def native_kernels() -> ctypes.CDLL | None:
     """The native kernels, compiled from NATIVE_SOURCE at first use with the C compiler ($CC, else cc or gcc) for
     this CPU (-march=native, plus $REPLIT_LM_NATIVE_FLAGS) and kept under ~/.cache/replit_lm/kernels, one file per
-    source, compiler, flags and CPU (about a second the first time, nothing later). None, with a warning, where
+    source, compiler, flags and CPU (about a second the first time, nothing later; where that folder cannot be
+    written, or others could write to it, built per process in a private one). None, with a warning, where
     there is no compiler or it fails; None without one where REPLIT_LM_NATIVE=off."""
     if os.environ.get(NATIVE_ENV) == "off":
         return None
@@ -379,15 +382,71 @@ def native_kernels() -> ctypes.CDLL | None:
         machine = f"{cpu_model()} {' '.join(sorted(cpu_flags()))}"
         flags = (*NATIVE_FLAGS, *shlex.split(os.environ.get(NATIVE_FLAGS_ENV, "")))
         key = hashlib.sha256("\n".join([NATIVE_SOURCE, compiler, version, machine, *flags]).encode()).hexdigest()[:16]
-        for directory in (Path.home() / ".cache" / "replit_lm" / "kernels", Path(tempfile.gettempdir())):
-            library = directory / f"replit_lm_kernels_{key}.so"
-            if library.exists() or _compile_native(compiler, directory, library, flags):
-                return _bind_native(ctypes.CDLL(str(library)))
-    except (OSError, subprocess.SubprocessError) as error:
+        name = f"replit_lm_kernels_{key}.so"
+        cached = _load_cached_native(Path.home() / ".cache" / "replit_lm" / "kernels", name, compiler, flags)
+        if cached is not None:
+            return cached
+        # No usable cache folder (a read-only or shared home): build in a folder of this process's own, load, and
+        # remove it, since a library kept in a folder that others can write to would run their code here.
+        with tempfile.TemporaryDirectory(prefix="replit_lm_kernels_") as private:
+            library = Path(private) / name
+            if _compile_native(compiler, Path(private), library, flags):
+                return _load_native(library, raising=True)
+    except (OSError, AttributeError, subprocess.SubprocessError) as error:  # AttributeError: a kernel is missing
         warnings.warn(f"the native int8/int4 kernels could not be built ({error}): they are not used")
         return None
     warnings.warn(f"{compiler} could not compile the native int8/int4 kernels: they are not used")
     return None
+
+
+def _load_cached_native(directory: Path, name: str, compiler: str, flags) -> ctypes.CDLL | None:
+    """The library `name` kept in `directory`, built there first if missing, or rebuilt where the one there does not
+    load or lacks a kernel (a file left by another version, or damaged); None where `directory` or the file could be
+    written by anyone but this user (they would choose the code run here) or where nothing could be built."""
+    library = directory / name
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError:
+        return None
+    if not _ours_alone(directory):
+        return None
+    if library.exists():
+        loaded = _load_native(library)
+        if loaded is not None:
+            return loaded
+    if not _compile_native(compiler, directory, library, flags):
+        return None
+    return _load_native(library, raising=True)
+
+
+def _load_native(library: Path, raising: bool = False) -> ctypes.CDLL | None:
+    """The bound library at `library` if only this user could have written it, else None; one that does not load
+    or lacks a kernel raises where `raising`, else is unloaded again (so that a rebuilt file under the same name is
+    loaded, not the handle of this one) and gives None."""
+    if not _ours_alone(library, regular_file=True):
+        return None
+    loaded = None
+    try:
+        loaded = ctypes.CDLL(str(library))
+        return _bind_native(loaded)
+    except (OSError, AttributeError):
+        if loaded is not None:
+            _ctypes.dlclose(loaded._handle)
+        if raising:
+            raise
+        return None
+
+
+def _ours_alone(path: Path, regular_file: bool = False) -> bool:
+    """Whether only this user can change `path`: owned by them, not writable by group or others (a symbolic link is
+    judged by what it points to in a folder, refused as the library itself)."""
+    try:
+        info = path.lstat() if regular_file else path.stat()
+    except OSError:
+        return False
+    if regular_file and not stat.S_ISREG(info.st_mode):
+        return False
+    return info.st_uid == os.getuid() and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
 NATIVE_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
