@@ -201,6 +201,8 @@ class RouteChooser:
     def _stored(path: Path) -> dict:
         """The cache file's rankings per machine; {} where there is no file, or one that is not ours (it is then
         measured again and overwritten)."""
+        if not path.is_file():  # a named pipe would wait for a writer
+            return {}
         try:
             stored = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -218,23 +220,35 @@ class RouteChooser:
                 plan = {int(bucket): ranking for bucket, ranking in plan.items()}
             except (AttributeError, TypeError, ValueError):
                 continue
-            pairs = [pair for ranking in plan.values() for pair in (ranking if isinstance(ranking, list) else [None])]
-            if all(isinstance(pair, list) and len(pair) == 2 for pair in pairs):
+            if set(plan) == set(ROW_BUCKETS) and all(map(self._is_ranking, plan.values())):
                 self.choices.setdefault(key, plan)
+
+    @staticmethod
+    def _is_ranking(ranking) -> bool:
+        """Whether `ranking` is a non-empty list of [route name, seconds] pairs."""
+        return isinstance(ranking, list) and bool(ranking) and all(
+            isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)
+            and isinstance(pair[1], (int, float)) and not isinstance(pair[1], bool) for pair in ranking
+        )
 
     def _save(self):
         path = self._cache_file()
         if path is None:
             return
+        path = path.resolve()  # a symbolic link stays one: the file it points to is rewritten
+        if path.exists() and not path.is_file():
+            return  # a device (/dev/null) or a folder is not replaced: the choices stay in memory
         stored = self._stored(path)
         stored[self._machine()] = self.choices
+        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_suffix(f".{os.getpid()}.tmp")
             temporary.write_text(json.dumps(stored, indent=1, sort_keys=True))
             temporary.replace(path)
         except OSError:
             pass  # a read-only home: the choices stay in memory
+        finally:
+            temporary.unlink(missing_ok=True)
 
 
 ROUTES = RouteChooser()

@@ -511,20 +511,44 @@ def test_choices_are_kept_per_machine_in_the_cache_file(tmp_path, monkeypatch):
     assert routes_of(float32)[1] == ["linear", "mv"]
 
 
-@pytest.mark.parametrize("content", ["{not json", "[]", "null", '{"MACHINE": []}', '{"MACHINE": {"k": 3}}',
-                                     '{"MACHINE": {"k": {"one": []}}}', '{"MACHINE": {"k": {"1": [7]}}}', "a folder"])
-def test_a_cache_file_that_is_not_ours_is_measured_again_and_replaced(tmp_path, monkeypatch, content):
-    """Any content (JSON of another shape, a folder in the file's place) costs a measurement, never the pass."""
+@pytest.mark.parametrize("content", [
+    "{not json", "[]", "null", '{"MACHINE": []}', '{"MACHINE": {"KEY": 3}}', '{"MACHINE": {"KEY": {"one": []}}}',
+    '{"MACHINE": {"KEY": {"1": [7]}}}', '{"MACHINE": {"KEY": {"1": [["mv", 0.5]]}}}',  # the other buckets missing
+    '{"MACHINE": {"KEY": {"1": [["mv", "fast"]], "8": [], "64": [], "512": []}}}',
+    '{"MACHINE": {"KEY": {"1": [["mv", null]], "8": [["linear", 1]], "64": [["linear", 1]], "512": [[1, 1]]}}}',
+    "a folder", "a named pipe"])  # fmt: skip
+def test_a_cache_file_that_is_not_ours_is_measured_again(tmp_path, monkeypatch, content):
+    """Any content (JSON of another shape, rankings with buckets missing or times that are not numbers, filed under
+    the very key looked up) costs a measurement, never the pass; a file of ours replaces it. A folder or a named pipe
+    (as a device: not a regular file, and never read, which would wait for a writer) in the file's place is left as
+    it is (the choices then stay in memory), with nothing written beside it."""
     path = tmp_path / "routes.json"
     monkeypatch.setenv(quantization.ROUTE_CACHE_ENV, str(path))
     chooser = chooser_with(FakeTimer({"linear": 1.0, "mv": 0.5}))
+    layer = NamedRoutes(["linear", "mv"])
     if content == "a folder":
         path.mkdir()
+    elif content == "a named pipe":
+        os.mkfifo(path)
     else:
-        path.write_text(content.replace("MACHINE", chooser._machine()))
-    assert routes_of(chooser.plan(NamedRoutes(["linear", "mv"]), torch.bfloat16))[1] == ["mv", "linear"]
-    if content != "a folder":
+        key = chooser.key(layer, torch.bfloat16)
+        path.write_text(content.replace("MACHINE", chooser._machine()).replace("KEY", key))
+    plan = chooser.plan(layer, torch.bfloat16)
+    assert routes_of(plan) == {1: ["mv", "linear"], 8: ["linear"], 64: ["linear"], 512: ["linear"]}
+    if path.is_file():
         assert list(json.loads(path.read_text())) == [chooser._machine()]
+    assert path.is_fifo() if content == "a named pipe" else path.is_dir() or path.is_file()
+    assert [file.name for file in tmp_path.iterdir()] == ["routes.json"]
+
+
+def test_a_cache_file_behind_a_symbolic_link_is_written_through_it(tmp_path, monkeypatch):
+    (tmp_path / "kept").mkdir()
+    link = tmp_path / "routes.json"
+    link.symlink_to(tmp_path / "kept" / "routes.json")
+    monkeypatch.setenv(quantization.ROUTE_CACHE_ENV, str(link))
+    chooser = chooser_with(FakeTimer({"linear": 1.0, "mv": 0.5}))
+    chooser.plan(NamedRoutes(["linear", "mv"]), torch.bfloat16)
+    assert link.is_symlink() and list(json.loads(link.read_text())) == [chooser._machine()]
 
 
 def test_row_buckets():
