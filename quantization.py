@@ -631,6 +631,15 @@ class QuantizedLinear(nn.Module):
                 self._buffers[name] = original.to(device=self._buffers[name].device)
         return self
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """Refused: the quantized weights are buffers in layouts chosen on this machine, outside the state dict, so
+        a state dict without them would load "successfully" into another model and leave its weights as they were
+        (the same reason save_pretrained refuses)."""
+        raise NotImplementedError(
+            f"{prefix.rstrip('.') or type(self).__name__} holds quantized weights, which a state dict cannot carry: "
+            "take the state dict of the model loaded without weight_quantization"
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype not in self._planned_dtypes:  # choose the routes, then keep the one layout they need
             self._planned_dtypes.add(x.dtype)

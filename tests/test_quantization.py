@@ -951,6 +951,10 @@ def test_saving_a_quantized_model_is_a_clear_error(hub_folder, tmp_path):
     with pytest.raises(NotImplementedError, match="save the original checkpoint"):
         model.save_pretrained(tmp_path / "saved")
     assert not (tmp_path / "saved" / "model.safetensors").exists()
+    # Its state dict would leave the quantized weights out: loaded strictly into another quantized model, it
+    # reported success and changed nothing but the norms and the embedding.
+    with pytest.raises(NotImplementedError, match="transformer.blocks.0.attn.Wqkv holds quantized weights"):
+        model.state_dict()
 
 
 def test_training_a_quantized_model_is_a_clear_error(hub_folder):
