@@ -361,7 +361,10 @@ def _scratch(n: int, k: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tenso
     buffer = buffers.get(dtype)
     if buffer is None or buffer.numel() < n * k:
         buffer = buffers[dtype] = None  # the smaller one freed before the larger one is made
-        buffer = buffers[dtype] = torch.empty(n * k, dtype=dtype)
+        # A normal tensor even under torch.inference_mode: an inference tensor could not be written outside it
+        # (a later pass under no_grad would fail).
+        with torch.inference_mode(False):
+            buffer = buffers[dtype] = torch.empty(n * k, dtype=dtype)
     return buffer[: n * k].view(n, k)
 
 

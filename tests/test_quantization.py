@@ -8,6 +8,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -87,6 +88,21 @@ def test_every_route_against_float_math(shape, rows, kind):
             as_quantized = relative_error(out, x.float() @ layer.dequantized_weight().t())
             # int8's native route quantizes the activations to int16: the float product, rounded to bfloat16.
             assert as_quantized < (0.003 if f"{kind} {route}" == "int8 native" else 0.01), route
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "int8", "int8/channel", "int4"])
+def test_every_route_runs_under_no_grad_after_inference_mode(kind, monkeypatch):
+    """The routes that unpack or widen a weight share a scratch tensor per thread; one first made under
+    torch.inference_mode could not be written outside it, and a later pass under no_grad failed."""
+    monkeypatch.setattr(quantization, "_SCRATCH", threading.local())  # made afresh, under inference_mode below
+    weight = gaussian(80, 64).to(torch.bfloat16)
+    layer = make_layer(kind, weight)
+    x = torch.randn(70, 64, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(2))
+    for route in layer.routes(70):
+        with torch.inference_mode():
+            first = layer.route_function(route)(x)
+        with torch.no_grad():
+            assert torch.equal(layer.route_function(route)(x), first), route
 
 
 @pytest.mark.parametrize("in_features", [24, 40])
