@@ -235,15 +235,17 @@ DECODE_TIMING_KEYS = 512
 DECODE_TIMING_REPEATS = 5
 
 
-def native_decode_pays(x: torch.Tensor, n_heads: int, output_attentions: bool) -> bool:
+def native_decode_pays(x: torch.Tensor, n_heads: int, output_attentions: bool, dropout_p: float) -> bool:
     """Whether the layers of a pass over x (batch, new tokens, d_model) that would take "sdpa" take "native_decode":
-    one new token per sequence, on the CPU, in bfloat16 or float32, with no gradient (so no dropout either), no
-    autocast and no attention weights asked for, where the native kernel is built and `native_decode_is_faster` here."""
+    one new token per sequence, on the CPU, in bfloat16 or float32, with no gradient and no attention dropout (a
+    model in training mode keeps it under no_grad too), no autocast and no attention weights asked for, where the
+    native kernel is built and `native_decode_is_faster` here."""
     return (
         x.shape[1] == 1
         and x.device.type == "cpu"
         and x.dtype in (torch.bfloat16, torch.float32)
         and not torch.is_grad_enabled()
+        and dropout_p == 0
         and not torch.is_autocast_enabled("cpu")
         and not output_attentions
         and native_decode_is_faster(n_heads, x.shape[-1] // n_heads, x.dtype, torch.get_num_threads())

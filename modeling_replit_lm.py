@@ -565,7 +565,8 @@ class ReplitLMModel(ReplitLMPreTrainedModel):
         if self._alibi.device != x.device or self._alibi.shape[1] < kv_len:  # moved, or max_seq_len was raised
             self._alibi = alibi_bias_table(self._slopes, max(kv_len, self.config.max_seq_len))
         backend = attention_backend(self.config)
-        if backend == "sdpa" and native_decode_pays(x, self.config.n_heads, output_attentions):
+        dropout_p = self.config.attn_pdrop if self.training else 0.0
+        if backend == "sdpa" and native_decode_pays(x, self.config.n_heads, output_attentions, dropout_p):
             backend = "native_decode"
         mask = AttentionMask(q_len=q_len, kv_len=kv_len, slopes=self._slopes, backend=backend)
         if backend == "triton":

@@ -291,11 +291,16 @@ def test_the_decode_kernel_is_taken_only_where_timed_faster(monkeypatch, case):
 
 @pytest.mark.parametrize(
     "case",
-    ["decode", "prompt", "gradient", "attention weights", "float16", "autocast", "triton", "eager"],
+    ["decode", "prompt", "gradient", "attention weights", "float16", "autocast", "triton", "eager", "dropout",
+     "train mode without dropout"],
 )
 def test_only_inference_decode_steps_of_the_sdpa_path_take_the_native_kernel(monkeypatch, case):
+    """The kernel has no dropout: a model in training mode with attn_pdrop > 0 keeps SDPA's under no_grad too."""
     monkeypatch.setattr(attention, "native_decode_is_faster", lambda *shape: True)
     model, _ = model_pair("pow2_heads")
+    if case in ("dropout", "train mode without dropout"):
+        model.config.attn_pdrop = 0.1 if case == "dropout" else 0.0
+        model.train()
     if case == "triton":
         model.config.attn_impl = "triton"
     if case == "eager":
@@ -304,7 +309,7 @@ def test_only_inference_decode_steps_of_the_sdpa_path_take_the_native_kernel(mon
     x = torch.zeros(2, 3 if case == "prompt" else 1, model.config.d_model, dtype=dtype)
     with torch.set_grad_enabled(case == "gradient"), torch.autocast("cpu", enabled=case == "autocast"):
         mask = model.transformer._attention_mask(x, 5, None, output_attentions=case == "attention weights")
-    assert (mask.backend == "native_decode") == (case == "decode")
+    assert (mask.backend == "native_decode") == (case in ("decode", "train mode without dropout"))
     if case == "decode":
         assert mask.additive.dtype == torch.float32
 
