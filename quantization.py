@@ -1220,10 +1220,13 @@ static int quantize_activations(const void *x, int x_bf16, int64_t rows, int64_t
             amax = fmaxf(amax, fabsf(v[j]));
             sum += v[j];
         }
-        float scale = amax / levels, inverse = amax > 0.f ? levels / amax : 0.f;
+        // A NaN or an infinity in the block (fmaxf skips NaNs): its scale NaN, so that the products are NaN as
+        // float math's, and its integers 0 (lrintf of a NaN is undefined).
+        const int finite = !isnan(sum) && !isinf(amax);
+        float scale = finite ? amax / levels : NAN, inverse = finite && amax > 0.f ? levels / amax : 0.f;
         int32_t qsum = 0;
         for (int j = 0; j < BLOCK; j++) {
-            int32_t q = (int32_t)lrintf(v[j] * inverse);
+            int32_t q = finite ? (int32_t)lrintf(v[j] * inverse) : 0;
             if (wide)
                 ((int16_t *)buffer)[i * BLOCK + j] = (int16_t)q;
             else

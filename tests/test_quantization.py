@@ -105,6 +105,24 @@ def test_every_route_runs_under_no_grad_after_inference_mode(kind, monkeypatch):
             assert torch.equal(layer.route_function(route)(x), first), route
 
 
+@pytest.mark.parametrize("special", [float("nan"), float("inf")])
+@pytest.mark.parametrize("kind", ["bfloat16", "int8", "int8/channel", "int4"])
+def test_a_nan_or_infinity_in_a_row_makes_that_row_not_finite_on_every_route(kind, special):
+    """As in float math: the int8 native route quantized a NaN to 0 and returned finite outputs."""
+    weight = gaussian(80, 64).to(torch.bfloat16)
+    layer = make_layer(kind, weight)
+    for rows in (1, 8, 70):
+        x = torch.randn(rows, 64, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(rows))
+        x[0, 37] = special
+        expected = x[1:].float() @ weight.float().t()
+        for route in layer.routes(rows):
+            out = layer.route_function(route)(x)
+            assert not out[0].isfinite().any(), route
+            if rows > 1:
+                bound = ROUTE_BOUNDS["int8 onednn" if kind.startswith("int8") else kind.partition("/")[0]]
+                assert relative_error(out[1:], expected) < bound, route
+
+
 @pytest.mark.parametrize("in_features", [24, 40])
 def test_int8_routes_of_widths_that_are_no_multiple_of_16_all_run(in_features):
     """torch's int8 weight-only kernel kills the process for such widths (bfloat16, two rows or more): a model of
