@@ -949,14 +949,15 @@ class Int4Linear(QuantizedLinear):
             native_kernels().int4_dequantize(self.native.data_ptr(), self.native_scales.data_ptr(), n, k,
                                              weight.data_ptr(), torch.get_num_threads())  # fmt: skip
             return weight
+        # In float32, rounded once to dtype: in bfloat16 the product, the offset and their sum each rounded.
         if self.native is not None:
             q = _native_to_int4(self.native)
-            scale, zero = self.native_scales.to(dtype).transpose(2, 3).reshape(2, n, -1, 1)  # 2 x (n, groups, 1)
+            scale, zero = self.native_scales.float().transpose(2, 3).reshape(2, n, -1, 1)  # 2 x (n, groups, 1)
         else:
             q = _unpack_int4(self.packed, n, k, _int4_layout())
-            scale, zero = self.scales_and_zeros.to(dtype).permute(2, 1, 0).unsqueeze(-1)  # 2 x (n, groups, 1)
-        q = q.view(n, -1, self.group_size).to(dtype)  # (n, groups, size)
-        return q.mul_(scale).add_(zero - 8 * scale).view(n, k)
+            scale, zero = self.scales_and_zeros.float().permute(2, 1, 0).unsqueeze(-1)  # 2 x (n, groups, 1)
+        q = q.view(n, -1, self.group_size).float()  # (n, groups, size)
+        return q.mul_(scale).add_(zero - 8 * scale).view(n, k).to(dtype)
 
     def dequantized_weight(self) -> torch.Tensor:
         return self._dequantize(torch.float32)[: self.out_features]

@@ -767,6 +767,17 @@ def test_int4_dequantized_weight_agrees_with_the_kernel():
     torch.testing.assert_close(layer.dequantized_weight(), by_kernel, atol=4e-3, rtol=0)
 
 
+def test_int4_weights_unpacked_to_bfloat16_are_rounded_once():
+    """The "dequantize" route's bfloat16 weight is the float32 one rounded, from either layout (the native kernel's
+    and torch's): computed in bfloat16 the product, the offset and their sum were each rounded."""
+    layer = Int4Linear(gaussian(80, 128).to(torch.bfloat16), group_size=32)
+    expected = layer.dequantized_weight().to(torch.bfloat16)
+    assert torch.equal(layer._dequantize(torch.bfloat16)[:80], expected)  # by the native kernel where built
+    layer._packed()
+    layer.native = layer.native_scales = None
+    assert torch.equal(layer._dequantize(torch.bfloat16)[:80], expected)
+
+
 @pytest.mark.parametrize("n,k", [(16, 32), (48, 64), (64, 96), (80, 64), (144, 32), (192, 256)])
 def test_unpack_int4_inverts_the_packing(n, k):
     values = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=torch.Generator().manual_seed(n + k))
