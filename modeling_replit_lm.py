@@ -346,6 +346,16 @@ class ReplitLMPreTrainedModel(PreTrainedModel):
             )
         return super().save_pretrained(*args, **kwargs)
 
+    def resize_token_embeddings(self, *args, **kwargs):
+        # Checked first: transformers resized the embedding, then failed on the quantized LM head, leaving the two
+        # tied weights of different sizes.
+        if self._has_quantized_layers():
+            raise NotImplementedError(
+                f"this model's Linear layers are quantized to {self.config.weight_quantization}, and the LM head "
+                "cannot be resized: resize the unquantized model, save it, and load that with weight_quantization"
+            )
+        return super().resize_token_embeddings(*args, **kwargs)
+
     def _init_weights(self, module: nn.Module):
         """The original recipe: `param_init_fn` (kaiming-normal, fan-in) on every matrix, the residual output
         projections scaled down by sqrt(2 * n_layers), LayerNorm weights one."""

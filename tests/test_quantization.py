@@ -1002,6 +1002,16 @@ def test_saving_a_quantized_model_is_a_clear_error(hub_folder, tmp_path):
         model.state_dict()
 
 
+def test_resizing_the_vocabulary_of_a_quantized_model_is_a_clear_error(hub_folder):
+    folder, _ = hub_folder
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, weight_quantization="int8")
+    vocab = model.config.vocab_size
+    with pytest.raises(NotImplementedError, match="LM head cannot be resized"):
+        model.resize_token_embeddings(vocab + 8)
+    assert model.transformer.wte.weight.shape[0] == vocab == model.config.vocab_size  # nothing changed halfway
+    assert model(torch.tensor([[5, 6, 7]])).logits.shape == (1, 3, vocab)
+
+
 def test_training_a_quantized_model_is_a_clear_error(hub_folder):
     """The quantized layers compute no gradient: Trainer's step failed deep in autograd ("does not require grad")."""
     folder, _ = hub_folder
