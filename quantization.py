@@ -73,12 +73,12 @@ of at least r rows (the last bucket's beyond it)."""
 ROUTE_CACHE_ENV = "REPLIT_LM_ROUTE_CACHE"
 """The file that keeps route choices between runs (default ~/.cache/replit_lm/cpu_routes.json); "off" keeps them
 in memory only."""
-ROUTES_VERSION = "routes 7"
+ROUTES_VERSION = "routes 8"
 """Part of the route cache's key, changed when the routes a layer offers or their timing change (2: int8 in blocks
 of 32, the unpacking routes W @ x^T; 3: the AMX bfloat16 route of the quantized layers; 4: bfloat16's native
 matrix-vector product; 5: its second loop order; 6: that product on CPUs without AVX512-BF16, and a prompt's
-product in float32; 7: timed with the weights out of the caches), so that rankings stored by an older version are
-measured again."""
+product in float32; 7: timed with the weights out of the caches; 8: the thread count in each ranking's key), so that
+rankings stored by an older version are measured again."""
 TIMING_REPEATS = 3
 LONG_CALL_SECONDS = 0.05
 SMALL_ROWS = 64
@@ -155,7 +155,8 @@ class RouteChooser:
         native = getattr(layer, "native_available", None)
         kernels = "" if native is None else " native" if native else " without native"
         shape = f"{layer.out_features}x{layer.in_features}"
-        return f"{type(layer).__name__} {shape} {str(dtype).removeprefix('torch.')}{kernels}"
+        threads = torch.get_num_threads()  # here, not in the machine's name: it may change between two products
+        return f"{type(layer).__name__} {shape} {str(dtype).removeprefix('torch.')}{kernels} {threads} threads"
 
     def plan(self, layer, dtype: torch.dtype) -> dict[int, list]:
         """The ranking of routes of each row bucket for `layer` with activations of `dtype`, measured on first use:
@@ -195,7 +196,7 @@ class RouteChooser:
         return Path(setting) if setting else Path.home() / ".cache" / "replit_lm" / "cpu_routes.json"
 
     def _machine(self) -> str:
-        return f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {ROUTES_VERSION}"
+        return f"{cpu_model()} | torch {torch.__version__} | {ROUTES_VERSION}"
 
     @staticmethod
     def _stored(path: Path) -> dict:

@@ -545,6 +545,25 @@ def test_choices_are_kept_per_machine_in_the_cache_file(tmp_path, monkeypatch):
     assert routes_of(float32)[1] == ["linear", "mv"]
 
 
+def test_choices_are_kept_per_thread_count(tmp_path, monkeypatch):
+    """A ranking timed with one thread count is not taken, nor filed, under another (torch.set_num_threads between
+    two products)."""
+    monkeypatch.setenv(quantization.ROUTE_CACHE_ENV, str(tmp_path / "routes.json"))
+    threads = torch.get_num_threads()
+    layer = NamedRoutes(["linear", "mv"])
+    try:
+        torch.set_num_threads(1)
+        chooser = chooser_with(FakeTimer({"linear": 1.0, "mv": 0.5}))
+        assert routes_of(chooser.plan(layer, torch.bfloat16))[1] == ["mv", "linear"]
+        torch.set_num_threads(2)
+        chooser.timer = FakeTimer({"linear": 0.5, "mv": 1.0})  # with two threads, another ranking
+        assert routes_of(chooser.plan(layer, torch.bfloat16))[1] == ["linear", "mv"]
+        torch.set_num_threads(1)
+        assert routes_of(chooser_with(FakeTimer({})).plan(layer, torch.bfloat16))[1] == ["mv", "linear"]  # stored
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("content", [
     "{not json", "[]", "null", '{"MACHINE": []}', '{"MACHINE": {"KEY": 3}}', '{"MACHINE": {"KEY": {"one": []}}}',
     '{"MACHINE": {"KEY": {"1": [7]}}}', '{"MACHINE": {"KEY": {"1": [["mv", 0.5]]}}}',  # the other buckets missing
