@@ -787,7 +787,18 @@ class Int8Linear(QuantizedLinear):
             self.packed = torch.ops.onednn.qlinear_prepack(self._int8_matrix(), [1, self.in_features])
             self._zero_points = torch.zeros(self.out_features, dtype=torch.int64)
             self._one, self._zero = torch.tensor(1.0), torch.tensor(0)
+            if "plain" not in self.layouts:  # a copy's plain matrix (see __getstate__), brought for this only
+                self.qweight = None
         return self.packed
+
+    def __getstate__(self):
+        """copy.deepcopy and pickle: oneDNN's blocked layout is an opaque tensor whose memory cannot be read, so the
+        plain int8 matrix travels in its place, and the copy makes the blocked layout again at its first product."""
+        state = self.__dict__.copy()
+        if self.packed is not None:
+            state["_buffers"] = dict(self._buffers, qweight=self._int8_matrix())
+            state["packed"] = None
+        return state
 
     def _make_native_layout(self):
         """`native`: (padded out / 16, in / 4, 16, 4) uint8 holding q + 128, the unsigned operand of the kernel's

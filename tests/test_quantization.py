@@ -2,8 +2,10 @@
 measurement (fake timings), int8 and int4 weights, the packed int4 layout, the whole model against bfloat16, and
 loading with from_pretrained(..., weight_quantization=...)."""
 
+import copy
 import json
 import os
+import pickle
 import platform
 import subprocess
 import sys
@@ -121,6 +123,29 @@ def test_a_nan_or_infinity_in_a_row_makes_that_row_not_finite_on_every_route(kin
             if rows > 1:
                 bound = ROUTE_BOUNDS["int8 onednn" if kind.startswith("int8") else kind.partition("/")[0]]
                 assert relative_error(out[1:], expected) < bound, route
+
+
+@pytest.mark.parametrize("kept", ["plain", "packed", "native", "int4"])
+def test_a_quantized_layer_survives_deepcopy_and_pickle(kept):
+    """Whatever layout it kept: oneDNN's blocked one is an opaque tensor whose memory cannot be read, and copying or
+    pickling a layer (or a model: copy.deepcopy(model)) that kept it raised "Cannot access storage"."""
+    weight = gaussian(64, 64).to(torch.bfloat16)
+    if kept == "native" and not quantization._has_native_int8():
+        pytest.skip("no C compiler, or neither AVX512-VNNI nor AVX2")
+    if kept == "packed" and not quantization._has_onednn_int8():
+        pytest.skip("this torch has no oneDNN int8 matmul")
+    layer = Int4Linear(weight) if kept == "int4" else Int8Linear(weight, per_channel=kept != "native")
+    if kept in ("plain", "packed"):
+        fastest = {"plain": "weight_only", "packed": "onednn"}[kept]
+        layer._keep_layouts_of({bucket: [[fastest, 0.1], ["dequantize", 1.0]] for bucket in quantization.ROW_BUCKETS})
+        assert layer.layouts == {kept}
+    x = torch.randn(3, 64, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(3))
+    for copied in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert copied.routes(3) == layer.routes(3)
+        for route in layer.routes(3):
+            assert torch.equal(copied.route_function(route)(x), layer.route_function(route)(x)), route
+        if kept == "packed":  # the plain matrix came along only to make the blocked layout again
+            assert copied.qweight is None and copied.packed is not None
 
 
 @pytest.mark.parametrize("in_features", [24, 40])
