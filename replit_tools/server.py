@@ -1,5 +1,5 @@
 """An OpenAI-compatible completion server for replit-code-v1-3b: POST /v1/completions (plain and streaming),
-GET /v1/models and GET /health, on FastAPI and uvicorn.
+GET (and HEAD) /v1/models and /health, on FastAPI and uvicorn.
 
     python3 serve.py --model ~/replit-code-v1-3b --port 8000
 
@@ -556,12 +556,15 @@ def create_app(
             )
 
     authorized = [Depends(authorize)]
+    # HEAD as well as GET on the read-only endpoints, as Starlette's own routes have it (FastAPI's @app.get answers
+    # HEAD with 405): load balancers and uptime checks probe with HEAD. uvicorn sends the headers without the body.
+    read_only = ["GET", "HEAD"]
 
-    @app.get("/health")
+    @app.api_route("/health", methods=read_only)
     async def health():
         return {"status": "ok", **scheduler.stats()}
 
-    @app.get("/v1/models", dependencies=authorized)
+    @app.api_route("/v1/models", methods=read_only, dependencies=authorized)
     async def models():
         model = {"id": model_id, "object": "model", "created": 0, "owned_by": "local"}
         return {"object": "list", "data": [model]}

@@ -239,6 +239,27 @@ def test_models_and_health(served):
     assert stats(base_url)["status"] == "ok"
 
 
+def test_head_answers_the_read_only_endpoints_like_get(served, strict):
+    """HEAD (load balancers' and uptime checks' probe) was a 405. On one keep-alive connection, so that a body sent
+    after a HEAD answer would garble the next answer."""
+    connection = http.client.HTTPConnection(*address(served[0]), timeout=30)
+    try:
+        for path in ("/health", "/v1/models"):
+            connection.request("HEAD", path)
+            head = connection.getresponse()
+            assert head.status == 200 and head.read() == b"" and head.getheader("Content-Type") == "application/json"
+            connection.request("GET", path)
+            assert json.loads(connection.getresponse().read())
+    finally:
+        connection.close()
+    status, headers, _ = call(served[0], None, path="/completions", method="HEAD")
+    assert status == 405 and headers["Allow"] == "POST"
+    allowed = call(served[0], None, path="/models", method="POST")[1]["Allow"]
+    assert sorted(allowed.split(", ")) == ["GET", "HEAD"]
+    assert call(strict, None, path="/models", method="HEAD")[0] == 401
+    assert call(strict, None, path="/models", method="HEAD", headers={"Authorization": f"Bearer {API_KEY}"})[0] == 200
+
+
 def test_concurrent_clients_are_batched_and_answered_as_alone(served):
     """32 clients at once, different requests (prompts, budgets, stop sequences, n, plain and streaming): none
     dropped, every answer equal to the same request made alone, and the model ran them in batches."""
