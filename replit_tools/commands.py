@@ -4,6 +4,7 @@ line answer at once, before the seconds torch and transformers take to import (g
 import argparse
 import math
 import os
+import urllib.parse
 from pathlib import Path
 
 from . import DEMO_MODEL
@@ -70,6 +71,13 @@ def server_arguments(argv=None) -> argparse.Namespace:
         action="store_true",
         help="listen beyond localhost without an API key (anyone who reaches the port can use the model)",
     )
+    access.add_argument(
+        "--cors-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="let web pages of ORIGIN (scheme://host[:port], e.g. http://localhost:5173) call the API from a "
+        "browser; repeatable, or '*' for any page (default: none)",
+    )
     limits = parser.add_argument_group("limits")
     limits.add_argument("--max-batch-size", type=int, default=16, help="most completions in one batch (16)")
     limits.add_argument(
@@ -96,6 +104,12 @@ def server_arguments(argv=None) -> argparse.Namespace:
     for name in ("max_batch_size", "max_queued", "max_body_bytes", "read_timeout", "timeout_keep_alive", "backlog"):
         if not 0 < getattr(args, name) < math.inf:  # NaN too
             parser.error(f"--{name.replace('_', '-')} must be positive")
+    for origin in args.cors_origin or []:
+        parts = urllib.parse.urlsplit(origin)
+        # A browser's Origin has no path, not even "/": an origin written with one would silently never match.
+        exact = parts.scheme in ("http", "https") and parts.netloc and origin == f"{parts.scheme}://{parts.netloc}"
+        if origin != "*" and not exact:
+            parser.error(f"--cors-origin {origin!r} is not an origin: scheme://host[:port] without a path, or '*'")
     key = args.api_key
     # An empty key would be matched by a bare "Bearer"; a header carries printable ASCII only, without the ends'
     # whitespace, so any other key could never be matched (and the openai client could not even send it).

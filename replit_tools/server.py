@@ -34,6 +34,7 @@ from pathlib import Path
 import h11
 import uvicorn
 from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -519,10 +520,25 @@ def create_app(
     limits: Limits,
     scheduler: BatchScheduler,
     api_key: str | None = None,
+    cors_origins: list[str] | None = None,
 ):
     """The FastAPI application: the endpoints, authentication, limits and errors (the HTTP stack's own limits,
-    timeouts and backlog are uvicorn's, set in `serve`)."""
+    timeouts and backlog are uvicorn's, set in `serve`). `cors_origins`: the web origins whose pages may call it
+    from a browser (--cors-origin)."""
     app = FastAPI(title="replit-code-v1-3b", openapi_url=None, docs_url=None, redoc_url=None)
+    if cors_origins:
+        # A browser asks first (a preflight OPTIONS) before a page of another origin posts JSON or sends
+        # Authorization, and shows it no answer without Access-Control-Allow-Origin. Opt-in: otherwise any page
+        # the user visits could use the server. Naming an origin is also the consent that Chrome's private network
+        # access asks of a server on localhost; Retry-After is exposed for the clients' retries of a 429.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+            allow_private_network=True,
+            expose_headers=["Retry-After"],
+        )
 
     @app.exception_handler(RequestError)
     async def request_error(request, error: RequestError):
@@ -821,7 +837,7 @@ def serve(completer: Completer, model_id: str, sock: socket.socket, args: argpar
         min(MAX_COMPLETIONS_PER_REQUEST, args.max_batch_size),
     )
     scheduler = BatchScheduler(completer, args.max_batch_size, args.max_queued)
-    app = create_app(completer, model_id, limits, scheduler, args.api_key)
+    app = create_app(completer, model_id, limits, scheduler, args.api_key, args.cors_origin)
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     log_config["handlers"]["access"]["stream"] = "ext://sys.stderr"  # standard output has the address only
     config = uvicorn.Config(

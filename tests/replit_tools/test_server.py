@@ -31,8 +31,9 @@ PROMPT = "def fibonacci(n):"
 STARTUP_SECONDS = 120
 API_KEY = "test-key-0123"
 # The strict server's limits: small enough to reach in a test.
+PLAYGROUND = "http://playground.example"  # a web page's origin
 STRICT = ["--api-key", API_KEY, "--max-body-bytes", "4096", "--read-timeout", "1", "--max-queued", "2",
-          "--max-batch-size", "2"]  # fmt: skip
+          "--max-batch-size", "2", "--cors-origin", PLAYGROUND]  # fmt: skip
 
 
 def start_server(model, *args: str, env=SCRIPT_ENV) -> tuple[subprocess.Popen, str]:
@@ -66,7 +67,7 @@ def served(tiny):
 
 @pytest.fixture(scope="module")
 def strict(tiny):
-    """A server with an API key and small limits."""
+    """A server with an API key, small limits, and one web origin allowed."""
     server, base_url = start_server(tiny, *STRICT)
     try:
         yield base_url
@@ -131,6 +132,18 @@ def read_stream(response) -> dict:
         usage = chunk.get("usage") or usage
     assert done, "the stream ended without [DONE]"
     return {"texts": texts, "finish": finish, "usage": usage}
+
+
+def answer_head(base_url: str, method: str, path: str, headers=None) -> tuple[int, http.client.HTTPMessage]:
+    """The status and headers of a request without a body (the answer's body, whatever it is, is dropped)."""
+    connection = http.client.HTTPConnection(*address(base_url), timeout=30)
+    try:
+        connection.request(method, "/v1" + path, headers=headers or {})
+        response = connection.getresponse()
+        response.read()
+        return response.status, response.headers
+    finally:
+        connection.close()
 
 
 def raw(base_url: str, data: bytes, wait: float = 10) -> bytes:
@@ -489,6 +502,52 @@ def test_a_request_larger_than_a_batch_is_refused(strict):
         assert status == 400 and "at most 2" in answer["error"]["message"], answer
     assert call(strict, {"prompt": PROMPT, "max_tokens": 2, "n": 2}, headers=auth)[0] == 200
     assert stats(strict)["max_batch_rows"] <= 2
+
+
+# --- Browsers ---------------------------------------------------------------------------------------------------
+
+
+def test_cors_only_for_the_origins_given(served, strict):
+    """--cors-origin (the strict server has one): a browser's preflight OPTIONS is answered before authentication (a
+    browser sends no key with it), and the answers to that origin, errors included, carry Access-Control-Allow-Origin.
+    Another origin, or a server without the flag, gets no CORS headers; OPTIONS there is a 405 that says Allow."""
+    preflight = {"Origin": PLAYGROUND, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"}  # fmt: skip
+    status, headers = answer_head(strict, "OPTIONS", "/completions", preflight)
+    assert status == 200 and headers["Access-Control-Allow-Origin"] == PLAYGROUND
+    assert "POST" in headers["Access-Control-Allow-Methods"]
+    assert headers["Access-Control-Allow-Headers"] == preflight["Access-Control-Request-Headers"]
+    body = {"prompt": PROMPT, "max_tokens": 2}
+    for stream in (False, True):
+        for key, expected in (({"Authorization": f"Bearer {API_KEY}"}, 200), ({}, 401)):
+            status, headers, _ = call(strict, {**body, "stream": stream}, headers={"Origin": PLAYGROUND, **key})
+            assert status == expected and headers["Access-Control-Allow-Origin"] == PLAYGROUND
+            assert headers["Access-Control-Expose-Headers"] == "Retry-After"
+    elsewhere = {"Origin": "http://elsewhere.example"}
+    status, headers, _ = call(strict, body, headers={**elsewhere, "Authorization": f"Bearer {API_KEY}"})
+    assert status == 200 and "Access-Control-Allow-Origin" not in headers
+    status, headers = answer_head(strict, "OPTIONS", "/completions", {**preflight, **elsewhere})
+    assert status == 400 and "Access-Control-Allow-Origin" not in headers
+
+    base_url = served[0]
+    for path, allowed in (("/completions", ["POST"]), ("/models", ["GET", "HEAD"])):
+        status, headers, answer = call(base_url, None, path=path, method="OPTIONS", headers=preflight)
+        assert status == 405 and sorted(headers["Allow"].split(", ")) == allowed, answer
+        assert answer["error"]["type"] == "invalid_request_error"
+        assert not any(name.lower().startswith("access-control-") for name in headers)
+    status, headers, _ = call(base_url, body, headers={"Origin": PLAYGROUND})
+    assert status == 200 and not any(name.lower().startswith("access-control-") for name in headers)
+
+
+@pytest.mark.parametrize("origin", ["http://localhost:5173/", "localhost:5173", "http://", "ftp://x", "http://a/b"])
+def test_a_cors_origin_a_browser_never_sends_is_refused(origin, capsys):
+    """An origin with a path (a trailing "/" too) or without a scheme would never match a browser's Origin header."""
+    from replit_tools.commands import server_arguments
+
+    with pytest.raises(SystemExit) as exit:
+        server_arguments(["--cors-origin", origin])
+    assert exit.value.code == 2 and "--cors-origin" in capsys.readouterr().err
+    assert server_arguments(["--cors-origin", "*", "--cors-origin", PLAYGROUND]).cors_origin == ["*", PLAYGROUND]
 
 
 # --- Authentication ---------------------------------------------------------------------------------------------
