@@ -125,6 +125,11 @@ class Row:
     def done(self) -> bool:
         return self.finished is not None or self.was_cancelled
 
+    @property
+    def streamed(self) -> bool:
+        """Whether `on_text` has received some of its text: generating it again would repeat that."""
+        return self._postprocessor is not None and bool(self._postprocessor.shown)
+
 
 class _RowSteps(StoppingCriteria):
     """Follows every row of a batch at each decoding step: records its new token, streams its text, finishes it at

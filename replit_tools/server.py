@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from pathlib import Path
 
@@ -343,12 +343,15 @@ class SchedulerStopped(Exception):
 
 
 SHUTTING_DOWN = "the server is shutting down"
+# Not the batch's own error: that may be about another client's request.
+BATCH_FAILED_MID_STREAM = "generation failed in a batch shared with other requests after this stream had begun: retry"
 
 
 class BatchScheduler:
     """The model thread: takes the waiting jobs, oldest first, and completes those that can share a batch (equal
     `Job.key`, at most `max_batch_rows` rows, prompts and budgets within the context) in one `generate` call; then
-    the next. A job whose client has gone (`cancel`) leaves the queue at once, or its batch at the next step."""
+    the next. A job whose client has gone (`cancel`) leaves the queue at once, or its batch at the next step. A batch
+    that fails is run again job by job (`_run`)."""
 
     def __init__(self, completer: Completer, max_batch_rows: int = 16, max_queued: int = 256, gather_s: float = 0.02):
         self.completer = completer
@@ -473,14 +476,46 @@ class BatchScheduler:
         return jobs
 
     def _run(self, jobs: list[Job]):
+        error = self._generate(jobs)
+        if error is None:
+            return
+        if len(jobs) == 1:
+            self._fail(jobs[0], error)
+            return
+        # One request can break a batch that others share: each unfinished job runs again alone, so that only a
+        # job that fails alone gets an error. A stream that has shown some text cannot start again without
+        # repeating it: it ends with an error event.
+        logger.warning("a batch of %d requests failed (%s): running them one by one", len(jobs), one_line(error))
+        for job in jobs:
+            if job.cancelled.is_set() or not job.unfinished_rows:
+                continue
+            unfinished = [row for row in job.rows if not row.done]
+            if any(row.streamed for row in unfinished):
+                logger.error("generation failed after a stream had begun: %s", one_line(error))
+                job.fail(BATCH_FAILED_MID_STREAM, HTTPStatus.INTERNAL_SERVER_ERROR)
+                continue
+            job.rows = [replace(row, generated_ids=[]) for row in unfinished]  # from the prompt: none of it was sent
+            alone = self._generate([job])
+            if alone is not None:
+                self._fail(job, alone)
+
+    @staticmethod
+    def _fail(job: Job, error: Exception):
+        """Tell `job` that its generation (alone) failed: a CompletionError says what the request should change,
+        any other error is a failure of the server or the model."""
+        logger.error("generation failed: %s", one_line(error))
+        status = HTTPStatus.BAD_REQUEST if isinstance(error, CompletionError) else HTTPStatus.INTERNAL_SERVER_ERROR
+        job.fail(one_line(error), status)
+
+    def _generate(self, jobs: list[Job]) -> Exception | None:
+        """One `generate` call for the rows of `jobs`; the exception it raised, if any."""
         rows = [row for job in jobs for row in job.rows]
         started = time.perf_counter()
+        error = None
         try:
             self.completer.generate_rows(rows, jobs[0].settings)  # each job is told "done" as its rows finish
-        except Exception as error:  # a failure of the server (or the model), not of the requests
-            logger.error("generation failed: %s", one_line(error))
-            for job in jobs:
-                job.fail(one_line(error), HTTPStatus.INTERNAL_SERVER_ERROR)
+        except Exception as raised:
+            error = raised
         cancelled = sum(row.was_cancelled for row in rows)
         with self._condition:
             self.counters["batches"] += 1
@@ -491,6 +526,7 @@ class BatchScheduler:
         logger.debug(
             "batch of %d rows (%d cancelled) in %.2f s", len(rows), cancelled, time.perf_counter() - started
         )
+        return error
 
 
 # Cumulative counts that /health reports.

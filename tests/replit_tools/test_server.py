@@ -1,7 +1,8 @@
 """serve.py end to end, on 127.0.0.1 only: started with a tiny model, called with the `openai` client (plain and
 streaming) and with raw HTTP; completions compared with the command line's and, under a load of concurrent clients,
-with the same requests made alone; clients that leave or stall, bad requests, full queues and authentication
-answered as docs/serving.md says; then stopped. Every wait is bounded."""
+with the same requests made alone; clients that leave or stall, bad requests, a request that breaks its batch
+(a fault injected), full queues, authentication and browsers answered as docs/serving.md says; then stopped. Every
+wait is bounded."""
 
 import concurrent.futures
 import http.client
@@ -36,9 +37,9 @@ STRICT = ["--api-key", API_KEY, "--max-body-bytes", "4096", "--read-timeout", "1
           "--max-batch-size", "2", "--cors-origin", PLAYGROUND]  # fmt: skip
 
 
-def start_server(model, *args: str, env=SCRIPT_ENV) -> tuple[subprocess.Popen, str]:
-    """serve.py on a free port (it prints its address once the model is loaded)."""
-    command = [sys.executable, str(ROOT / "serve.py"), "--model", str(model), "--port", "0",
+def start_server(model, *args: str, env=SCRIPT_ENV, program=(str(ROOT / "serve.py"),)) -> tuple[subprocess.Popen, str]:
+    """serve.py (or `program`, Python's arguments) on a free port (it prints its address once the model is loaded)."""
+    command = [sys.executable, *program, "--model", str(model), "--port", "0",
                "--served-model-name", "tiny", "--log-level", "warning", *args]  # fmt: skip
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     try:
@@ -80,6 +81,57 @@ def demo_served():
     if not (DEMO / "config.json").exists():
         pytest.skip("the demo model (demo/) is not built")
     server, base_url = start_server(DEMO)
+    try:
+        yield base_url
+    finally:
+        stop_process(server)
+
+
+# serve.py with faults injected into generation, by prompt: a batch with a prompt that says BROKEN fails (an error of
+# the model), one with REFUSED too (a CompletionError: a request that cannot be served), one with SLOW starts after
+# 2 s (the requests that arrive meanwhile queue, and share the next batch), and a batch where a prompt that says
+# LATE runs with others fails once another row has streamed text (once: alone, that prompt is completed).
+FAULTY_SERVE = """
+import sys, time
+from replit_tools.completion import Completer, CompletionError
+from replit_tools.server import main
+
+generate_rows = Completer.generate_rows
+late_failures = []
+
+
+def faulty(self, rows, settings):
+    prompts = " ".join(row.prompt_text for row in rows)
+    if "SLOW" in prompts:
+        time.sleep(2)
+    if "BROKEN" in prompts:
+        raise RuntimeError("the model broke")
+    if "REFUSED" in prompts:
+        raise CompletionError("this prompt is refused")
+    late = [row for row in rows if "LATE" in row.prompt_text]
+    others = [row for row in rows if row not in late]
+
+    def fail_late():
+        if not late_failures and any(row.streamed and not row.done for row in others):
+            late_failures.append(1)
+            raise RuntimeError("the model broke late")
+        return False
+
+    for row in late:
+        row.cancelled = fail_late
+    generate_rows(self, rows, settings)
+
+
+Completer.generate_rows = faulty
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def faulty_served():
+    if not (DEMO / "config.json").exists():
+        pytest.skip("the demo model (demo/) is not built")
+    server, base_url = start_server(DEMO, program=("-c", FAULTY_SERVE), env={**SCRIPT_ENV, "PYTHONPATH": str(ROOT)})
     try:
         yield base_url
     finally:
@@ -368,6 +420,79 @@ def test_demo_model_serves(demo_served):
     streamed = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=32, temperature=0, stream=True)
     assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == plain.choices[0].text
     assert plain.choices[0].text == greedy(DEMO, [PROMPT], max_new_tokens=32)[0]
+
+
+# --- A request that breaks its batch ----------------------------------------------------------------------------
+
+
+def behind_a_slow_request(base_url: str, pool, run: dict):
+    """Starts the requests of `run` (name: function of the base URL) while a slow request holds the model, so that
+    they share the next batch; their answers by name, and how many batches the model ran meanwhile."""
+    slow = pool.submit(call, base_url, {"prompt": "# SLOW\n", "max_tokens": 2, "temperature": 0})
+    assert wait_until(lambda: stats(base_url)["running_rows"] == 1)
+    before = stats(base_url)["batches"]
+    answers = {name: pool.submit(request, base_url) for name, request in run.items()}
+    assert wait_until(lambda: stats(base_url)["queued_requests"] == len(run))
+    assert slow.result(timeout=30)[0] == 200
+    answers = {name: answer.result(timeout=60) for name, answer in answers.items()}
+    return answers, stats(base_url)["batches"] - before
+
+
+def test_a_request_that_breaks_its_batch_fails_alone(faulty_served):
+    """A batch broken by one request failed every request in it. Its requests are now run again one by one: the
+    others get their completions, the bad ones their error (500 for the model's, 400 for a request refused)."""
+    base_url = faulty_served
+    good = {
+        "plain": {"prompt": PROMPT, "max_tokens": 8, "temperature": 0},
+        "streamed": {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "stream": True},
+        "two": {"prompt": "import os\n", "max_tokens": 8, "temperature": 0, "n": 2},
+    }
+    bad = {name: {"prompt": f"# {name}\n", "max_tokens": 8, "temperature": 0} for name in ("BROKEN", "REFUSED")}
+    requests = {**good, **bad}
+    with concurrent.futures.ThreadPoolExecutor(len(requests) + 1) as pool:
+        run = {name: lambda url, body=body: call(url, body) for name, body in requests.items()}
+        answers, batches = behind_a_slow_request(base_url, pool, run)
+    assert batches == 1 + 1 + len(requests)  # the slow one's, the broken one, then each request alone
+    for name, body in good.items():
+        (status, _, answer), alone = answers[name], call(base_url, body)[2]
+        # A plain answer is compared by its choices, a stream's as `call` reads it: {"texts", "finish", "usage"}.
+        assert status == 200 and (answer.get("choices") or answer.get("texts")), name
+        assert answer.get("choices", answer) == alone.get("choices", alone), name
+    status, _, answer = answers["BROKEN"]
+    assert status == 500 and answer["error"] == {"message": "the model broke", "type": "server_error",
+                                                 "param": None, "code": None}  # fmt: skip
+    status, _, answer = answers["REFUSED"]
+    assert status == 400 and answer["error"]["message"] == "this prompt is refused"
+    assert answer["error"]["type"] == "invalid_request_error"
+
+
+def test_a_stream_that_had_begun_when_its_batch_failed_ends_with_an_error(faulty_served):
+    """A stream cannot start again without repeating what it sent: when its batch fails after its first text, it
+    ends with an error event (which the openai client raises), while the batch's other requests run again alone."""
+    base_url = faulty_served
+    client = openai.OpenAI(base_url=base_url, api_key="unused", timeout=60, max_retries=0)
+
+    def stream(_):
+        texts = []
+        try:
+            for chunk in client.completions.create(model="tiny", prompt=PROMPT, max_tokens=24, temperature=0,
+                                                   stream=True):  # fmt: skip
+                texts.append(chunk.choices[0].text)
+        except openai.APIError as error:
+            return "".join(texts), error.message
+        return "".join(texts), None
+
+    late = {"prompt": "# LATE\n" + LONG["prompt"], "max_tokens": 40, "temperature": 0, "stop": []}
+    plain = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+    run = {"stream": stream, "late": lambda url: call(url, late), "plain": lambda url: call(url, plain)}
+    with concurrent.futures.ThreadPoolExecutor(len(run) + 1) as pool:
+        answers, batches = behind_a_slow_request(base_url, pool, run)
+    assert batches == 1 + 1 + 2  # the stream is not run again
+    text, error = answers["stream"]
+    assert error == "generation failed in a batch shared with other requests after this stream had begun: retry"
+    assert text and greedy(DEMO, [PROMPT], max_new_tokens=24)[0].startswith(text)  # what it sent, once
+    for name, body in (("late", late), ("plain", plain)):
+        assert answers[name][0] == 200 and answers[name][2]["choices"] == call(base_url, body)[2]["choices"], name
 
 
 # --- Bad requests -----------------------------------------------------------------------------------------------
