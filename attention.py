@@ -105,10 +105,17 @@ def alibi_bias_table(slopes: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def additive_bias(
-    mask: AttentionMask, attention_mask: torch.Tensor | None, dtype: torch.dtype, alibi_table: torch.Tensor
+    mask: AttentionMask,
+    attention_mask: torch.Tensor | None,
+    dtype: torch.dtype,
+    alibi_table: torch.Tensor,
+    sequences: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ALiBi bias plus masking as one additive tensor, for the sdpa and eager backends; alibi_table from
-    `alibi_bias_table` with at least kv_len columns. (batch or 1, heads, q_len or 1, kv_len)
+    `alibi_bias_table` with at least kv_len columns; `sequences` (batch or 1, kv_len), where sequences are packed
+    into one row, the sequence of each token (no past then): a query sees the keys of its own only, and within one
+    the distance of two tokens in the row is the distance of their positions, so the bias stays the row's.
+    (batch or 1, heads, q_len or 1, kv_len)
 
     The bias of query i and key j is slope * (j - i), relative to the query: small and exactly rounded near the
     diagonal, where the attention mass is, in any dtype. (MPT writes it as slope * (j - (kv_len - 1)), which
@@ -129,7 +136,9 @@ def additive_bias(
         for head, slope in enumerate(mask.slopes.tolist()):
             torch.mul(distance, slope, out=bias[0, head])
         causal = (distance > 0).view(1, 1, mask.q_len, mask.kv_len)
-        if attention_mask is None:  # in place: bias is this call's own (a decode step's may be the table itself)
+        if sequences is not None:  # (batch or 1, 1, q_len, kv_len)
+            causal = causal | (sequences[:, None, :, None] != sequences[:, None, None, :])
+        elif attention_mask is None:  # in place: bias is this call's own (a decode step's may be the table itself)
             return bias.masked_fill_(causal, torch.finfo(dtype).min)
         hidden = causal
     if attention_mask is not None:

@@ -84,23 +84,32 @@ def check_cache_takes(cache: Cache, batch: int, past_len: int, new_tokens: int):
         )
 
 
-def check_position_ids(position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None):
-    """ALiBi takes positions from the order of the tokens, so position_ids are not read. Those of sequences packed
-    into one row (restarting at 0, as DataCollatorWithFlattening writes them) would need attention kept within each
-    sequence, which this model does not do: a ValueError rather than attention across the sequences."""
+def packed_sequences(position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Which sequence each token belongs to where sequences are packed into one row, their positions restarting at
+    0 (as DataCollatorWithFlattening writes them): (batch, seq_len) int64, equal within a sequence; None where no
+    position restarts. ALiBi takes positions from the order of the tokens, so position_ids are read for this only:
+    within a sequence, the distance between two tokens is the distance of their positions. Any other step than +1
+    or a restart at 0 is a ValueError."""
     if not isinstance(position_ids, torch.Tensor) or position_ids.shape[-1] < 2:
-        return
+        return None
     new_tokens = position_ids.shape[-1]
-    skips = (position_ids[..., 1:] - position_ids[..., :-1]) != 1
+    positions = position_ids.reshape(-1, new_tokens)  # (batch or 1, new tokens)
+    restarts = positions[:, 1:] == 0
+    skips = (positions[:, 1:] - positions[:, :-1] != 1) & ~restarts
     if attention_mask is not None:  # padding positions may hold anything (transformers writes 1 there)
         real = attention_mask[:, -new_tokens:].bool()
-        skips = skips & real[:, 1:] & real[:, :-1]
+        both_real = real[:, 1:] & real[:, :-1]
+        skips, restarts = skips & both_real, restarts & both_real
+        positions = positions.expand(len(real), -1)
     if bool(skips.any()):
+        row, step = skips.nonzero()[0].tolist()
         raise ValueError(
-            "position_ids that do not count up by one within a row (sequences packed into one row, as "
-            "DataCollatorWithFlattening makes them) are not supported: ALiBi attention would run across the "
-            "sequences; pad the batch instead (positions come from the token order)"
+            "position_ids must count up by one within a sequence, or restart at 0 where a sequence packed into the "
+            f"same row begins: row {row} goes from {int(positions[row, step])} to {int(positions[row, step + 1])}"
         )
+    if not bool(restarts.any()):
+        return None
+    return F.pad(restarts.long().cumsum(-1), (1, 0))
 
 
 def static_cache_with_room(cache: StaticCache, length: int, config) -> StaticCache:
@@ -467,7 +476,6 @@ class ReplitLMModel(ReplitLMPreTrainedModel):
                 "past_key_values must be a transformers Cache (e.g. DynamicCache), not "
                 f"{type(past_key_values).__name__}; tuple caches are no longer supported"
             )
-        check_position_ids(kwargs.get("position_ids"), attention_mask)
         cache_position = kwargs.get("cache_position")  # the new tokens' positions, from transformers 4.x generate
         if past_key_values is None:
             past_len = 0
@@ -477,7 +485,7 @@ class ReplitLMModel(ReplitLMPreTrainedModel):
             past_len = int(past_key_values.get_seq_length())
         if past_key_values is not None:
             check_cache_takes(past_key_values, x.shape[0], past_len, x.shape[1])
-        mask = self._attention_mask(x, past_len, attention_mask, output_attentions)
+        mask = self._attention_mask(x, past_len, attention_mask, output_attentions, kwargs.get("position_ids"))
         if past_key_values is not None:
             mask.cache_position = torch.arange(past_len, mask.kv_len, device=x.device)
 
@@ -537,14 +545,11 @@ class ReplitLMModel(ReplitLMPreTrainedModel):
             inputs_embeds = inputs_embeds * fraction + inputs_embeds.detach() * (1 - fraction)
         return self.emb_drop(inputs_embeds)
 
-    def _attention_mask(self, x, past_len: int, attention_mask, output_attentions: bool) -> AttentionMask:
+    def _attention_mask(
+        self, x, past_len: int, attention_mask, output_attentions: bool, position_ids=None
+    ) -> AttentionMask:
         batch, q_len = x.shape[:2]
         kv_len = past_len + q_len
-        if kv_len > self.config.max_seq_len:
-            raise ValueError(
-                f"sequence length {kv_len} exceeds max_seq_len={self.config.max_seq_len}; pass max_seq_len=... to "
-                "from_pretrained to let ALiBi extrapolate to longer sequences"
-            )
         if attention_mask is not None:
             if not isinstance(attention_mask, torch.Tensor):
                 raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
@@ -570,6 +575,22 @@ class ReplitLMModel(ReplitLMPreTrainedModel):
                 all_real = low == 1
             if all_real:
                 attention_mask = None
+        sequences = packed_sequences(position_ids, attention_mask)
+        if sequences is not None and past_len:
+            raise ValueError(
+                "position_ids restart at 0 (sequences packed into one row) after a cache's past: packing is for "
+                "whole sequences at once; continue each sequence in a row of its own"
+            )
+        # A row may pack more tokens than max_seq_len; each of its sequences is held to it.
+        longest = kv_len
+        if sequences is not None:  # numbered apart row by row, so that no two rows' sequences run together
+            numbered = sequences + torch.arange(len(sequences), device=sequences.device)[:, None] * (kv_len + 1)
+            longest = int(torch.unique_consecutive(numbered, return_counts=True)[1].max())
+        if longest > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence length {longest} exceeds max_seq_len={self.config.max_seq_len}; pass max_seq_len=... to "
+                "from_pretrained to let ALiBi extrapolate to longer sequences"
+            )
         if self._slopes.device != x.device:
             self._slopes = self._slopes.to(x.device)
         if self._alibi.device != x.device or self._alibi.shape[1] < kv_len:  # moved, or max_seq_len was raised
@@ -580,15 +601,20 @@ class ReplitLMModel(ReplitLMPreTrainedModel):
             backend = "native_decode"
         mask = AttentionMask(q_len=q_len, kv_len=kv_len, slopes=self._slopes, backend=backend)
         if backend == "triton":
+            if sequences is not None:
+                raise ValueError(
+                    "sequences packed into one row (position_ids restarting at 0) need attn_impl='torch': the triton "
+                    "kernel masks one range of keys per row"
+                )
             if attention_mask is not None:
                 mask.kv_start, mask.kv_end = key_ranges(attention_mask)
         else:
             dtype = torch.float32 if backend == "native_decode" else x.dtype  # the kernel adds in float32
             blocks = backend == "sdpa" and not output_attentions and attends_in_blocks(q_len, x.device)
-            if blocks and attention_mask is not None:  # the blocks hide the padding themselves (AttentionMask.padding)
-                mask.padding = ~attention_mask.bool()[:, None, None, :]
+            if blocks and attention_mask is not None and sequences is None:  # the blocks hide the padding themselves
+                mask.padding = ~attention_mask.bool()[:, None, None, :]  # (AttentionMask.padding)
                 attention_mask = None
-            mask.additive = additive_bias(mask, attention_mask, dtype, self._alibi)
+            mask.additive = additive_bias(mask, attention_mask, dtype, self._alibi, sequences)
         return mask
 
 

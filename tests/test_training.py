@@ -172,9 +172,8 @@ def test_trainer_with_gradient_accumulation_logs_the_mean_loss(tmp_path):
     assert logged == pytest.approx(expected, rel=1e-4), (logged, micro_losses)
 
 
-def test_packed_sequences_are_refused_and_ordinary_position_ids_change_nothing():
-    """position_ids are not read (ALiBi takes positions from the token order). Sequences packed into one row, whose
-    positions restart at 0 (DataCollatorWithFlattening), were trained on with attention across them, silently."""
+def test_ordinary_position_ids_change_nothing():
+    """position_ids are not read for positions (ALiBi takes them from the token order), padded or not."""
     model = tiny_model(seed=12).eval()
     ids = repetitive_batch(2, 12, seed=13)[:, :8]
     expected = model(ids).logits
@@ -183,6 +182,57 @@ def test_packed_sequences_are_refused_and_ordinary_position_ids_change_nothing()
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as transformers writes them for left padding
     torch.testing.assert_close(model(ids, attention_mask=mask, position_ids=positions).logits,
                                model(ids, attention_mask=mask).logits, atol=0, rtol=0)  # fmt: skip
-    packed = torch.cat([torch.arange(5), torch.arange(3)])[None]
-    with pytest.raises(ValueError, match="sequences packed into one row"):
-        model.train()(ids[:1], position_ids=packed, labels=ids[:1])
+
+
+@pytest.mark.parametrize("lengths", [(5, 7, 4), (60, 50, 40)])  # the second: a row over PROMPT_BLOCK and max_seq_len
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_sequences_packed_into_one_row_are_each_their_own(lengths, attention):
+    """DataCollatorWithFlattening packs a batch into one row, positions restarting at 0 per sequence: each sequence
+    attends to itself only (they were trained on with attention across them, silently, before packing was refused
+    and then supported), so the logits are those of each sequence alone, and the loss that of the padded batch."""
+    from transformers import DataCollatorWithFlattening
+
+    model = tiny_model(seed=14).eval()
+    model.set_attn_implementation(attention)
+    generator = torch.Generator().manual_seed(sum(lengths))
+    sequences = [torch.randint(3, VOCAB, (n,), generator=generator) for n in lengths]
+    packed = DataCollatorWithFlattening()([{"input_ids": s.tolist()} for s in sequences])
+    assert packed["input_ids"].shape == (1, sum(lengths))
+    alone = torch.cat([model(s[None]).logits for s in sequences], dim=1)
+    out = model(**packed)
+    torch.testing.assert_close(out.logits, alone, atol=1e-5, rtol=1e-5)
+    padded = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True, padding_value=0)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones(n, dtype=torch.long) for n in lengths], batch_first=True)
+    labels = padded.masked_fill(mask == 0, -100)
+    expected = model(padded, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_rows_in_a_padded_batch():
+    """Rows that each pack sequences, padded to one length (left padding here, whose positions transformers writes
+    as 1): every real token's logits are its sequence's alone."""
+    model = tiny_model(seed=15).eval()
+    generator = torch.Generator().manual_seed(15)
+    a, b, c = (torch.randint(3, VOCAB, (n,), generator=generator) for n in (5, 3, 6))
+    ids = torch.stack([torch.cat([a, b]), torch.cat([torch.zeros(2, dtype=torch.long), c])])
+    mask = torch.tensor([[1] * 8, [0, 0] + [1] * 6])
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2], [1, 1, 0, 1, 2, 3, 4, 5]])
+    out = model(ids, attention_mask=mask, position_ids=positions).logits
+    torch.testing.assert_close(out[0], torch.cat([model(a[None]).logits[0], model(b[None]).logits[0]]), atol=1e-5,
+                               rtol=1e-5)  # fmt: skip
+    torch.testing.assert_close(out[1, 2:], model(c[None]).logits[0], atol=1e-5, rtol=1e-5)
+
+
+def test_position_ids_that_neither_count_up_nor_restart_are_refused():
+    model = tiny_model(seed=12).eval()
+    ids = repetitive_batch(2, 12, seed=13)[:, :8]
+    with pytest.raises(ValueError, match="row 0 goes from 2 to 5"):
+        model(ids[:1], position_ids=torch.tensor([[0, 1, 2, 5, 6, 7, 8, 9]]))
+    cache = model(ids[:1, :4], use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="after a cache's past"):  # a restart within the new tokens of a step
+        model(ids[:1, 4:], past_key_values=cache, position_ids=torch.tensor([[4, 5, 0, 1]]))
+    with pytest.raises(ValueError, match="sequence length 65 exceeds max_seq_len=64"):  # held per sequence
+        model(torch.randint(3, VOCAB, (1, 69)), position_ids=torch.cat([torch.arange(4), torch.arange(65)])[None])
+    model.config.attn_impl = "triton"
+    with pytest.raises(ValueError, match="need attn_impl='torch'"):
+        model(ids[:1], position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]]))
