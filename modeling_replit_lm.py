@@ -22,6 +22,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .attention import (
     ATTENTION_BACKENDS,
     AttentionMask,
+    Unpacking,
     additive_bias,
     alibi_bias_table,
     alibi_slopes,
@@ -601,13 +602,11 @@ class ReplitLMModel(ReplitLMPreTrainedModel):
             backend = "native_decode"
         mask = AttentionMask(q_len=q_len, kv_len=kv_len, slopes=self._slopes, backend=backend)
         if backend == "triton":
-            if sequences is not None:
-                raise ValueError(
-                    "sequences packed into one row (position_ids restarting at 0) need attn_impl='torch': the triton "
-                    "kernel masks one range of keys per row"
-                )
-            if attention_mask is not None:
+            if attention_mask is not None:  # also where unpacking: it raises where a row has padding inside
                 mask.kv_start, mask.kv_end = key_ranges(attention_mask)
+            if sequences is not None:
+                real = x.new_ones(batch, q_len, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+                mask.unpacking = Unpacking.of(sequences.expand(batch, -1), real)
         else:
             dtype = torch.float32 if backend == "native_decode" else x.dtype  # the kernel adds in float32
             blocks = backend == "sdpa" and not output_attentions and attends_in_blocks(q_len, x.device)

@@ -80,6 +80,34 @@ def test_loss_gradients_match_the_torch_path(models):
         torch.testing.assert_close(grads[1][name], grad, atol=1e-4, rtol=1e-3, msg=name)
 
 
+@pytest.mark.parametrize("case", ["one row", "padded rows"])
+def test_packed_sequences_match_the_torch_path(models, case):
+    """Sequences packed into rows (position_ids restarting at 0): the kernel masks one range of keys per row, so each
+    sequence is laid out in a row of its own for it (attention.Unpacking); logits and gradients as the torch path's
+    block-diagonal mask gives them."""
+    model, triton_model = models
+    if case == "one row":  # as DataCollatorWithFlattening makes it: no attention_mask
+        ids, mask = random_ids(1, 16, seed=25), None
+        positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 7]])
+    else:  # left padding, whose positions transformers writes as 1
+        ids, mask = random_ids(2, 12, seed=26), torch.tensor([[1] * 12, [0, 0] + [1] * 10])
+        positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3], [1, 1, 0, 1, 2, 3, 4, 5, 0, 1, 2, 3]])
+    ids, positions = on_device(ids, positions)
+    mask = None if mask is None else mask.to(DEVICE)
+    real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    outputs, grads = [], []
+    for m in (model, triton_model):
+        m.zero_grad()
+        out = m.train()(ids, attention_mask=mask, position_ids=positions, labels=ids)
+        out.loss.backward()
+        m.eval()
+        outputs.append(out.logits[real])
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    torch.testing.assert_close(outputs[1], outputs[0], atol=ATOL, rtol=0)
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
 def test_unsupported_combinations_raise(models):
     model, triton_model = models
     with pytest.raises(ValueError, match="output_attentions"):
