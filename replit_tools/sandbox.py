@@ -176,7 +176,8 @@ def _kill_group(process: subprocess.Popen):
 
 
 def _remove_tree(path: str):
-    """rmtree that also removes what a program made read-only."""
+    """Remove a program's directory, whatever it left there. Never raises: a cleanup that fails must not end the
+    evaluation and lose its results; a directory that stays is reported on standard error."""
 
     def make_writable_and_retry(function, failed_path, _):
         os.chmod(os.path.dirname(failed_path), stat.S_IRWXU)
@@ -184,8 +185,18 @@ def _remove_tree(path: str):
             os.chmod(failed_path, stat.S_IRWXU)
         function(failed_path)
 
-    os.chmod(path, stat.S_IRWXU)
-    shutil.rmtree(path, onerror=make_writable_and_retry)
+    try:
+        os.chmod(path, stat.S_IRWXU)
+        shutil.rmtree(path, onerror=make_writable_and_retry)
+    except Exception:  # RecursionError for a tree deeper than rmtree's recursion, or what the retry met
+        # chmod -R and rm -rf walk a tree of any depth without recursing.
+        for command in (["chmod", "-R", "u+rwx", path], ["rm", "-rf", path]):
+            try:
+                subprocess.run(command, capture_output=True, check=False, timeout=600)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+    if os.path.lexists(path):
+        print(f"warning: the sandbox could not remove {path}", file=sys.stderr)
 
 
 def run_program(program: str, limits: Limits = Limits()) -> Outcome:

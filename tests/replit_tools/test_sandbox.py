@@ -121,3 +121,12 @@ def test_programs_run_in_parallel_and_come_back_in_order():
     outcomes = run_programs(programs, FAST, workers=4)
     assert [outcome.passed for outcome in outcomes] == [True, False, True, False]
     assert time.perf_counter() - started < 3.5  # not one after the other (4 s at least)
+
+
+def test_a_folder_tree_too_deep_for_rmtree_is_removed_and_the_outcome_kept():
+    """shutil.rmtree recurses once per level: 3000 levels made it raise RecursionError, which ended the evaluation."""
+    code = ("import os\nfd = os.open('.', os.O_RDONLY)\nfor _ in range(3000):\n    os.mkdir('d', dir_fd=fd)\n"
+            "    fd = os.open('d', os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)\nraise RuntimeError(os.getcwd())")
+    outcome = run_program(code, FAST)
+    assert outcome.result.startswith("failed: RuntimeError: ")
+    assert not os.path.exists(outcome.result.removeprefix("failed: RuntimeError: "))
