@@ -4,7 +4,8 @@ What each program gets, and what it relies on (docs/evaluation.md says the same 
 
 - **A separate process**: a fresh interpreter (`python -I`, no environment variables or user site read), started in
   a session of its own; when it ends, or is stopped, its whole process group is killed, so a program cannot leave
-  processes behind in it. A crash, a hang or an exhausted memory limit ends that process only.
+  processes behind in it. A crash, a hang or an exhausted memory limit ends that process only. The parent reads
+  at most 64 KiB of its result pipe (more is a failure) and stops waiting for it at the time limit.
 - **Limits**, set by the child on itself before the program runs (hard limits: the program cannot raise them
   unless it runs with CAP_SYS_RESOURCE, i.e. as root outside a user namespace): wall-clock time (the parent kills
   the process group when it runs over), CPU time (RLIMIT_CPU), address space (RLIMIT_AS, which bounds memory),
@@ -25,12 +26,14 @@ import functools
 import json
 import math
 import os
+import selectors
 import shutil
 import signal
 import stat
 import subprocess
 import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -111,6 +114,7 @@ os._exit(0)
 
 
 MAX_TIMEOUT = 86400  # seconds: a day per program
+RESULT_BYTES = 64 * 1024  # the result line is a few hundred bytes; more is the program writing on the result pipe
 
 @dataclass(frozen=True)
 class Limits:
@@ -211,16 +215,61 @@ def run_program(program: str, limits: Limits = Limits()) -> Outcome:
         process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    cwd=workdir, env=env, start_new_session=True)  # fmt: skip
         try:
-            stdout, stderr = process.communicate(program.encode("utf-8", "surrogatepass"), timeout=limits.timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(process)
-            process.communicate()
-            return Outcome(False, f"timed out (wall clock, {limits.timeout:g} s)")
+            received = _exchange(process, program.encode("utf-8", "surrogatepass"), limits.timeout)
         finally:
             _kill_group(process)
+            # Not read to their end: a process that left the group (setsid) may hold them open for ever.
+            for pipe in (process.stdin, process.stdout, process.stderr):
+                pipe.close()
+            process.wait()
     finally:
         _remove_tree(workdir)
-    return _outcome(process.returncode, stdout, stderr, limits)
+    if received is None:
+        return Outcome(False, f"timed out (wall clock, {limits.timeout:g} s)")
+    if len(received[0]) > RESULT_BYTES:
+        return Outcome(False, f"failed: the program wrote more than {RESULT_BYTES // 1024} KiB on the result pipe")
+    return _outcome(process.returncode, *received, limits)
+
+
+def _exchange(process: subprocess.Popen, program: bytes, timeout: float) -> tuple[bytes, bytes] | None:
+    """Send `program` to the child and read its result and error pipes until they close and it ends: (result,
+    errors), reading no further once one passes RESULT_BYTES; None when `timeout` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    result_fd, errors_fd = process.stdout.fileno(), process.stderr.fileno()
+    received = {result_fd: bytearray(), errors_fd: bytearray()}
+    unsent = memoryview(program)
+    with selectors.DefaultSelector() as selector:
+        for fd in received:
+            selector.register(fd, selectors.EVENT_READ)
+        os.set_blocking(process.stdin.fileno(), False)
+        selector.register(process.stdin.fileno(), selectors.EVENT_WRITE)
+        while selector.get_map():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            for key, _ in selector.select(remaining):
+                if key.fd in received:
+                    chunk = os.read(key.fd, RESULT_BYTES)
+                    received[key.fd] += chunk
+                    if len(received[key.fd]) > RESULT_BYTES:
+                        return bytes(received[result_fd]), bytes(received[errors_fd])
+                    if not chunk:
+                        selector.unregister(key.fd)
+                    continue
+                try:
+                    unsent = unsent[os.write(key.fd, unsent) :]
+                except BlockingIOError:
+                    continue
+                except BrokenPipeError:  # the child ended without reading it all: its outcome says why
+                    unsent = unsent[:0]
+                if not unsent:
+                    selector.unregister(key.fd)
+                    process.stdin.close()
+    try:
+        process.wait(max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        return None
+    return bytes(received[result_fd]), bytes(received[errors_fd])
 
 
 def _outcome(returncode: int, stdout: bytes, stderr: bytes, limits: Limits) -> Outcome:

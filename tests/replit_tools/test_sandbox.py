@@ -3,6 +3,7 @@ allocation), a shell command, a subprocess or a network connection is contained 
 its reason, and the test process goes on."""
 
 import os
+import resource
 import socket
 import time
 
@@ -134,3 +135,24 @@ def test_a_folder_tree_too_deep_for_rmtree_is_removed_and_the_outcome_kept():
     outcome = run_program(code, FAST)
     assert outcome.result.startswith("failed: RuntimeError: ")
     assert not os.path.exists(outcome.result.removeprefix("failed: RuntimeError: "))
+
+
+def test_a_program_that_floods_the_result_pipe_fails_without_the_parent_holding_it_all():
+    """The parent read the whole pipe into memory: gigabytes from a program that found the result fd."""
+    code = ("import os\nchunk = b'x' * 2**20\nfor fd in range(3, 10):\n    try:\n        for _ in range(256):\n"
+            "            os.write(fd, chunk)\n    except OSError:\n        pass")  # fmt: skip
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    outcome = run_program(code, FAST)
+    assert outcome == sandbox.Outcome(False, "failed: the program wrote more than 64 KiB on the result pipe")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 * 1024
+
+
+def test_a_process_that_leaves_the_group_does_not_hold_the_evaluation_past_the_timeout():
+    """A grandchild in a session of its own escapes the process group's kill and holds the result pipe open: the
+    parent waited for it to close."""
+    code = ("import ctypes, time\nlibc = ctypes.CDLL(None)\nif libc.fork() == 0:\n    libc.setsid()\n"
+            "time.sleep(30)")  # fmt: skip
+    started = time.perf_counter()
+    outcome = run_program(code, Limits(timeout=1.0))
+    assert outcome == sandbox.Outcome(False, "timed out (wall clock, 1 s)")
+    assert time.perf_counter() - started < 3
