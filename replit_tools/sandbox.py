@@ -4,7 +4,8 @@ What each program gets, and what it relies on (docs/evaluation.md says the same 
 
 - **A separate process**: a fresh interpreter (`python -I`, no environment variables or user site read), started in
   a session of its own; when it ends, or is stopped, its whole process group is killed, so a program cannot leave
-  processes behind in it. A crash, a hang or an exhausted memory limit ends that process only. The parent reads
+  processes behind in it. Where `unshare --pid --fork --kill-child` works, it also runs in a PID namespace of its
+  own, whose processes all die with it: not even one that left the group (setsid) outlives it. A crash, a hang or an exhausted memory limit ends that process only. The parent reads
   at most 64 KiB of its result pipe (more is a failure) and stops waiting for it at the time limit.
 - **Limits**, set by the child on itself before the program runs (hard limits: the program cannot raise them
   unless it runs with CAP_SYS_RESOURCE, i.e. as root outside a user namespace): wall-clock time (the parent kills
@@ -148,13 +149,16 @@ class Outcome:
 
 
 @functools.cache
-def network_isolation() -> tuple[str, ...]:
-    """The command prefix that runs a program without network (an empty network namespace), or () where this
-    system does not allow it (no `unshare`, or user namespaces disabled)."""
+def namespaces() -> tuple[str, ...]:
+    """The `unshare` command prefix that runs a program in namespaces of its own, or () where this system allows
+    none (no `unshare`, or user namespaces disabled): a network namespace, and where possible a PID namespace
+    whose processes all die with the program (--kill-child)."""
     unshare = shutil.which("unshare")
     if unshare is None:
         return ()
-    for prefix in ((unshare, "--net", "--map-root-user"), (unshare, "--net")):
+    pid = ("--pid", "--fork", "--kill-child")
+    for prefix in ((unshare, "--net", *pid, "--map-root-user"), (unshare, "--net", *pid),
+                   (unshare, "--net", "--map-root-user"), (unshare, "--net")):  # fmt: skip
         try:
             if subprocess.run([*prefix, "true"], check=False, capture_output=True, timeout=10).returncode == 0:
                 return prefix
@@ -166,9 +170,10 @@ def network_isolation() -> tuple[str, ...]:
 def isolation_summary() -> dict:
     """What the sandbox relies on here, for reports."""
     return {
-        "process": "one fresh interpreter per program, in its own session; its process group is killed afterwards",
+        "process": "one fresh interpreter per program, in its own session; its process group is killed afterwards"
+        + (", and its PID namespace (unshare --pid): every process it started" if "--pid" in namespaces() else ""),
         "network": "empty network namespace (unshare --net) and socket guard"
-        if network_isolation()
+        if "--net" in namespaces()
         else "socket guard only (unshare --net is not available here)",
         "limits": "wall clock, RLIMIT_CPU, RLIMIT_AS, RLIMIT_FSIZE",
     }
@@ -210,7 +215,7 @@ def run_program(program: str, limits: Limits = Limits()) -> Outcome:
     workdir = tempfile.mkdtemp(prefix="replit-sandbox-")
     env = {"PATH": os.defpath, "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0",
            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # fmt: skip
-    command = [*network_isolation(), sys.executable, "-I", "-c", CHILD, json.dumps(limits.child_config())]
+    command = [*namespaces(), sys.executable, "-I", "-c", CHILD, json.dumps(limits.child_config())]
     try:
         process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    cwd=workdir, env=env, start_new_session=True)  # fmt: skip

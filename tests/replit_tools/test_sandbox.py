@@ -92,7 +92,7 @@ def test_a_network_connection_to_localhost_is_blocked(listening_server):
 def test_without_the_socket_guard_the_network_namespace_still_has_no_network(listening_server):
     """The guard can be undone (the original socket type is in the replacement's MRO); the network namespace,
     where this system allows one, cannot be left."""
-    if not sandbox.network_isolation():
+    if "--net" not in sandbox.namespaces():
         pytest.skip("unshare --net is not available here: the socket guard is the only network protection")
     port = listening_server.getsockname()[1]
     code = (f"import socket\nraw = socket.socket.__mro__[2](socket.AF_INET, socket.SOCK_STREAM)\nraw.settimeout(1)\n"
@@ -156,3 +156,15 @@ def test_a_process_that_leaves_the_group_does_not_hold_the_evaluation_past_the_t
     outcome = run_program(code, Limits(timeout=1.0))
     assert outcome == sandbox.Outcome(False, "timed out (wall clock, 1 s)")
     assert time.perf_counter() - started < 3
+
+
+def test_in_a_pid_namespace_a_process_that_left_the_group_dies_with_the_program(tmp_path):
+    """Killing the process group misses a grandchild that called setsid; the PID namespace's end does not."""
+    if "--pid" not in sandbox.namespaces():
+        pytest.skip("unshare --pid is not available here: such a process outlives the program")
+    marker = tmp_path / "written-by-the-grandchild"
+    code = (f"import ctypes, time\nlibc = ctypes.CDLL(None)\nif libc.fork() == 0:\n    libc.setsid()\n"
+            f"    time.sleep(1.5)\n    open({str(marker)!r}, 'w').close()\ntime.sleep(30)")  # fmt: skip
+    assert run_program(code, Limits(timeout=0.5)).result == "timed out (wall clock, 0.5 s)"
+    time.sleep(2)
+    assert not marker.exists()
