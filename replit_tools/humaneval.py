@@ -31,7 +31,7 @@ from .completion import Completer, Completion, CompletionError, Settings
 from .loading import load_from_arguments, run_quietly
 from .options import SEEDS, one_line
 from .postprocessing import DEFAULT_STOP_SEQUENCES
-from .sandbox import Limits, isolation_summary, run_programs
+from .sandbox import Limits, check, isolation_summary, run_programs
 
 HUMANEVAL_PROBLEMS = 164
 # The longest canonical solution is 294 tokens with the real tokenizer; the longest prompt (523 tokens with the
@@ -207,6 +207,7 @@ def evaluate_humaneval(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     problems = select_problems(read_problems(), args.limit, args.problems)
     limits = Limits(timeout=args.timeout, memory_mb=args.memory_mb)
+    check(limits)  # before the generation, which can take hours
     timing = {}
     if args.canonical:
         settings_report = {"canonical": True, "greedy": False, "samples_per_problem": 1}

@@ -10,7 +10,9 @@ What each program gets, and what it relies on (docs/evaluation.md says the same 
 - **Limits**, set by the child on itself before the program runs (hard limits: the program cannot raise them
   unless it runs with CAP_SYS_RESOURCE, i.e. as root outside a user namespace): wall-clock time (the parent kills
   the process group when it runs over), CPU time (RLIMIT_CPU), address space (RLIMIT_AS, which bounds memory),
-  file size (RLIMIT_FSIZE), no core dumps.
+  file size (RLIMIT_FSIZE), no core dumps. Each is lowered to the evaluator's own hard limit where that is lower
+  (`ulimit -H`). A child that cannot set its limits raises SandboxError in the parent, and `check` raises it
+  where an empty program does not pass: an error for the whole run, not a failure of every program.
 - **No network**: where `unshare --net --map-root-user` works (Linux with unprivileged user namespaces), the child
   runs in an empty network namespace: no interface but a down loopback, so no connection leaves it, not even to
   127.0.0.1. Filesystem Unix-domain sockets are still reachable there. Everywhere, the socket classes are replaced
@@ -58,10 +60,22 @@ def report(status, detail=""):
     os.write(result_fd, (json.dumps({"status": status, "detail": detail[:500]}) + "\n").encode())
 
 
-for name, value in (("RLIMIT_AS", config["memory_bytes"]), ("RLIMIT_DATA", config["memory_bytes"]),
-                    ("RLIMIT_FSIZE", config["file_size_bytes"]), ("RLIMIT_CORE", 0)):
-    resource.setrlimit(getattr(resource, name), (value, value))
-resource.setrlimit(resource.RLIMIT_CPU, (config["cpu_seconds"], config["cpu_seconds"] + 1))
+def limit(name, soft, hard):
+    inherited = resource.getrlimit(getattr(resource, name))[1]
+    # A hard limit cannot be raised: where the evaluator's own (`ulimit -H`) is lower, that one applies.
+    if inherited != resource.RLIM_INFINITY:
+        soft, hard = min(soft, inherited), min(hard, inherited)
+    resource.setrlimit(getattr(resource, name), (soft, hard))
+
+
+try:
+    for name, value in (("RLIMIT_AS", config["memory_bytes"]), ("RLIMIT_DATA", config["memory_bytes"]),
+                        ("RLIMIT_FSIZE", config["file_size_bytes"]), ("RLIMIT_CORE", 0)):
+        limit(name, value, value)
+    limit("RLIMIT_CPU", config["cpu_seconds"], config["cpu_seconds"] + 1)
+except Exception as error:
+    report("sandbox error", f"{type(error).__name__}: {error}")
+    os._exit(0)
 
 
 class Blocked(BaseException):
@@ -140,6 +154,10 @@ class Limits:
             "file_size_bytes": self.file_size_mb * 2**20,
             "cpu_seconds": max(1, math.ceil(self.timeout)),
         }
+
+
+class SandboxError(Exception):
+    """The sandbox cannot run programs here: no outcome it gave would say anything about the programs."""
 
 
 @dataclass(frozen=True)
@@ -283,6 +301,8 @@ def _outcome(returncode: int, stdout: bytes, stderr: bytes, limits: Limits) -> O
         result = json.loads(lines[-1])
     except (IndexError, ValueError):
         result = None
+    if isinstance(result, dict) and result.get("status") == "sandbox error":
+        raise SandboxError(f"the sandbox could not set its limits: {result.get('detail', '')}")
     if returncode == 0 and isinstance(result, dict) and result.get("status") == PASSED:
         return Outcome(True, PASSED)
     if isinstance(result, dict) and result.get("status") == "failed":
@@ -295,6 +315,14 @@ def _outcome(returncode: int, stdout: bytes, stderr: bytes, limits: Limits) -> O
         last = stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
         return Outcome(False, f"failed: the sandbox exited with status {returncode} {last[0][:200]}".rstrip())
     return Outcome(False, "failed: the program ended the process without a result")
+
+
+def check(limits: Limits = Limits()):
+    """Raise SandboxError unless a program that does nothing passes with `limits`: where even that fails, every
+    candidate would fail and the score would be a silent 0."""
+    outcome = run_program("pass", limits)
+    if not outcome.passed:
+        raise SandboxError(f"the sandbox cannot run even an empty program here: {outcome.result}")
 
 
 def run_programs(programs: list[str], limits: Limits = Limits(), workers: int = 1, progress=None) -> list[Outcome]:

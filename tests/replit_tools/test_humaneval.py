@@ -238,6 +238,9 @@ def test_every_prompt_fits_the_demo_s_context_with_the_default_budget(problems):
         (["humaneval", "--seed", "4294967296"], "--seed must be 0 to 2**32 - 1"),
         (["humaneval", "--canonical", "-n", "5", "--greedy"],
          "--canonical runs no model: -n, --greedy would do nothing"),
+        # Every candidate failed (pass@1 0%, status 0) when the sandbox could not set its limits.
+        (["humaneval", "--canonical", "--limit", "1", "--memory-mb", str(2**44)],
+         "error: the sandbox could not set its limits: OverflowError"),
     ],
 )
 def test_evaluate_py_answers_bad_input_in_one_line_before_any_work(args, message):

@@ -5,9 +5,12 @@ its reason, and the test process goes on."""
 import os
 import resource
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
+from conftest import ROOT
 
 from replit_tools import sandbox
 from replit_tools.sandbox import Limits, run_program, run_programs
@@ -168,3 +171,33 @@ def test_in_a_pid_namespace_a_process_that_left_the_group_dies_with_the_program(
     assert run_program(code, Limits(timeout=0.5)).result == "timed out (wall clock, 0.5 s)"
     time.sleep(2)
     assert not marker.exists()
+
+
+def under_hard_limits(script: str, **hard_limits: int) -> str:
+    """What `script` prints, run (with the sandbox imported) in a process whose hard limits were lowered as a
+    shell's `ulimit -H` lowers them: RLIMIT_AS=bytes, RLIMIT_CPU=seconds."""
+    lower = "".join(f"resource.setrlimit(resource.{name}, ({value}, {value}))\n" for name, value in hard_limits.items())
+    code = f"import resource\nfrom replit_tools.sandbox import *\n{lower}{script}"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    return done.stdout + done.stderr
+
+
+def test_limits_above_the_evaluator_s_hard_limits_are_lowered_to_them():
+    """setrlimit cannot raise a hard limit: under `ulimit -Hv 512M` or `ulimit -Ht 5` every program failed, the
+    canonical solutions too."""
+    script = ("limits = Limits(timeout=10, memory_mb=1024)\nprint(run_program('pass', limits))\n"
+              "print(run_program('x = bytearray(600 * 2**20)', limits))")  # fmt: skip
+    output = under_hard_limits(script, RLIMIT_AS=512 * 2**20, RLIMIT_CPU=5)
+    assert output.splitlines() == [repr(sandbox.Outcome(True, "passed")),
+                                   repr(sandbox.Outcome(False, "failed: memory limit: MemoryError"))], output
+
+
+def test_a_sandbox_that_cannot_run_programs_is_an_error_not_failed_programs():
+    with pytest.raises(sandbox.SandboxError, match="the sandbox could not set its limits: OverflowError"):
+        run_program("pass", Limits(memory_mb=2**44))  # 2**64 bytes: more than setrlimit takes
+    with pytest.raises(sandbox.SandboxError, match="the sandbox could not set its limits"):
+        sandbox.check(Limits(memory_mb=2**44))
+    sandbox.check(FAST)
+    # 8 MiB of address space: the child's interpreter cannot even load its libraries.
+    output = under_hard_limits("check(Limits())", RLIMIT_AS=8 * 2**20)
+    assert "SandboxError: the sandbox cannot run even an empty program here: failed: " in output, output
