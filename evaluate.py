@@ -7,6 +7,7 @@
 `python3 evaluate.py COMMAND --help` lists a command's options. Without --model: the embedded demo model.
 """
 
+import os
 import sys
 
 from replit_tools.commands import held_out_arguments, humaneval_arguments
@@ -42,6 +43,9 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (`| head`): no error, and nothing more to write at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a process ended by SIGPIPE
 
 
 if __name__ == "__main__":

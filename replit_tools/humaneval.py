@@ -267,8 +267,7 @@ def run_command(args: argparse.Namespace) -> int:
     report = run_quietly(evaluate_humaneval, args)
     if report is None:
         return 1
-    print(format_table(report))
-    if args.output:
+    if args.output:  # written first: a reader of the table that leaves early (`| head`) does not lose it
         try:
             with open(args.output, "w", encoding="utf-8") as file:
                 json.dump(report, file, indent=2)
@@ -276,4 +275,5 @@ def run_command(args: argparse.Namespace) -> int:
         except OSError as error:
             print(f"error: the report could not be written: {one_line(error)}", file=sys.stderr)
             return 1
+    print(format_table(report))
     return 0

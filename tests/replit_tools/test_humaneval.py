@@ -5,10 +5,12 @@ batched generation, and the command end to end on the demo model."""
 import importlib.util
 import json
 import math
+import subprocess
+import sys
 from fractions import Fraction
 
 import pytest
-from completion_helpers import DEMO, ROOT, one_torch_thread, run_script  # noqa: F401
+from completion_helpers import DEMO, ROOT, SCRIPT_ENV, one_torch_thread, run_script  # noqa: F401
 
 from replit_tools import humaneval
 from replit_tools.commands import HUMANEVAL_MAX_NEW_TOKENS
@@ -179,6 +181,19 @@ def test_evaluate_py_humaneval_on_the_demo_model_writes_a_valid_report(problems,
         assert set(entry) == {"completion", "passed", "result", "stop_reason", "completion_tokens"}
         assert entry["result"] == "passed" or entry["result"].startswith(("failed", "timed out"))
         assert 1 <= entry["completion_tokens"] <= 64
+
+
+def test_a_reader_of_the_table_that_leaves_early_loses_neither_the_report_nor_a_quiet_exit(problems, tmp_path):
+    """`evaluate.py humaneval --output FILE | head`: the table was printed first, and the broken pipe ended the
+    command with a traceback before FILE was written."""
+    report_path = tmp_path / "report.json"
+    command = [sys.executable, str(ROOT / "evaluate.py"), "humaneval", "--canonical", "--limit", "1", "--no-progress",
+               "--output", str(report_path)]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=SCRIPT_ENV)
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 141 and stderr == "", stderr
+    assert json.loads(report_path.read_text())["summary"]["samples_passed"] == 1
 
 
 def test_the_command_line_rejects_greedy_with_several_samples_and_bad_counts(problems):
