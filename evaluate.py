@@ -8,6 +8,7 @@
 """
 
 import os
+import signal
 import sys
 
 from replit_tools.commands import held_out_arguments, humaneval_arguments
@@ -28,6 +29,18 @@ def held_out(argv: list[str]) -> int:
 
 
 COMMANDS = {"humaneval": humaneval, "held-out": held_out}
+TERMINATING = (signal.SIGTERM, signal.SIGHUP)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised as Ctrl+C's KeyboardInterrupt is, so that the same cleanup runs: the sandbox's
+    processes are killed and its directories removed, where the signal's default action left them behind."""
+
+
+def terminate(signum, _frame):
+    for other in TERMINATING:  # a second one (systemd sends SIGHUP after SIGTERM) must not cut the cleanup short
+        signal.signal(other, signal.SIG_IGN)
+    raise Terminated(signum)
 
 
 def main(argv: list[str]) -> int:
@@ -38,14 +51,19 @@ def main(argv: list[str]) -> int:
         print(f"error: unknown command {argv[0]!r}: use {' or '.join(COMMANDS)} (see --help)", file=sys.stderr)
         return 2
     command, argv = (COMMANDS[argv[0]], argv[1:]) if argv and argv[0] in COMMANDS else (COMMANDS["held-out"], argv)
+    previous = {signum: signal.signal(signum, terminate) for signum in TERMINATING}
     try:
         return command(argv)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:
+        signum = interrupt.args[0] if isinstance(interrupt, Terminated) else signal.SIGINT
+        print(f"error: {'interrupted' if signum == signal.SIGINT else signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
     except BrokenPipeError:  # the reader left (`| head`): no error, and nothing more to write at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # as a shell reports a process ended by SIGPIPE
+    finally:
+        for signum, handler in previous.items():  # main() may be called in a process that has its own
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

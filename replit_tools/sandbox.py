@@ -41,6 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 PASSED = "passed"
+RUNNING = set()  # the programs' processes, which run_programs kills when it is interrupted
 
 # The program run in the child: reads its settings from argv[1] and the candidate program from stdin, limits
 # itself, disables what the candidate must not use, runs it, and writes one JSON line on the result pipe (the
@@ -237,6 +238,7 @@ def run_program(program: str, limits: Limits = Limits()) -> Outcome:
     try:
         process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    cwd=workdir, env=env, start_new_session=True)  # fmt: skip
+        RUNNING.add(process)
         try:
             received = _exchange(process, program.encode("utf-8", "surrogatepass"), limits.timeout)
         finally:
@@ -245,6 +247,7 @@ def run_program(program: str, limits: Limits = Limits()) -> Outcome:
             for pipe in (process.stdin, process.stdout, process.stderr):
                 pipe.close()
             process.wait()
+            RUNNING.discard(process)
     finally:
         _remove_tree(workdir)
     if received is None:
@@ -336,4 +339,11 @@ def run_programs(programs: list[str], limits: Limits = Limits(), workers: int = 
         return outcome
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return list(pool.map(run, programs))
+        try:
+            return list(pool.map(run, programs))
+        except BaseException:
+            # Ctrl+C or a SIGTERM turned into one: the running programs end now, not at their time limit, and the
+            # workers then remove their directories before the pool lets the exception through.
+            for process in list(RUNNING):
+                _kill_group(process)
+            raise

@@ -5,8 +5,11 @@ batched generation, and the command end to end on the demo model."""
 import importlib.util
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
+import time
 from fractions import Fraction
 
 import pytest
@@ -194,6 +197,40 @@ def test_a_reader_of_the_table_that_leaves_early_loses_neither_the_report_nor_a_
     stderr = process.stderr.read().decode()
     assert process.wait(timeout=120) == 141 and stderr == "", stderr
     assert json.loads(report_path.read_text())["summary"]["samples_passed"] == 1
+
+
+def processes_working_in(folder) -> list[str]:
+    """The processes whose working directory is under `folder` (the sandbox's programs run in theirs)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and os.readlink(f"/proc/{entry}/cwd").startswith(str(folder)):
+                found.append(entry)
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_evaluate_py_stopped_by_a_signal_kills_its_programs_and_removes_their_folders(tmp_path, signum):
+    """The default action of SIGTERM and SIGHUP ended evaluate.py at once, leaving the running programs and their
+    replit-sandbox-* folders behind."""
+    script = ("import importlib.util, sys\n"
+              f"spec = importlib.util.spec_from_file_location('evaluate_script', {str(ROOT / 'evaluate.py')!r})\n"
+              "evaluate = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(evaluate)\n"
+              "from replit_tools.sandbox import Limits, run_programs\n"
+              "evaluate.COMMANDS['humaneval'] = lambda argv: run_programs(['import time\\ntime.sleep(60)'] * 3, "
+              "Limits(timeout=60), workers=2)\nsys.exit(evaluate.main(['humaneval']))\n")  # fmt: skip
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env={**os.environ, "TMPDIR": str(tmp_path)},
+                               stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.monotonic() + 30
+    while len(processes_working_in(tmp_path)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert processes_working_in(tmp_path), process.stderr.read() if process.poll() is not None else "no program ran"
+    process.send_signal(signum)
+    assert process.wait(timeout=10) == 128 + signum
+    assert process.stderr.read().decode() == f"error: {signal.Signals(signum).name}\n"
+    assert not list(tmp_path.glob("replit-sandbox-*")) and not processes_working_in(tmp_path)
 
 
 def test_the_command_line_rejects_greedy_with_several_samples_and_bad_counts(problems):
