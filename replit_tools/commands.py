@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import DEMO_MODEL
 from .cli import unescape
-from .options import SEEDS, OneLineErrorParser, Settings, add_model_arguments
+from .options import SAMPLING_TEMPERATURE_FROM, SEEDS, OneLineErrorParser, Settings, add_model_arguments
 from .sandbox import Limits
 
 # ----- export.py ---------------------------------------------------------------------------------------------------
@@ -190,9 +190,15 @@ def humaneval_arguments(argv=None) -> argparse.Namespace:
                    and getattr(args, action.dest) != action.default]  # fmt: skip
         if ignored:
             parser.error(f"--canonical runs no model: {', '.join(ignored)} would do nothing")
+    if args.samples > 1 and (args.greedy or 0 <= args.temperature < SAMPLING_TEMPERATURE_FROM or args.top_k == 1):
+        # n identical completions: the pass@k of n > 1 would be a pass@1 that claims more.
+        parser.error(f"-n {args.samples} with greedy decoding (--greedy, --temperature 0 or --top-k 1) gives "
+                     f"{args.samples} identical completions: use -n 1")  # fmt: skip
     if args.problems == []:
         parser.error("--problems names no problem: give ids such as HumanEval/0,HumanEval/5 (or 0,5)")
-    if args.output:
+    if args.output is not None:
+        if not args.output.strip():
+            parser.error("--output is empty: name the file to write the report to")
         # Checked now rather than after an evaluation of many minutes.
         output = Path(args.output)
         if output.is_dir() or not output.parent.is_dir():
@@ -229,6 +235,8 @@ def held_out_arguments(argv=None) -> argparse.Namespace:
     for name, value in (("--prompts", args.prompts), ("--max-new-tokens", args.max_new_tokens)):
         if value < 1:
             parser.error(f"{name} must be at least 1")
+    if not 0 <= args.seed < SEEDS:  # transformers.set_seed refuses others, after the model and prompts are ready
+        parser.error(f"--seed must be 0 to 2**32 - 1, got {args.seed}")
     if args.original_code and args.headers_only:
         parser.error("--original-code and --headers-only are two measures: give one")
     if args.sample and not args.headers_only:

@@ -214,8 +214,6 @@ def evaluate_humaneval(args: argparse.Namespace) -> dict:
         completions = {problem["task_id"]: [problem["canonical_solution"]] for problem in problems}
         model_name, device = "canonical solutions", None
     else:
-        if args.greedy and args.samples != 1:
-            raise CompletionError("--greedy gives the same completion every time: use -n 1 with it")
         settings = Settings(max_new_tokens=args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k,
                             stop_sequences=DEFAULT_STOP_SEQUENCES + tuple(args.stop))  # fmt: skip

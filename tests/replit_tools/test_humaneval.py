@@ -233,10 +233,7 @@ def test_evaluate_py_stopped_by_a_signal_kills_its_programs_and_removes_their_fo
     assert not list(tmp_path.glob("replit-sandbox-*")) and not processes_working_in(tmp_path)
 
 
-def test_the_command_line_rejects_greedy_with_several_samples_and_bad_counts(problems):
-    args = humaneval.parse_arguments(["--greedy", "-n", "5", "--no-progress"])
-    with pytest.raises(CompletionError, match="-n 1"):
-        humaneval.evaluate_humaneval(args)
+def test_the_command_line_rejects_bad_counts(problems):
     with pytest.raises(SystemExit):
         humaneval.parse_arguments(["--workers", "0"])
     assert humaneval.parse_arguments(["--stop", "\\nassert"]).stop == ["\nassert"]
@@ -288,6 +285,12 @@ def test_every_prompt_fits_the_demo_s_context_with_the_default_budget(problems):
         (["humaneval", "--timeout", "nan"], "--timeout: the time limit"),
         (["humaneval", "--memory-mb", "1"], "--memory-mb: the memory limit must be 64 MB or more, got 1"),
         (["humaneval", "--seed", "4294967296"], "--seed must be 0 to 2**32 - 1"),
+        # n identical greedy completions: a pass@10 that is a pass@1.
+        (["humaneval", "--greedy", "-n", "5"], "-n 5 with greedy decoding"),
+        (["humaneval", "--temperature", "0", "-n", "10"], "-n 10 with greedy decoding"),
+        (["humaneval", "--top-k", "1", "-n", "10"], "gives 10 identical completions: use -n 1"),
+        (["humaneval", "--output", ""], "--output is empty"),
+        (["held-out", "--seed", "-1"], "--seed must be 0 to 2**32 - 1"),
         (["humaneval", "--canonical", "-n", "5", "--greedy"],
          "--canonical runs no model: -n, --greedy would do nothing"),
         # Every candidate failed (pass@1 0%, status 0) when the sandbox could not set its limits.
