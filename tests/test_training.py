@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from model_helpers import VOCAB, replit_config
+from model_helpers import VOCAB, model_pair, replit_config
 
 from replit_lm.modeling_replit_lm import TRANSFORMERS_5, ReplitLM
 
@@ -68,6 +68,32 @@ def test_padded_training_batch_gives_the_loss_of_the_unpadded_sequences(padding_
         counted = (given[:, 1:] != -100).sum()
         loss = model(ids, attention_mask=mask, labels=given, num_items_in_batch=counted).loss
         torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_padded_batch_gradients_match_the_reference(padding_side):
+    """Loss and every parameter's gradient against transformers' MptForCausalLM on a padded float32 batch. MPT lets a
+    pad predict the token after it, which ReplitLM never does (see _loss): the labels leave no target to a pad
+    position, so that both models compute the same objective."""
+    model, ref = model_pair("six_heads")
+    model.train(), ref.train()
+    ids = repetitive_batch(3, 12, seed=14)
+    lengths = torch.tensor([12, 7, 3])
+    positions = torch.arange(12)
+    real = positions >= 12 - lengths[:, None] if padding_side == "left" else positions < lengths[:, None]
+    mask = real.long()
+    after_a_token = real & torch.cat([torch.zeros_like(real[:, :1]), real[:, :-1]], dim=1)
+    labels = ids.masked_fill(~after_a_token, -100)
+    losses = []
+    for m in (model, ref):
+        m.zero_grad()
+        loss = m(ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
+    ref_grads = dict(ref.named_parameters())
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, ref_grads[name].grad, atol=1e-4, rtol=1e-3, msg=name)
 
 
 def test_trainer_trains(tmp_path):
