@@ -1,7 +1,10 @@
 """Training and fine-tuning on tiny configs: a plain loop, transformers' Trainer, padded batches, LoRA."""
 
+import re
+
 import pytest
 import torch
+from conftest import ROOT
 from model_helpers import VOCAB, model_pair, replit_config
 
 from replit_lm.modeling_replit_lm import TRANSFORMERS_5, ReplitLM
@@ -259,3 +262,28 @@ def test_position_ids_that_neither_count_up_nor_restart_are_refused():
         model(ids[:1, 4:], past_key_values=cache, position_ids=torch.tensor([[4, 5, 0, 1]]))
     with pytest.raises(ValueError, match="sequence length 65 exceeds max_seq_len=64"):  # held per sequence
         model(torch.randint(3, VOCAB, (1, 69)), position_ids=torch.cat([torch.arange(4), torch.arange(65)])[None])
+
+
+def test_label_smoothing_through_the_loss_of_the_docs(tmp_path):
+    """Trainer shifts the labels for label_smoothing_factor only for the causal LMs it knows by class name: for this
+    model it smoothed a loss on unshifted labels, each position predicting its own token. docs/training.md's loss,
+    passed as compute_loss_func, gives what MptForCausalLM gets from label_smoothing_factor on the same weights."""
+    from transformers import Trainer, TrainingArguments
+
+    section = (ROOT / "docs" / "training.md").read_text().split("## Label smoothing\n", 1)[1]
+    [code] = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
+    namespace = {}
+    exec(code, namespace)
+    model, ref = model_pair("pow2_heads")
+    ids = repetitive_batch(2, 12, seed=15)
+    labels = ids.masked_fill(torch.arange(12) >= 9, -100)
+
+    def trainer_loss(m, **kwargs):
+        args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, **kwargs.pop("args", {}))
+        return Trainer(model=m, args=args, **kwargs).compute_loss(m, {"input_ids": ids, "labels": labels.clone()})
+
+    expected = trainer_loss(ref, args=dict(label_smoothing_factor=0.1))
+    unshifted = trainer_loss(model, args=dict(label_smoothing_factor=0.1))
+    assert (unshifted - expected).abs() > 0.05, "Trainer shifts for this model now: the docs' warning is wrong"
+    got = trainer_loss(model, compute_loss_func=namespace["smoothed_causal_lm_loss"])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
