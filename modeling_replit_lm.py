@@ -761,6 +761,7 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
     ):
         """transformers' causal LM loss (self.loss_function) on the targets of each position."""
         real = None if attention_mask is None else attention_mask[:, -labels.shape[1] :].bool().to(labels.device)
+        given = "labels" if shift_labels is None else "shift_labels"  # where the targets come from, for errors
         counted = labels[:, 1:] if shift_labels is None else shift_labels  # the targets transformers' Trainer counts
         if shift_labels is None:
             shift_labels = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
@@ -784,7 +785,7 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
         outside = (shift_labels != ignore_index) & ((shift_labels < 0) | (shift_labels >= self.config.vocab_size))
         if bool(outside.any()):
             raise ValueError(
-                f"labels contains {shift_labels[outside][0].item()}, outside the vocabulary [0, "
+                f"{given} contains {shift_labels[outside][0].item()}, outside the vocabulary [0, "
                 f"{self.config.vocab_size}) (use {ignore_index} for positions without a target)"
             )
         return self.loss_function(
@@ -845,6 +846,8 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
+            if not isinstance(labels, torch.Tensor):
+                raise TypeError(f"labels must be a torch.Tensor of shape (batch, seq_len), got {type(labels).__name__}")
             if labels.shape != hidden.shape[:2]:
                 raise ValueError(f"labels must have shape {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}")
             if logits.shape[1] != labels.shape[1]:

@@ -287,3 +287,15 @@ def test_label_smoothing_through_the_loss_of_the_docs(tmp_path):
     assert (unshifted - expected).abs() > 0.05, "Trainer shifts for this model now: the docs' warning is wrong"
     got = trainer_loss(model, compute_loss_func=namespace["smoothed_causal_lm_loss"])
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_label_errors_name_the_argument_at_fault():
+    """Labels as a list failed on `.shape` (AttributeError), and a bad id in shift_labels was blamed on labels."""
+    model = tiny_model(seed=16)
+    ids = repetitive_batch(2, 6, seed=17)
+    with pytest.raises(TypeError, match="labels must be a torch.Tensor of shape \\(batch, seq_len\\), got list"):
+        model(ids, labels=ids.tolist())
+    shifted = torch.full_like(ids, -100)
+    shifted[1, 2] = VOCAB
+    with pytest.raises(ValueError, match=f"^shift_labels contains {VOCAB}, outside the vocabulary"):
+        model(ids, labels=ids, shift_labels=shifted)
