@@ -781,7 +781,8 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
             # batch's share, so that the loss stays the mean over real targets: exactly for one batch, and for
             # accumulated ones as far as their padding is alike.
             kept = (shift_labels != ignore_index).sum()
-            num_items_in_batch = num_items_in_batch * kept / (counted != ignore_index).sum().clamp(min=1)
+            # At least 1: a batch left without targets (all its labels on padding) has a loss of 0, not 0 / 0.
+            num_items_in_batch = (num_items_in_batch * kept / (counted != ignore_index).sum().clamp(min=1)).clamp(min=1)
         outside = (shift_labels != ignore_index) & ((shift_labels < 0) | (shift_labels >= self.config.vocab_size))
         if bool(outside.any()):
             raise ValueError(

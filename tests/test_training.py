@@ -99,6 +99,23 @@ def test_padded_batch_gradients_match_the_reference(padding_side):
         torch.testing.assert_close(param.grad, ref_grads[name].grad, atol=1e-4, rtol=1e-3, msg=name)
 
 
+def test_a_micro_batch_without_targets_adds_nothing_to_an_accumulated_loss():
+    """With attention_mask and num_items_in_batch (as Trainer passes them), a micro-batch whose labels all fall on
+    padding or are -100 gave a NaN loss (0 / 0): it has nothing to add, 0, and a zero gradient."""
+    model = tiny_model(seed=18).train()
+    ids = repetitive_batch(2, 8, seed=19)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    first_after_padding = torch.full_like(ids, -100)
+    first_after_padding[0, 3] = ids[0, 3]  # a target only a pad would predict
+    for labels in (torch.full_like(ids, -100), first_after_padding):
+        model.zero_grad()
+        loss = model(ids, attention_mask=mask, labels=labels, num_items_in_batch=torch.tensor(40)).loss
+        loss.backward()
+        assert loss.item() == 0.0
+        assert all(not p.grad.any() for p in model.parameters() if p.grad is not None)
+
+
 def test_trainer_trains(tmp_path):
     from transformers import Trainer, TrainingArguments
 
