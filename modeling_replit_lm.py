@@ -55,6 +55,12 @@ def cache_argument(past_key_values, kwargs: dict):
     return kwargs.pop("cache", past_key_values)
 
 
+def labels_trainer_counts(labels: torch.Tensor) -> torch.Tensor:
+    """The labels whose entries other than -100 transformers' Trainer counts in num_items_in_batch: the targets,
+    labels[:, 1:], in 5.x; 4.x counts the first position's too, which no causal LM predicts."""
+    return labels[:, 1:] if TRANSFORMERS_5 else labels
+
+
 # generate's max_length when nobody set it (5.x: None, 4.x: 20), and the new tokens it then writes (both).
 UNSET_MAX_LENGTH = GenerationConfig().max_length
 DEFAULT_NEW_TOKENS = 20
@@ -762,7 +768,7 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
         """transformers' causal LM loss (self.loss_function) on the targets of each position."""
         real = None if attention_mask is None else attention_mask[:, -labels.shape[1] :].bool().to(labels.device)
         given = "labels" if shift_labels is None else "shift_labels"  # where the targets come from, for errors
-        counted = labels[:, 1:] if shift_labels is None else shift_labels  # the targets transformers' Trainer counts
+        counted = labels_trainer_counts(labels) if shift_labels is None else shift_labels
         if shift_labels is None:
             shift_labels = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
             if real is not None:
@@ -775,11 +781,11 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
             # A padding position predicts nothing: with left padding it would otherwise be asked for the first real
             # token, from a position that saw no token at all.
             shift_labels = shift_labels.masked_fill(~real, ignore_index)
-        if num_items_in_batch is not None and real is not None:
-            # Trainer's num_items_in_batch counts the targets of counted that are not ignore_index; padding took some
-            # of those away here (pad tokens left as labels, the first token after left padding). Scaled by this
-            # batch's share, so that the loss stays the mean over real targets: exactly for one batch, and for
-            # accumulated ones as far as their padding is alike.
+        if num_items_in_batch is not None:
+            # Trainer's num_items_in_batch counts the entries of counted that are not ignore_index; padding took some
+            # of those away here (pad tokens left as labels, the first token after left padding), and 4.x counts
+            # the first position of every row besides. Scaled by this batch's share, so that the loss stays the mean
+            # over real targets: exactly for one batch, and for accumulated ones as far as their padding is alike.
             kept = (shift_labels != ignore_index).sum()
             # At least 1: a batch left without targets (all its labels on padding) has a loss of 0, not 0 / 0.
             num_items_in_batch = (num_items_in_batch * kept / (counted != ignore_index).sum().clamp(min=1)).clamp(min=1)

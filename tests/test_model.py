@@ -13,7 +13,7 @@ from transformers import DynamicCache, StaticCache
 from replit_lm import attention
 from replit_lm.attention import alibi_slopes
 from replit_lm.configuration_replit_lm import ReplitLMConfig
-from replit_lm.modeling_replit_lm import ReplitLM
+from replit_lm.modeling_replit_lm import TRANSFORMERS_5, ReplitLM
 
 ATOL = 1e-4
 
@@ -358,9 +358,10 @@ def test_loss_takes_transformers_loss_arguments():
     other = torch.randint(3, VOCAB, shifted.shape, generator=torch.Generator().manual_seed(0))
     assert not torch.equal(model(ids, attention_mask=mask, labels=labels, shift_labels=other).loss, mean)
     # num_items_in_batch as transformers' Trainer counts it: the targets of labels[:, 1:], here 9 + 6, the first real
-    # token of the left-padded row among them, which a pad position would predict and the model leaves out (9 + 5).
-    counted = (labels[:, 1:] != -100).sum()
-    assert counted == 9 + 6
+    # token of the left-padded row among them, which a pad position would predict and the model leaves out (9 + 5);
+    # transformers 4 counts the first label of the full row too (10 + 6).
+    counted = (labels[:, 1:] if TRANSFORMERS_5 else labels).ne(-100).sum()
+    assert counted == (9 + 6 if TRANSFORMERS_5 else 10 + 6)
     total = model(ids, attention_mask=mask, labels=labels, num_items_in_batch=2 * counted).loss
     torch.testing.assert_close(total, mean / 2)
     # Padding positions predict nothing even where their labels are real ids.
