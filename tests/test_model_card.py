@@ -58,10 +58,13 @@ def test_the_readme_copy_command_takes_every_code_file():
 
 def test_the_lora_recipe_runs_on_the_demo_model(tmp_path):
     """The fine-tuning recipe as written, on the demo model and a small project of this repository's own files:
-    it trains the adapters (LoRA's B matrices start at zero and are not zero after) and saves them."""
+    it trains the adapters (LoRA's B matrices start at zero and are not zero after) and saves them; the merging
+    snippet after it writes a model folder that generate.py completes with."""
     peft = pytest.importorskip("peft")
-    [code] = re.findall(r"```python\n(.*?)```", readme_section("# Training and fine-tuning", "docs/training.md"), flags=re.DOTALL)
-    code = code.replace('MODEL = "replit-code-v1-3b"', f"MODEL = {str(DEMO)!r}")
+    recipe, merging = re.findall(
+        r"```python\n(.*?)```", readme_section("# Training and fine-tuning", "docs/training.md"), flags=re.DOTALL
+    )
+    code = recipe.replace('MODEL = "replit-code-v1-3b"', f"MODEL = {str(DEMO)!r}") + merging
     project = tmp_path / "my_project"
     project.mkdir()
     for path in (ROOT / "replit_tools").glob("*.py"):
@@ -74,6 +77,11 @@ def test_the_lora_recipe_runs_on_the_demo_model(tmp_path):
     lora_b = [p for n, p in tuned.named_parameters() if "lora_B" in n]
     assert len(lora_b) == 4 * base.config.n_layers
     assert all(p.abs().sum() > 0 for p in lora_b)
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "generate.py"), "--model", "lora-merged", "--greedy", "--max-new-tokens", "8",
+         "def add(a, b):"], cwd=tmp_path, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert completed.returncode == 0 and completed.stdout.strip(), completed.stderr[-3000:]
 
 
 def test_the_completion_snippet_runs_from_the_repository_root():
