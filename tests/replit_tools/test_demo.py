@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from conftest import ROOT
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from replit_tools import CODE_FILES, DEMO_MODEL as DEMO
 from replit_tools.completion import Settings
@@ -47,6 +47,24 @@ def test_demo_loads_through_auto_classes_and_generates():
     assert completion.strip(), "the demo model completes a function header with something"
     # Trained on Python: the body of a function is indented.
     assert completion.startswith((" ", "\t")), repr(completion)
+
+
+def test_the_text_generation_pipeline_completes_as_generate_does():
+    model = AutoModelForCausalLM.from_pretrained(DEMO, trust_remote_code=True).eval()
+    # transformers 4.57's pipeline pads on the tokenizer's side, right by default, which garbles the shorter
+    # prompts of a batch (5.x switches to left itself): docs/tokenizer.md says to load it left-padding.
+    tokenizer = AutoTokenizer.from_pretrained(DEMO, trust_remote_code=True, padding_side="left")
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    prompts = ["import os\nimport sys\n", "def add(a, b):"]
+    alone = []
+    for prompt in prompts:
+        x = tokenizer.encode(prompt, return_tensors="pt")
+        y = model.generate(x, max_new_tokens=8, do_sample=False)
+        alone.append(tokenizer.decode(y[0, x.shape[1] :], skip_special_tokens=True))
+    batched = generator(prompts, max_new_tokens=8, do_sample=False, return_full_text=False, batch_size=2)
+    assert [out[0]["generated_text"] for out in batched] == alone
+    full = generator(prompts[0], max_new_tokens=8, do_sample=False)
+    assert full[0]["generated_text"] == prompts[0] + alone[0]
 
 
 def test_demo_evaluation_is_recorded_and_documented():
