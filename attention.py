@@ -57,8 +57,8 @@ class AttentionMask:
         padded prompt in blocks of queries (`attends_in_blocks`), which hide the padding block by block: `additive`
         is then (1, heads, q_len, kv_len), without it, instead of (batch, heads, q_len, kv_len) with it (2.1 GB in
         bfloat16 for 8 prompts of 2048 tokens of the real model).
-    unpacking: for the triton backend where sequences are packed into rows, how each sequence is laid out in a row
-        of its own (see `Unpacking`); None otherwise.
+    unpacking: where sequences are packed into rows (and no attention maps are asked for), how each is laid out in
+        a row of its own for the attention, with that layout's own mask (see `Unpacking`); None otherwise.
     """
 
     q_len: int
@@ -75,43 +75,47 @@ class AttentionMask:
 
 @dataclass
 class Unpacking:
-    """Sequences packed into rows, laid out one per row of `rows` x `length` slots, right-padded: the triton kernel
-    masks one range of keys per row, not one per sequence. tokens (n,): the flat (row * q_len + position) index of
-    every real token, sequence after sequence; slots (n,): where each goes among rows * length; ends (rows,): each
-    sequence's length (its keys are [0, end))."""
+    """Sequences packed into rows, laid out one per row of `rows` x `length` slots for the attention: its cost is
+    then the sum of the sequences' squares, not the square of the row, and the triton kernel, which masks one range
+    of keys per row, takes them. tokens (n,): the flat (row * q_len + position) index of every real token, sequence
+    after sequence; slots (n,): where each goes among rows * length, at its distance from its sequence's first token
+    (padding inside a sequence stays a gap, as in the row); filled (rows, length) bool: the slots that hold a token,
+    the unpacked layout's attention mask; mask: the AttentionMask of that layout, which the model sets."""
 
     tokens: torch.Tensor
     slots: torch.Tensor
-    ends: torch.Tensor
-    rows: int
-    length: int
+    filled: torch.Tensor
+    mask: "AttentionMask | None" = None
 
     @classmethod
     def of(cls, sequences: torch.Tensor, real: torch.Tensor) -> "Unpacking":
-        """sequences, real: (batch, q_len), the sequence of each token (`packed_sequences`) and whether it is not
-        padding (padding belongs to no sequence)."""
+        """sequences, real: (batch, q_len), the sequence of each token (the model's `packed_sequences`) and whether it
+        is not padding (padding belongs to no sequence)."""
         q_len = sequences.shape[1]
         numbered = sequences + torch.arange(len(sequences), device=sequences.device)[:, None] * (q_len + 1)
         tokens = real.reshape(-1).nonzero().view(-1)
-        _, ends = torch.unique_consecutive(numbered.reshape(-1)[tokens], return_counts=True)
-        firsts = ends.cumsum(0) - ends  # each sequence's first token among `tokens`
-        length = int(ends.max())
-        sequence = torch.repeat_interleave(torch.arange(len(ends), device=ends.device), ends)
-        slots = sequence * length + torch.arange(len(tokens), device=ends.device) - firsts[sequence]
-        return cls(tokens, slots, ends, len(ends), length)
+        _, sequence, counts = torch.unique_consecutive(numbered.reshape(-1)[tokens], return_inverse=True,
+                                                       return_counts=True)  # fmt: skip
+        first = tokens[counts.cumsum(0) - counts]  # each sequence's first token
+        offset = tokens - first[sequence]
+        length = int(offset.max()) + 1
+        slots = sequence * length + offset
+        filled = torch.zeros(len(counts) * length, dtype=torch.bool, device=tokens.device).index_fill_(0, slots, True)
+        return cls(tokens, slots, filled.view(len(counts), length))
 
     def unpack(self, t: torch.Tensor) -> torch.Tensor:
-        """(batch, heads, q_len, head_dim) -> (rows, heads, length, head_dim), zeros after each sequence's end."""
+        """(batch, heads, q_len, head_dim) -> (rows, heads, length, head_dim), zeros in the empty slots."""
         batch, heads, q_len, head_dim = t.shape
+        rows, length = self.filled.shape
         flat = t.transpose(1, 2).reshape(batch * q_len, heads, head_dim).index_select(0, self.tokens)
-        laid = flat.new_zeros(self.rows * self.length, heads, head_dim).index_copy(0, self.slots, flat)
-        return laid.view(self.rows, self.length, heads, head_dim).transpose(1, 2)
+        laid = flat.new_zeros(rows * length, heads, head_dim).index_copy(0, self.slots, flat)
+        return laid.view(rows, length, heads, head_dim).transpose(1, 2)
 
     def pack(self, t: torch.Tensor, batch: int, q_len: int) -> torch.Tensor:
         """The inverse of `unpack`, zeros at padding. (rows, heads, length, head_dim) -> (batch, heads, q_len,
         head_dim)"""
-        heads, head_dim = t.shape[1], t.shape[3]
-        flat = t.transpose(1, 2).reshape(self.rows * self.length, heads, head_dim).index_select(0, self.slots)
+        rows, heads, length, head_dim = t.shape
+        flat = t.transpose(1, 2).reshape(rows * length, heads, head_dim).index_select(0, self.slots)
         packed = flat.new_zeros(batch * q_len, heads, head_dim).index_copy(0, self.tokens, flat)
         return packed.view(batch, q_len, heads, head_dim).transpose(1, 2)
 
@@ -248,12 +252,8 @@ def eager_attention(q, k, v, mask: AttentionMask, softmax_scale: float, dropout_
 def triton_attention(q, k, v, mask: AttentionMask, softmax_scale: float, dropout_p: float, output_attentions: bool):
     if output_attentions:
         raise ValueError("output_attentions=True needs attn_impl='torch': the triton kernel never forms the weights")
-    unpacking = mask.unpacking
-    if unpacking is None:
-        return flash_attn_alibi(q, k, v, mask.slopes, mask.kv_start, mask.kv_end, softmax_scale, dropout_p), None
-    q_, k_, v_ = (unpacking.unpack(t) for t in (q, k, v))
-    out = flash_attn_alibi(q_, k_, v_, mask.slopes, None, unpacking.ends, softmax_scale, dropout_p)
-    return unpacking.pack(out, q.shape[0], q.shape[2]), None
+    out = flash_attn_alibi(q, k, v, mask.slopes, mask.kv_start, mask.kv_end, softmax_scale, dropout_p)
+    return out, None
 
 
 def native_decode_attention(q, k, v, mask: AttentionMask, softmax_scale: float, dropout_p: float, output_attentions):

@@ -188,7 +188,13 @@ class ReplitAttention(nn.Module):
             k, v = k[:, :, : mask.kv_len], v[:, :, : mask.kv_len]
         dropout_p = self.config.attn_pdrop if self.training else 0.0
         attend = ATTENTION_BACKENDS[mask.backend]
-        out, weights = attend(q, k, v, mask, self.softmax_scale, dropout_p, output_attentions)
+        unpacking = mask.unpacking
+        if unpacking is None:
+            out, weights = attend(q, k, v, mask, self.softmax_scale, dropout_p, output_attentions)
+        else:  # sequences packed into rows, each attended in a row of its own
+            q, k, v = (unpacking.unpack(t) for t in (q, k, v))
+            out, weights = attend(q, k, v, unpacking.mask, self.softmax_scale, dropout_p, output_attentions)
+            out = unpacking.pack(out, batch, q_len)
         out = out.transpose(1, 2).reshape(batch, q_len, d_model)
         return self.out_proj(out), weights
 
@@ -606,18 +612,26 @@ class ReplitLMModel(ReplitLMPreTrainedModel):
         dropout_p = self.config.attn_pdrop if self.training else 0.0
         if backend == "sdpa" and native_decode_pays(x, self.config.n_heads, output_attentions, dropout_p):
             backend = "native_decode"
+        if sequences is not None and not output_attentions:
+            real = x.new_ones(batch, q_len, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            unpacking = Unpacking.of(sequences.expand(batch, -1), real)
+            length = unpacking.filled.shape[1]
+            filled = None if bool(unpacking.filled.all()) else unpacking.filled
+            unpacking.mask = self._backend_mask(backend, length, length, filled, False, x.dtype)
+            return AttentionMask(q_len=q_len, kv_len=kv_len, slopes=self._slopes, backend=backend, unpacking=unpacking)
+        return self._backend_mask(backend, q_len, kv_len, attention_mask, output_attentions, x.dtype, sequences)
+
+    def _backend_mask(self, backend, q_len, kv_len, attention_mask, output_attentions, dtype, sequences=None):
+        """The AttentionMask of `backend` for q_len queries over kv_len keys; `sequences`: see `additive_bias`."""
         mask = AttentionMask(q_len=q_len, kv_len=kv_len, slopes=self._slopes, backend=backend)
         if backend == "triton":
-            if attention_mask is not None:  # also where unpacking: it raises where a row has padding inside
+            if attention_mask is not None:
                 mask.kv_start, mask.kv_end = key_ranges(attention_mask)
-            if sequences is not None:
-                real = x.new_ones(batch, q_len, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-                mask.unpacking = Unpacking.of(sequences.expand(batch, -1), real)
         else:
-            dtype = torch.float32 if backend == "native_decode" else x.dtype  # the kernel adds in float32
-            blocks = backend == "sdpa" and not output_attentions and attends_in_blocks(q_len, x.device)
-            if blocks and attention_mask is not None and sequences is None:  # the blocks hide the padding themselves
-                mask.padding = ~attention_mask.bool()[:, None, None, :]  # (AttentionMask.padding)
+            dtype = torch.float32 if backend == "native_decode" else dtype  # the kernel adds in float32
+            blocks = backend == "sdpa" and not output_attentions and attends_in_blocks(q_len, self._slopes.device)
+            if blocks and attention_mask is not None:  # the blocks hide the padding themselves (AttentionMask.padding)
+                mask.padding = ~attention_mask.bool()[:, None, None, :]
                 attention_mask = None
             mask.additive = additive_bias(mask, attention_mask, dtype, self._alibi, sequences)
         return mask

@@ -269,6 +269,13 @@ def test_sequences_packed_into_one_row_are_each_their_own(lengths, attention):
     alone = torch.cat([model(s[None]).logits for s in sequences], dim=1)
     out = model(**packed)
     torch.testing.assert_close(out.logits, alone, atol=1e-5, rtol=1e-5)
+    if attention == "eager":  # the maps over the row (a block-diagonal mask then): nothing across sequences
+        maps = model(**packed, output_attentions=True)
+        torch.testing.assert_close(maps.logits, alone, atol=1e-5, rtol=1e-5)
+        starts = torch.tensor([0, *lengths]).cumsum(0)
+        for weights in maps.attentions:  # (1, heads, row, row)
+            for first, end in zip(starts[:-1], starts[1:]):
+                assert weights[0, :, first:end, :first].abs().sum() == 0
     padded = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True, padding_value=0)
     mask = torch.nn.utils.rnn.pad_sequence([torch.ones(n, dtype=torch.long) for n in lengths], batch_first=True)
     labels = padded.masked_fill(mask == 0, -100)
@@ -289,6 +296,13 @@ def test_packed_rows_in_a_padded_batch():
     torch.testing.assert_close(out[0], torch.cat([model(a[None]).logits[0], model(b[None]).logits[0]]), atol=1e-5,
                                rtol=1e-5)  # fmt: skip
     torch.testing.assert_close(out[1, 2:], model(c[None]).logits[0], atol=1e-5, rtol=1e-5)
+    # A pad inside a sequence too: each sequence in a row of its own (the default) and the block-diagonal mask over
+    # the whole row (taken for attention maps) agree, the gap kept as in the row.
+    mask[0, 6] = 0
+    unpacked = model(ids, attention_mask=mask, position_ids=positions).logits
+    model.set_attn_implementation("eager")
+    over_the_row = model(ids, attention_mask=mask, position_ids=positions, output_attentions=True).logits
+    torch.testing.assert_close(unpacked[mask.bool()], over_the_row[mask.bool()], atol=1e-5, rtol=1e-5)
 
 
 def test_position_ids_that_neither_count_up_nor_restart_are_refused():
