@@ -418,15 +418,17 @@ def native_kernels() -> ctypes.CDLL | None:
 
 
 def _load_cached_native(directory: Path, name: str, compiler: str, flags) -> ctypes.CDLL | None:
-    """The library `name` kept in `directory`, built there first if missing, or rebuilt where the one there does not
-    load or lacks a kernel (a file left by another version, or damaged); None where `directory` or the file could be
-    written by anyone but this user (they would choose the code run here) or where nothing could be built."""
+    """The library `name` kept in `directory` (a folder under the home folder), built there first if missing, or
+    rebuilt where the one there does not load or lacks a kernel (a file left by another version, or damaged); None
+    where the file, `directory` or a folder between it and the home folder could be written by anyone but this user
+    (they would choose the code run here), or where nothing could be built."""
     library = directory / name
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError:
         return None
-    if not _ours_alone(directory):
+    between = [directory, *directory.parents[: len(directory.relative_to(Path.home()).parts) - 1]]
+    if not all(map(_ours_alone, between)):
         return None
     if library.exists():
         loaded = _load_native(library)

@@ -321,18 +321,19 @@ __attribute__((constructor)) static void ran(void) { FILE *f = fopen(MARKER, "w"
 
 @pytest.mark.skipif(quantization.native_kernels() is None, reason="needs the native kernels (a C compiler)")
 def test_the_native_library_is_loaded_only_from_a_folder_no_one_else_can_write(monkeypatch, tmp_path):
-    """Whoever can write the library's folder chooses the code this process runs: a library planted in a folder
-    others may write to (the kernels' name is computable) is never loaded; the kernels are then built in a private
+    """Whoever can write the library's folder, or one above it, chooses the code this process runs: a library
+    planted where others may write (the kernels' name is computable) is never loaded; the kernels are then built in a private
     folder, removed after loading. In a folder of the user's alone, a file that is not our library (another
     version's, or damaged: a kernel missing) is rebuilt, not a crash."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
-    (name,) = {Path(library._name).name for library in (quantization.native_kernels(),)}
+    name = Path(quantization.native_kernels()._name).name
     try:
-        for shared in (True, False):
+        for shared in ("kernels", ".cache", None):  # the folder others may write to: the library's, or one above
             # A home of its own each time: the process keeps a loaded library's path, and would not load it again.
-            monkeypatch.setenv("HOME", str(tmp_path / f"home-{shared}"))
-            folder = tmp_path / f"home-{shared}" / ".cache" / "replit_lm" / "kernels"
+            home = tmp_path / f"home-{shared}"
+            monkeypatch.setenv("HOME", str(home))
+            folder = home / ".cache" / "replit_lm" / "kernels"
             folder.mkdir(parents=True)
             marker = tmp_path / f"ran-{shared}"
             source = tmp_path / "foreign.c"
@@ -340,11 +341,12 @@ def test_the_native_library_is_loaded_only_from_a_folder_no_one_else_can_write(m
             compiled = subprocess.run([os.environ.get("CC", "cc"), f'-DMARKER="{marker}"', "-shared", "-fPIC",
                                        str(source), "-o", str(folder / name)], capture_output=True)
             assert compiled.returncode == 0, compiled.stderr
-            folder.chmod(0o777 if shared else 0o700)
+            if shared:
+                (folder if shared == "kernels" else home / ".cache").chmod(0o777)
             quantization.native_kernels.cache_clear()
             kernels = quantization.native_kernels()
             assert kernels is not None and kernels.int8_vectors_available() in (0, 1)
-            assert marker.exists() != shared  # in the user's own folder the file is theirs to load
+            assert marker.exists() == (shared is None)  # in the user's own folder the file is theirs to load
             assert not list((tmp_path / "tmp").iterdir())  # the private build folder is gone
     finally:
         quantization.native_kernels.cache_clear()
