@@ -17,6 +17,8 @@ from completion_helpers import run_script
         ("bench_tokenizer.py", ["--repeat", "0"], "argument --repeat: must be at least 1"),
         ("bench_server.py", ["--clients", "0"], "argument --clients: must be at least 1"),
         ("bench_server.py", ["--repeats", "x"], "argument --repeats: invalid whole_number value: 'x'"),
+        ("bench_packed_training.py", ["--shortest", "600"], "--shortest 600 is longer than --longest 512"),
+        ("bench_packed_training.py", ["--heads", "3"], "--d-model 256 is not a multiple of --heads 3"),
         ("check_tokenizer_ids.py", ["--files", "0"], "argument --files: must be at least 1"),
         ("check_tokenizer_ids.py", ["--reference-python", "/nonexistent/python"], "no such program"),
     ],
