@@ -777,7 +777,15 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
         self.lm_head = new_embeddings
 
     def _loss(
-        self, logits, labels, attention_mask, shift_labels=None, num_items_in_batch=None, ignore_index=-100, **kwargs
+        self,
+        logits,
+        labels,
+        attention_mask,
+        shift_labels=None,
+        num_items_in_batch=None,
+        ignore_index=-100,
+        position_ids=None,
+        **kwargs,
     ):
         """transformers' causal LM loss (self.loss_function) on the targets of each position."""
         real = None if attention_mask is None else attention_mask[:, -labels.shape[1] :].bool().to(labels.device)
@@ -789,6 +797,12 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
                 # A padding token is never a target: with right padding and labels=input_ids, the last real token
                 # would otherwise be trained to predict a pad.
                 shift_labels = shift_labels.masked_fill(~F.pad(real[:, 1:], (0, 1), value=True), ignore_index)
+            sequences = packed_sequences(position_ids, attention_mask)
+            if sequences is not None:
+                # Packed rows: a sequence's last token does not predict the next sequence's first (the collator
+                # labels that one -100; packing by hand may not).
+                ends = F.pad(sequences[:, 1:] != sequences[:, :-1], (0, 1), value=False)
+                shift_labels = shift_labels.masked_fill(ends.to(shift_labels.device), ignore_index)
         elif shift_labels.shape != labels.shape:
             raise ValueError(f"shift_labels must have the shape of labels {tuple(labels.shape)}")
         if real is not None:

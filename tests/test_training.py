@@ -281,6 +281,9 @@ def test_sequences_packed_into_one_row_are_each_their_own(lengths, attention):
     labels = padded.masked_fill(mask == 0, -100)
     expected = model(padded, attention_mask=mask, labels=labels).loss
     torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
+    # Packed by hand, labels=input_ids: no -100 at the sequences' first tokens, and still no target across them.
+    unlabelled = {"input_ids": packed["input_ids"], "position_ids": packed["position_ids"]}
+    torch.testing.assert_close(model(**unlabelled, labels=packed["input_ids"]).loss, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_packed_rows_in_a_padded_batch():
