@@ -39,7 +39,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 PASSED = "passed"
@@ -330,6 +331,17 @@ def check(limits: Limits = Limits()):
         raise SandboxError(f"the sandbox cannot run even an empty program here: {outcome.result}")
 
 
+def _result(future: Future) -> Outcome:
+    """future.result(), the wait woken every 0.1 s: the kernel may give a SIGTERM to a worker thread, whose Python
+    handler then runs only once the main thread runs again, and a wait without a time limit kept it blocked until
+    the program's time limit (60 s and more), so that evaluate.py did not stop."""
+    while True:
+        try:
+            return future.result(timeout=0.1)
+        except FutureTimeout:
+            pass
+
+
 def run_programs(programs: list[str], limits: Limits = Limits(), workers: int = 1, progress=None) -> list[Outcome]:
     """`run_program` for each program, `workers` at a time, in order. The pool's threads only start and wait for
     the programs' processes: each program runs in a process of its own. `progress`: a tqdm bar to advance."""
@@ -341,11 +353,17 @@ def run_programs(programs: list[str], limits: Limits = Limits(), workers: int = 
         return outcome
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = [pool.submit(run, program) for program in programs]
         try:
-            return list(pool.map(run, programs))
+            return [_result(future) for future in futures]
         except BaseException:
-            # Ctrl+C or a SIGTERM turned into one: the running programs end now, not at their time limit, and the
-            # workers then remove their directories before the pool lets the exception through.
-            for process in list(RUNNING):
-                _kill_group(process)
+            # Ctrl+C or a SIGTERM turned into one: the programs not started are dropped and the running ones end
+            # now, not at their time limit, a program that a worker was just starting included (killed again until
+            # every worker is done); the workers remove their directories before the exception goes on.
+            for future in futures:
+                future.cancel()
+            while not all(future.done() for future in futures):
+                for process in list(RUNNING):
+                    _kill_group(process)
+                time.sleep(0.02)
             raise
