@@ -487,7 +487,9 @@ def test_a_stream_that_had_begun_when_its_batch_failed_ends_with_an_error(faulty
     run = {"stream": stream, "late": lambda url: call(url, late), "plain": lambda url: call(url, plain)}
     with concurrent.futures.ThreadPoolExecutor(len(run) + 1) as pool:
         answers, batches = behind_a_slow_request(base_url, pool, run)
-    assert batches == 1 + 1 + 2  # the stream is not run again
+    # The slow one, the shared one, LATE alone, and the plain request alone unless it had finished in the shared
+    # batch before LATE broke it (its 8 tokens against the stream's first text: once in a CI run); never the stream.
+    assert batches in (1 + 1 + 1, 1 + 1 + 2)
     text, error = answers["stream"]
     assert error == "generation failed in a batch shared with other requests after this stream had begun: retry"
     assert text and greedy(DEMO, [PROMPT], max_new_tokens=24)[0].startswith(text)  # what it sent, once
