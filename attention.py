@@ -73,6 +73,13 @@ class AttentionMask:
     unpacking: "Unpacking | None" = None
 
 
+def numbered_apart(sequences: torch.Tensor) -> torch.Tensor:
+    """(batch, n) per-row sequence numbers (the model's `packed_sequences`) made distinct across rows, so that in
+    the flattened tensor each run of one number is one sequence."""
+    rows = torch.arange(len(sequences), device=sequences.device)[:, None]
+    return sequences + rows * (sequences.shape[1] + 1)
+
+
 @dataclass
 class Unpacking:
     """Sequences packed into rows, laid out one per row of `rows` x `length` slots for the attention: its cost is
@@ -91,11 +98,9 @@ class Unpacking:
     def of(cls, sequences: torch.Tensor, real: torch.Tensor) -> "Unpacking":
         """sequences, real: (batch, q_len), the sequence of each token (the model's `packed_sequences`) and whether it
         is not padding (padding belongs to no sequence)."""
-        q_len = sequences.shape[1]
-        numbered = sequences + torch.arange(len(sequences), device=sequences.device)[:, None] * (q_len + 1)
         tokens = real.reshape(-1).nonzero().view(-1)
-        _, sequence, counts = torch.unique_consecutive(numbered.reshape(-1)[tokens], return_inverse=True,
-                                                       return_counts=True)  # fmt: skip
+        numbers = numbered_apart(sequences).reshape(-1)[tokens]
+        _, sequence, counts = torch.unique_consecutive(numbers, return_inverse=True, return_counts=True)
         first = tokens[counts.cumsum(0) - counts]  # each sequence's first token
         offset = tokens - first[sequence]
         length = int(offset.max()) + 1

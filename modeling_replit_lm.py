@@ -30,6 +30,7 @@ from .attention import (
     attention_backend,
     key_ranges,
     native_decode_pays,
+    numbered_apart,
 )
 from .configuration_replit_lm import ReplitLMConfig
 from .quantization import QuantizedLinear, RoutedLinear, quantize_linear_layers, refuse_moving_quantized
@@ -596,9 +597,8 @@ class ReplitLMModel(ReplitLMPreTrainedModel):
             )
         # A row may pack more tokens than max_seq_len; each of its sequences is held to it.
         longest = kv_len
-        if sequences is not None:  # numbered apart row by row, so that no two rows' sequences run together
-            numbered = sequences + torch.arange(len(sequences), device=sequences.device)[:, None] * (kv_len + 1)
-            longest = int(torch.unique_consecutive(numbered, return_counts=True)[1].max())
+        if sequences is not None:
+            longest = int(torch.unique_consecutive(numbered_apart(sequences), return_counts=True)[1].max())
         if longest > self.config.max_seq_len:
             raise ValueError(
                 f"sequence length {longest} exceeds max_seq_len={self.config.max_seq_len}; pass max_seq_len=... to "
