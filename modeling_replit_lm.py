@@ -30,7 +30,6 @@ from .attention import (
     attention_backend,
     key_ranges,
     native_decode_pays,
-    numbered_apart,
 )
 from .configuration_replit_lm import ReplitLMConfig
 from .quantization import QuantizedLinear, RoutedLinear, quantize_linear_layers, refuse_moving_quantized
@@ -596,9 +595,13 @@ class ReplitLMModel(ReplitLMPreTrainedModel):
                 "whole sequences at once; continue each sequence in a row of its own"
             )
         # A row may pack more tokens than max_seq_len; each of its sequences is held to it.
-        longest = kv_len
+        longest, unpacking = kv_len, None
         if sequences is not None:
-            longest = int(torch.unique_consecutive(numbered_apart(sequences), return_counts=True)[1].max())
+            # Measured on the real tokens: padding after a row's last sequence (or before its first) carries on its
+            # sequence number without belonging to it, and counting it refused rows whose sequences all fit.
+            real = x.new_ones(batch, q_len, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            unpacking = Unpacking.of(sequences.expand(batch, -1), real)
+            longest = unpacking.filled.shape[1]
         if longest > self.config.max_seq_len:
             raise ValueError(
                 f"sequence length {longest} exceeds max_seq_len={self.config.max_seq_len}; pass max_seq_len=... to "
@@ -612,9 +615,7 @@ class ReplitLMModel(ReplitLMPreTrainedModel):
         dropout_p = self.config.attn_pdrop if self.training else 0.0
         if backend == "sdpa" and native_decode_pays(x, self.config.n_heads, output_attentions, dropout_p):
             backend = "native_decode"
-        if sequences is not None and not output_attentions:
-            real = x.new_ones(batch, q_len, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-            unpacking = Unpacking.of(sequences.expand(batch, -1), real)
+        if unpacking is not None and not output_attentions:
             length = unpacking.filled.shape[1]
             filled = None if bool(unpacking.filled.all()) else unpacking.filled
             unpacking.mask = self._backend_mask(backend, length, length, filled, False, x.dtype)

@@ -308,6 +308,33 @@ def test_packed_rows_in_a_padded_batch():
     torch.testing.assert_close(unpacked[mask.bool()], over_the_row[mask.bool()], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("output_attentions", [False, True])
+def test_padding_beside_packed_rows_does_not_count_toward_max_seq_len(padding_side, output_attentions):
+    """Padding carries on the number of the sequence it follows (or precedes): it was counted in that sequence's
+    length, and a batch whose packed sequences all fit in max_seq_len (8 here) was refused ("sequence length 9").
+    Every real token's logits are MptForCausalLM's for its sequence alone (float32, 1e-4 absolute)."""
+    model, ref = model_pair("six_heads", max_seq_len=8)
+    model.set_attn_implementation("eager")  # output_attentions: the block-diagonal mask over the row
+    # Per row, padded to 13 tokens (3 and 0 of them padding): the sequence beside the padding is 6 long, 9 with it.
+    lengths = [(4, 6), (5, 8)] if padding_side == "right" else [(6, 4), (8, 5)]
+    generator = torch.Generator().manual_seed(int(torch.randint(1000, ())))
+    ids = torch.randint(3, VOCAB, (2, 13), generator=generator)
+    mask = torch.zeros(2, 13, dtype=torch.long)
+    positions = torch.ones(2, 13, dtype=torch.long)  # as transformers writes them at padding
+    for row, row_lengths in enumerate(lengths):
+        start = 13 - sum(row_lengths) if padding_side == "left" else 0
+        mask[row, start : start + sum(row_lengths)] = 1
+        positions[row, start : start + sum(row_lengths)] = torch.cat([torch.arange(n) for n in row_lengths])
+    out = model(ids, attention_mask=mask, position_ids=positions, output_attentions=output_attentions).logits
+    for row, row_lengths in enumerate(lengths):
+        first = 13 - sum(row_lengths) if padding_side == "left" else 0
+        for n in row_lengths:
+            alone = ref(ids[row : row + 1, first : first + n]).logits[0]
+            torch.testing.assert_close(out[row, first : first + n], alone, atol=1e-4, rtol=0)
+            first += n
+
+
 def test_position_ids_that_neither_count_up_nor_restart_are_refused():
     model = tiny_model(seed=12).eval()
     ids = repetitive_batch(2, 12, seed=13)[:, :8]
