@@ -106,7 +106,11 @@ def packed_sequences(position_ids: torch.Tensor | None, attention_mask: torch.Te
     if attention_mask is not None:  # padding positions may hold anything (transformers writes 1 there)
         real = attention_mask[:, -new_tokens:].bool()
         both_real = real[:, 1:] & real[:, :-1]
-        skips, restarts = skips & both_real, restarts & both_real
+        # A real token at position 0 after an earlier real token of its row begins a sequence also where padding
+        # separates the two: read only between adjacent real tokens, the restart was missed and the sequence was
+        # attended as the continuation of the one before.
+        after_real = real.cummax(dim=1).values[:, :-1]
+        skips, restarts = skips & both_real, restarts & real[:, 1:] & after_real
         positions = positions.expand(len(real), -1)
     if bool(skips.any()):
         row, step = skips.nonzero()[0].tolist()

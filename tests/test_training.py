@@ -335,6 +335,29 @@ def test_padding_beside_packed_rows_does_not_count_toward_max_seq_len(padding_si
             first += n
 
 
+@pytest.mark.parametrize("output_attentions", [False, True])
+def test_a_pad_between_two_packed_sequences_does_not_join_them(output_attentions):
+    """A sequence whose first token (position 0) follows padding, not the last token of the sequence before: it
+    begins a sequence of its own. Its restart was looked for between adjacent real tokens only, so it was missed and
+    the sequence attended to the one before it (logits off by about 6 on this model). Logits against
+    MptForCausalLM on each sequence alone (float32, 1e-4 absolute), the loss against the mean of their losses."""
+    model, ref = model_pair("six_heads")
+    model.set_attn_implementation("eager")  # output_attentions: the block-diagonal mask over the row
+    generator = torch.Generator().manual_seed(int(torch.randint(1000, ())))
+    ids = torch.randint(3, VOCAB, (2, 9), generator=generator)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 1, 1, 1, 1], [1] * 9])
+    positions = torch.tensor([[0, 1, 2, 1, 1, 0, 1, 2, 3], list(range(9))])  # transformers writes 1 at padding
+    out = model(ids, attention_mask=mask, position_ids=positions, labels=ids, output_attentions=output_attentions)
+    pieces = [(0, slice(0, 3)), (0, slice(5, 9)), (1, slice(0, 9))]
+    losses, targets = [], []
+    for row, span in pieces:
+        alone = ref(ids[row : row + 1, span], labels=ids[row : row + 1, span])
+        torch.testing.assert_close(out.logits[row, span], alone.logits[0], atol=1e-4, rtol=0)
+        losses.append(alone.loss * (span.stop - span.start - 1))
+        targets.append(span.stop - span.start - 1)
+    torch.testing.assert_close(out.loss, sum(losses) / sum(targets), atol=1e-5, rtol=1e-5)
+
+
 def test_position_ids_that_neither_count_up_nor_restart_are_refused():
     model = tiny_model(seed=12).eval()
     ids = repetitive_batch(2, 12, seed=13)[:, :8]
