@@ -726,12 +726,17 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
                 raise ValueError(f"row {int(empty[0])} of {source} is all padding: no prompt to continue")
 
     def _check_generation_length(self, prompt, kwargs, config):
-        if not isinstance(prompt, torch.Tensor) or prompt.dim() < 2:
-            return None
         # As transformers resolves them: an argument overrides the generation config's field, and max_new_tokens
         # from either one overrides max_length.
         max_new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
         max_length = kwargs.get("max_length", None if config.max_length == UNSET_MAX_LENGTH else config.max_length)
+        for name, value in (("max_new_tokens", max_new_tokens), ("max_length", max_length)):
+            # transformers sizes the static cache with them: 2.5 failed deep in torch.zeros, and transformers 5 keeps
+            # that size on the model for the next calls, so that every later generate failed the same way.
+            if value is not None and (isinstance(value, bool) or not hasattr(value, "__index__")):
+                raise ValueError(f"{name} must be a whole number of tokens, got {value!r}")
+        if not isinstance(prompt, torch.Tensor) or prompt.dim() < 2:
+            return None
         if max_new_tokens is not None:
             total, asked = prompt.shape[1] + max_new_tokens, f"max_new_tokens={max_new_tokens}"
         elif max_length is not None:

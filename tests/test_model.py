@@ -583,6 +583,18 @@ def test_generate_checks_the_length_and_the_mask_before_starting():
     assert model.generate(ids[:, :10], do_sample=False, eos_token_id=None).shape == (1, 30)
 
 
+@pytest.mark.parametrize("asked", [dict(max_new_tokens=2.5), dict(max_new_tokens="5"), dict(max_length=8.0)])
+def test_generate_refuses_token_counts_that_are_not_whole_numbers(asked):
+    """They size the static cache: 2.5 failed deep in torch.zeros, and on transformers 5 every later generate of
+    the same model failed the same way (the size is kept on the model)."""
+    model, _ = model_pair("pow2_heads")
+    ids = random_ids(1, 6, seed=35)
+    name, value = next(iter(asked.items()))
+    with pytest.raises(ValueError, match=f"{name} must be a whole number of tokens, got {value!r}"):
+        model.generate(ids, **asked)
+    assert model.generate(ids, max_new_tokens=2, do_sample=False).shape == (1, 8)
+
+
 def test_long_sequences_with_a_raised_max_seq_len():
     """ALiBi extrapolates: the same weights run past the trained length once max_seq_len is raised."""
     model, _ = model_pair("pow2_heads")
