@@ -592,6 +592,16 @@ class ReplitLMModel(ReplitLMPreTrainedModel):
                 all_real = low == 1
             if all_real:
                 attention_mask = None
+        if position_ids is not None:
+            # Positions of other tokens than these would mark other tokens as the starts of packed sequences: an
+            # IndexError deep in the unpacking, or sequences silently cut elsewhere; a list was silently ignored.
+            if not isinstance(position_ids, torch.Tensor):
+                raise TypeError(f"position_ids must be a torch.Tensor, got {type(position_ids).__name__}")
+            shape = tuple(position_ids.shape)
+            if len(shape) not in (1, 2) or shape[-1] != q_len or (len(shape) == 2 and shape[0] not in (1, batch)):
+                raise ValueError(
+                    f"position_ids must have shape (batch, new tokens) = {(batch, q_len)} or (1, {q_len}), got {shape}"
+                )
         sequences = packed_sequences(position_ids, attention_mask)
         if sequences is not None and past_len:
             raise ValueError(

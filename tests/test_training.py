@@ -370,6 +370,23 @@ def test_position_ids_that_neither_count_up_nor_restart_are_refused():
         model(torch.randint(3, VOCAB, (1, 69)), position_ids=torch.cat([torch.arange(4), torch.arange(65)])[None])
 
 
+def test_position_ids_of_other_tokens_are_refused():
+    """Positions are read to find packed sequences: a restart in positions of another length failed with an
+    IndexError deep in the unpacking (or, longer, cut the sequences elsewhere, silently), another batch in a
+    broadcast, and a list was silently ignored."""
+    model = tiny_model(seed=12).eval()
+    ids = repetitive_batch(2, 12, seed=13)[:, :6]
+    for positions in ([[0, 1, 0, 1]], [[0, 1, 2, 0, 1, 2, 3, 4]], [[0, 1, 2, 0, 1, 2]] * 3, [[[0, 1, 2, 0, 1, 2]]]):
+        shape = tuple(torch.tensor(positions).shape)
+        with pytest.raises(ValueError, match=re.escape(f"position_ids must have shape (batch, new tokens) = (2, 6) "
+                                                       f"or (1, 6), got {shape}")):  # fmt: skip
+            model(ids, position_ids=torch.tensor(positions), labels=ids)
+    with pytest.raises(TypeError, match="position_ids must be a torch.Tensor, got list"):
+        model(ids, position_ids=[[0, 1, 2, 0, 1, 2]])
+    one_row, per_row = torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor([[0, 1, 2, 0, 1, 2]] * 2)
+    torch.testing.assert_close(model(ids, position_ids=one_row).logits, model(ids, position_ids=per_row).logits)
+
+
 def test_label_smoothing_through_the_loss_of_the_docs(tmp_path):
     """Trainer shifts the labels for label_smoothing_factor only for the causal LMs it knows by class name: for this
     model it smoothed a loss on unshifted labels, each position predicting its own token. docs/training.md's loss,
