@@ -437,6 +437,16 @@ def float_ids_to_long(input_ids: torch.Tensor) -> torch.LongTensor:
     return input_ids.long()
 
 
+def check_token_labels(labels, name: str, shape: torch.Size):
+    """A TypeError or ValueError naming `name` (labels or shift_labels) unless it is a tensor of integer token ids of
+    `shape`: cross_entropy would fail on other types or shapes, and .long() would silently round fractions."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (batch, seq_len), got {type(labels).__name__}")
+    if labels.shape != shape:
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"{name} must be token ids (an integer tensor), got {labels.dtype}")
+
 def neither_zero_nor_one(mask: torch.Tensor) -> torch.Tensor:
     return (mask != 0) & (mask != 1)
 
@@ -823,8 +833,8 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
                 # labels that one -100; packing by hand may not).
                 ends = F.pad(sequences[:, 1:] != sequences[:, :-1], (0, 1), value=False)
                 shift_labels = shift_labels.masked_fill(ends.to(shift_labels.device), ignore_index)
-        elif shift_labels.shape != labels.shape:
-            raise ValueError(f"shift_labels must have the shape of labels {tuple(labels.shape)}")
+        else:
+            check_token_labels(shift_labels, "shift_labels", labels.shape)
         if real is not None:
             # A padding position predicts nothing: with left padding it would otherwise be asked for the first real
             # token, from a position that saw no token at all.
@@ -901,14 +911,9 @@ class ReplitLM(ReplitLMPreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
-            if not isinstance(labels, torch.Tensor):
-                raise TypeError(f"labels must be a torch.Tensor of shape (batch, seq_len), got {type(labels).__name__}")
-            if labels.shape != hidden.shape[:2]:
-                raise ValueError(f"labels must have shape {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}")
+            check_token_labels(labels, "labels", hidden.shape[:2])
             if logits.shape[1] != labels.shape[1]:
                 raise ValueError("labels need the logits of every position: do not combine them with logits_to_keep")
-            if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-                raise ValueError(f"labels must be token ids (an integer tensor), got {labels.dtype}")
             loss = self._loss(logits, labels.long(), attention_mask, **kwargs)  # cross_entropy takes int64 targets
 
         cache = getattr(outputs, CACHE_FIELD)

@@ -422,3 +422,12 @@ def test_label_errors_name_the_argument_at_fault():
     shifted[1, 2] = VOCAB
     with pytest.raises(ValueError, match=f"^shift_labels contains {VOCAB}, outside the vocabulary"):
         model(ids, labels=ids, shift_labels=shifted)
+    # shift_labels are held to what labels are: fractions were silently rounded down, a list failed on .shape.
+    with pytest.raises(ValueError, match="^shift_labels must be token ids \\(an integer tensor\\), got torch.float32"):
+        model(ids, labels=ids, shift_labels=torch.full(ids.shape, 2.5))
+    with pytest.raises(ValueError, match="^shift_labels must be token ids .* got torch.bool"):
+        model(ids, labels=ids, shift_labels=ids > 50)
+    with pytest.raises(TypeError, match="^shift_labels must be a torch.Tensor of shape \\(batch, seq_len\\), got list"):
+        model(ids, labels=ids, shift_labels=ids.tolist())
+    with pytest.raises(ValueError, match=r"^shift_labels must have shape \(2, 6\), got \(2, 5\)"):
+        model(ids, labels=ids, shift_labels=ids[:, 1:])
