@@ -101,6 +101,8 @@ def server_arguments(argv=None) -> argparse.Namespace:
         help="uvicorn's log on standard error (info: one line per request)",
     )
     args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:  # socket.bind raises OverflowError, which is no OSError: a traceback
+        parser.error(f"--port must be 0 to 65535 (0: any free port), got {args.port}")
     for name in ("max_batch_size", "max_queued", "max_body_bytes", "read_timeout", "timeout_keep_alive", "backlog"):
         if not 0 < getattr(args, name) < math.inf:  # NaN too
             parser.error(f"--{name.replace('_', '-')} must be positive")

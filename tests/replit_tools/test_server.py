@@ -745,6 +745,15 @@ def test_a_read_timeout_that_is_no_positive_number_is_refused(value, capsys):
     assert exit.value.code == 2 and "--read-timeout must be positive" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("port", ["-1", "65536"])
+def test_a_port_out_of_range_is_refused(port):
+    """socket.bind raises OverflowError for it, which is no OSError: serve.py ended in a traceback."""
+    done = subprocess.run([sys.executable, str(ROOT / "serve.py"), "--port", port], capture_output=True, text=True,
+                          timeout=60, env=SCRIPT_ENV)  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"error: --port must be 0 to 65535 (0: any free port), got {port}" in done.stderr
+
+
 def test_a_port_in_use_is_told_before_the_model_loads():
     """The port is bound first: a user learns it is taken at once, not after loading the model (here the model
     folder does not even exist)."""
