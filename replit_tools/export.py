@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .loading import load_model, model_source, quiet_libraries
+from .loading import load_model_and_tokenizer, model_source, quiet_libraries
 from .mpt_reference import mpt_config
 from .commands import export_arguments
 from .options import CompletionError, one_line
@@ -68,8 +68,7 @@ def load(model: str | Path, dtype: torch.dtype):
     try:
         # The weights as they are: a weight_quantization in config.json would replace the Linear weights by codes,
         # which no export format here holds.
-        loaded = load_model(source, dtype=dtype, weight_quantization=None)
-        tokenizer = ReplitLMTokenizer.from_pretrained(source)
+        loaded, tokenizer = load_model_and_tokenizer(source, dtype=dtype, weight_quantization=None)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, CompletionError) as error:
         raise ExportError(f"cannot load {model} as a replit-code-v1-3b model: {one_line(error)}") from error
     config = loaded.config
@@ -80,8 +79,6 @@ def load(model: str | Path, dtype: torch.dtype):
         raise ExportError(f"{model}: its output layer is its own (tie_word_embeddings: false); MPT's is the embedding")
     if config.logit_scale is not None:
         raise ExportError(f"{model}: logit_scale {config.logit_scale!r} has no place in MPT's format; it must be null")
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ExportError(f"{model}: the vocabulary ({tokenizer.vocab_size}) exceeds the model's ({config.vocab_size})")
     return loaded.eval(), tokenizer
 
 

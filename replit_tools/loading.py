@@ -101,6 +101,20 @@ def load_model(source: Path | str, dtype: torch.dtype | None = None, **config_fi
     return model
 
 
+def load_model_and_tokenizer(source: Path | str, dtype: torch.dtype | None = None, **config_fields):
+    """(`load_model`'s model, the folder's ReplitLMTokenizer); a CompletionError where the tokenizer has more tokens
+    than the model: another model's spiece.model, whose ids past the vocabulary failed inside the model and whose
+    others were other tokens to it, completed without a word into text that meant nothing."""
+    model = load_model(source, dtype, **config_fields)
+    tokenizer = ReplitLMTokenizer.from_pretrained(source)
+    if len(tokenizer) > model.config.vocab_size:
+        raise CompletionError(
+            f"{source}: spiece.model has {len(tokenizer)} tokens, more than the model's vocab_size of "
+            f"{model.config.vocab_size}: it is not this model's tokenizer"
+        )
+    return model, tokenizer
+
+
 def load_completer(
     model: str | Path = DEMO_MODEL,
     device: str = "auto",
@@ -119,8 +133,7 @@ def load_completer(
     # Our classes read the folder's config.json (ReplitLMConfig takes the published MPT schema and the May 2023
     # release schema alike) and spiece.model; the code files and auto_map of a snapshot are never consulted.
     try:
-        loaded = load_model(source, dtype=DTYPES[dtype], **overrides)
-        tokenizer = ReplitLMTokenizer.from_pretrained(source)
+        loaded, tokenizer = load_model_and_tokenizer(source, dtype=DTYPES[dtype], **overrides)
     except OSError as error:
         if isinstance(source, Path):
             raise

@@ -5,10 +5,10 @@ import json
 
 import pytest
 import torch
-from completion_helpers import hub_folder, run_script
+from completion_helpers import DEMO, hub_folder, run_script
 from safetensors.torch import load_file, save_file
 
-from replit_tools.loading import load_model, model_source
+from replit_tools.loading import load_completer, load_model, model_source
 from replit_tools.options import CompletionError
 
 
@@ -69,6 +69,21 @@ def test_an_untied_config_needs_an_lm_head_of_its_own(tiny, tmp_path):
     (tmp_path / "untied" / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
     with pytest.raises(CompletionError, match=r"do not fit config.json: lm_head\.weight is missing"):
         load_model(folder)
+
+
+@pytest.mark.skipif(not (DEMO / "spiece.model").exists(), reason="the demo model (demo/) is not built")
+def test_a_tokenizer_larger_than_the_model_is_refused(tiny, tmp_path):
+    """Another model's spiece.model (here the demo's 4096 pieces beside a 1000-token model): prompts whose ids were
+    past the vocabulary failed inside the model, the others were completed, silently, into text that meant nothing."""
+    folder = damaged_copy(tiny, tmp_path / "mixed", lambda t: None)
+    (tmp_path / "mixed" / "spiece.model").write_bytes((DEMO / "spiece.model").read_bytes())
+    with pytest.raises(CompletionError, match="mixed: spiece.model has 4096 tokens, more than the model's vocab_size "
+                                              "of 1000: it is not this model's tokenizer"):  # fmt: skip
+        load_completer(folder, device="cpu")
+    from replit_tools.export import ExportError, load
+
+    with pytest.raises(ExportError, match="spiece.model has 4096 tokens"):  # the exporter loads the same way
+        load(folder, torch.float32)
 
 
 @pytest.mark.parametrize(
