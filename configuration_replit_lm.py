@@ -6,6 +6,7 @@ Two schemas describe the same model. The release of May 2023 wrote flat fields (
 either and keeps the flat release fields, so `config.json` files of both eras load and save the same way.
 """
 
+import inspect
 import math
 
 from transformers import PretrainedConfig
@@ -287,6 +288,14 @@ class ReplitLMConfig(PretrainedConfig):
         self.init_div_is_residual = init_div_is_residual
         self.weight_quantization = weight_quantization
         self.use_cache = use_cache
+        # The MPT-schema fields were folded into kwargs and the base class would set them over the flat ones: where
+        # both are given (a flat field other than its default) and differ, one would be dropped without a word.
+        for name, value in kwargs.items():
+            if name in _FLAT_DEFAULTS and getattr(self, name) not in (_FLAT_DEFAULTS[name], value):
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} contradicts {value!r}, its value in the MPT schema's fields "
+                    "(attn_config, init_config, expansion_ratio, norm_type) of the same config: give it once"
+                )
         # Before the base class too: transformers 5's own checks read head_dim, which a bad n_heads breaks.
         self.validate()
         # The flat fields above are read by our code; the MPT-era fields have been folded into them, and the
@@ -398,3 +407,11 @@ class ReplitLMConfig(PretrainedConfig):
             raise ValueError(f"param_init_fn={self.param_init_fn!r} is not supported; expected one of {PARAM_INIT_FNS}")
         if self.fan_mode not in ("fan_in", "fan_out"):
             raise ValueError(f"fan_mode must be 'fan_in' or 'fan_out', got {self.fan_mode!r}")
+
+
+# The flat fields' defaults, as ReplitLMConfig.__init__ declares them.
+_FLAT_DEFAULTS = {
+    name: parameter.default
+    for name, parameter in inspect.signature(ReplitLMConfig.__init__).parameters.items()
+    if parameter.default is not inspect.Parameter.empty
+}

@@ -450,6 +450,11 @@ def test_init_scales_the_residual_projections_whatever_the_mlp_ratio():
         (dict(d_model=None), "d_model must be a positive integer"),
         (dict(eos_token_id=99999), "eos_token_id must be a token id"),
         (dict(pad_token_id=-3), "pad_token_id must be a token id"),
+        # A field written in both schemas with two values: one of them was dropped without a word.
+        (dict(attn_impl="triton", attn_config={"attn_impl": "torch"}), "attn_impl='triton' contradicts 'torch'"),
+        (dict(mlp_ratio=2, expansion_ratio=3), "mlp_ratio=2 contradicts 3"),
+        (dict(low_precision_layernorm=False, norm_type="low_precision_layernorm"), "low_precision_layernorm=False"),
+        (dict(param_init_fn="normal_", init_config={"name": "kaiming_normal_"}), "param_init_fn='normal_' contradicts"),
     ],
 )
 def test_config_validation(overrides, message):
