@@ -447,6 +447,7 @@ def check_token_labels(labels, name: str, shape: torch.Size):
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(f"{name} must be token ids (an integer tensor), got {labels.dtype}")
 
+
 def neither_zero_nor_one(mask: torch.Tensor) -> torch.Tensor:
     return (mask != 0) & (mask != 1)
 

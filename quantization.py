@@ -335,7 +335,6 @@ class RoutedLinear(nn.Linear):
             return lambda x: _native_product("bf16_matvec", (self.weight,), self.out_features, x, one_stream)
         return functools.partial(_product, weight=self.weight, transposed=route == "matmul_t")
 
-
     def _widened_product(self, x: torch.Tensor) -> torch.Tensor:
         """The product in float32, the weight widened into a scratch tensor, rounded once to x's dtype: where the
         CPU has no bfloat16 arithmetic (AVX2 laptops), torch's bfloat16 matrix product of a prompt is several times

@@ -25,6 +25,7 @@ dividing float32 logits by a temperature below about 1e-37 overflows (sampling f
 
 SEEDS = 2**32  # seeds 0 .. 2**32 - 1: transformers.set_seed seeds numpy too, which takes no others
 
+
 @dataclass(frozen=True)
 class Settings:
     """How to complete: the model card's sampling settings by default. A temperature of 0 (below

@@ -135,6 +135,7 @@ os._exit(0)
 MAX_TIMEOUT = 86400  # seconds: a day per program
 RESULT_BYTES = 64 * 1024  # the result line is a few hundred bytes; more is the program writing on the result pipe
 
+
 @dataclass(frozen=True)
 class Limits:
     """What one program may use. `timeout` is wall-clock seconds for the whole child, its interpreter's start

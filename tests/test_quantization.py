@@ -956,7 +956,6 @@ QUANTIZED_ROUTES = {"int4": ["dequantize", "dequantize_t", "kernel", "native", "
                     "int8": ["dequantize", "dequantize_t", "native", "native_int8", "native_amx", "native_amx_bf16"]}
 
 
-
 @pytest.mark.parametrize("mode,route", [(mode, route) for mode, routes in QUANTIZED_ROUTES.items() for route in routes])
 def test_quantized_model_runs_prompt_and_decode_routes(monkeypatch, mode, route):
     """Through each route where the layer offers it, the baseline elsewhere (routes differ in how they round the
