@@ -274,7 +274,7 @@ class Completer:
                 raise CompletionError(f"{which} has no tokens: the tokenizer drops all of its characters")
             if length + max_new_tokens > self.context_length:
                 raise CompletionError(
-                    f"{which} is {length} tokens: with {max_new_tokens} new tokens it exceeds the model's "
+                    f"{which} is {length} token{'s' * (length != 1)}: with {max_new_tokens} new tokens it exceeds the model's "
                     f"context of {self.context_length} tokens; shorten it or ask for fewer new tokens"
                 )
 
