@@ -512,7 +512,11 @@ class _FlashAttnAlibi(torch.autograd.Function):
         ctx.softmax_scale = softmax_scale
         return out
 
+    # The kernels are opaque to autograd, so the gradients they return carry no graph of their own. Without
+    # once_differentiable, a second derivative (create_graph=True, e.g. a gradient penalty) silently came back as
+    # if its terms through the kernel were 0; with it, differentiating twice raises.
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, do):
         q, k, v, out, lse, slopes_log2, kv_start, kv_end = ctx.saved_tensors
         dq, dk, dv = _backward(do, q, k, v, out, lse, slopes_log2, kv_start, kv_end, ctx.softmax_scale)

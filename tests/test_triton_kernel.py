@@ -239,3 +239,13 @@ def test_missing_triton_gives_import_error():
 
 def test_available_for_supported_device():
     triton_available_for(torch.zeros(1, device=DEVICE))
+
+
+def test_second_derivative_is_refused_not_silently_zero():
+    # The backward runs Triton kernels that autograd cannot trace, so a second derivative through it (a gradient
+    # penalty: loss + |d loss / d q|^2) does not exist. It must raise, not come back as if that term were 0.
+    q, k, v = (t.to(DEVICE).requires_grad_() for t in random_qkv(1, 2, 6, 6, 16, seed=torch.seed() % 2**31))
+    out = flash_attn_alibi(q, k, v, alibi_slopes(2).to(DEVICE))
+    (dq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        (out.sum() + dq.square().sum()).backward()
