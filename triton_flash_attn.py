@@ -418,8 +418,8 @@ def _check_inputs(q, k, v, alibi_slopes):
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch, heads or head_dim")
     if q_len > k.shape[2]:
         raise ValueError(f"q_len ({q_len}) must not exceed kv_len ({k.shape[2]})")
-    if head_dim > MAX_HEAD_DIM:
-        raise ValueError(f"head_dim up to {MAX_HEAD_DIM} is supported; got {head_dim}")
+    if not 1 <= head_dim <= MAX_HEAD_DIM:  # 0 would fail as a ZeroDivisionError in the default softmax_scale
+        raise ValueError(f"head_dim up to {MAX_HEAD_DIM} is supported (and at least 1); got {head_dim}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"q, k, v must share one of float16, bfloat16, float32; got {q.dtype}, {k.dtype}, {v.dtype}")
     if not q.device == k.device == v.device:
@@ -433,13 +433,19 @@ def _check_inputs(q, k, v, alibi_slopes):
         raise ValueError(f"alibi_slopes must have shape ({heads},); got {tuple(alibi_slopes.shape)}")
 
 
-def _kv_bound(bound, default, batch, device):
+def _kv_bound(bound, default, batch, kv_len, device):
     """(batch,) int32 on `device`; the kernels always read both bounds, so a missing one is the full range."""
     if bound is None:
         return torch.full((batch,), default, dtype=torch.int32, device=device)
+    if not isinstance(bound, torch.Tensor):
+        raise TypeError(f"kv_start / kv_end must be (batch,) integer tensors; got {type(bound).__name__}")
     if bound.shape != (batch,):
         raise ValueError(f"kv_start / kv_end must have shape ({batch},); got {tuple(bound.shape)}")
-    return bound.to(device=device, dtype=torch.int32).contiguous()
+    if bound.is_floating_point() or bound.is_complex() or bound.dtype == torch.bool:
+        raise ValueError(f"kv_start / kv_end must be integer tensors; got {bound.dtype}")
+    # Clamped to [0, kv_len] (as the kernels clamp them) before the narrowing to int32, which would wrap a bound
+    # past 2**31 around to another key.
+    return bound.clamp(0, kv_len).to(device=device, dtype=torch.int32).contiguous()
 
 
 def _meta(q, kernel):
@@ -543,7 +549,7 @@ def flash_attn_alibi(q, k, v, alibi_slopes, kv_start=None, kv_end=None, softmax_
     batch, _, _, head_dim = q.shape
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim)
-    kv_start = _kv_bound(kv_start, 0, batch, q.device)
-    kv_end = _kv_bound(kv_end, k.shape[2], batch, q.device)
+    kv_start = _kv_bound(kv_start, 0, batch, k.shape[2], q.device)
+    kv_end = _kv_bound(kv_end, k.shape[2], batch, k.shape[2], q.device)
     slopes_log2 = alibi_slopes.to(device=q.device, dtype=torch.float32) * _LOG2E
     return _FlashAttnAlibi.apply(q, k, v, slopes_log2, kv_start, kv_end, float(softmax_scale))

@@ -249,3 +249,24 @@ def test_second_derivative_is_refused_not_silently_zero():
     (dq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
         (out.sum() + dq.square().sum()).backward()
+
+
+def test_key_bounds_beyond_int32_are_clamped_not_wrapped():
+    # The kernels read the bounds as int32. A bound past kv_len (or before 0) means the same as kv_len (or 0),
+    # but 2**32 + 3 narrowed to int32 is 3: it wrapped around and silently showed or hid other keys.
+    q, k, v = random_qkv(2, 2, 9, 20, 16, seed=torch.seed() % 2**31)
+    check_against_reference(q, k, v, kv_start=torch.tensor([-2**32 + 2, 2**32 + 3]), kv_end=torch.tensor([2**32, 20]))
+
+
+@pytest.mark.parametrize("bound", [torch.tensor([1.7]), torch.tensor([True]), [1]], ids=["float", "bool", "list"])
+def test_key_bounds_that_are_not_integer_tensors_are_rejected(bound):
+    # A float bound was silently truncated, a bool taken as 0/1, a list failed with an AttributeError on .shape.
+    q, k, v = random_qkv(1, 2, 4, 4, 16)
+    with pytest.raises((ValueError, TypeError), match="integer"):
+        flash_attn_alibi(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), alibi_slopes(2), kv_start=bound)
+
+
+def test_zero_head_dim_is_rejected():
+    q = torch.zeros(1, 2, 4, 0, device=DEVICE)
+    with pytest.raises(ValueError, match="head_dim"):
+        flash_attn_alibi(q, q, q, alibi_slopes(2))
