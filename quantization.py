@@ -656,6 +656,8 @@ class QuantizedLinear(nn.Module):
             _return_freed_heap()
         # After the layouts are settled, so that the first call takes the route every later call of its size takes
         # (a route whose layout was dropped would round otherwise).
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _QuantizedProduct.apply(x, self)
         return _routed(self, x.contiguous())
 
     def _keep_layouts_of(self, plan: dict[int, list]):
@@ -676,6 +678,25 @@ class QuantizedLinear(nn.Module):
         kernel, *options = self.NATIVE_KERNELS[route]
         out = _native_product(kernel, self._native_weights(), self.native.shape[0] * NATIVE_ROWS, x, *options)
         return _without_padding(out, self.out_features)
+
+
+class _QuantizedProduct(torch.autograd.Function):
+    """A quantized layer's product where x needs a gradient (any forward pass outside no_grad: the embedding's weight
+    requires one): the routed product, and in backward the gradient of x @ W^T for the weight as quantized. The
+    routes themselves are no autograd graph: the native ones return a tensor cut off from it (a residual's gradient
+    then silently left the layer out), the unpacking ones would save the per-thread scratch weight that the next
+    layer overwrites before backward reads it, and torch's int4 and weight-only kernels have no derivative. The
+    weights themselves get none: they are a storage format, not parameters."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: "QuantizedLinear") -> torch.Tensor:
+        ctx.layer = layer
+        return _routed(layer, x.contiguous())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        # Unpacked afresh (not into the scratch tensor), in the gradient's dtype: a step of backward, not of decoding.
+        return grad @ ctx.layer.dequantized_weight().to(grad.dtype), None
 
 
 class Int8Linear(QuantizedLinear):

@@ -161,6 +161,34 @@ def test_int8_routes_of_widths_that_are_no_multiple_of_16_all_run(in_features):
             assert relative_error(out, x.float() @ weight.float().t()) < ROUTE_BOUNDS["int8 onednn"], route
 
 
+def forcing(layer, route: str, dtype: torch.dtype) -> RouteChooser:
+    """A chooser that ranks `route` first in every bucket of `layer`'s shape (the baseline where not offered)."""
+    chooser = RouteChooser()
+    chooser.choices[RouteChooser.key(layer, dtype)] = {bucket: [[route, 0.0]] for bucket in quantization.ROW_BUCKETS}
+    return chooser
+
+
+@pytest.mark.parametrize("kind", ["int8", "int8/channel", "int4"])
+def test_the_input_gradient_through_quantized_layers_is_the_dequantized_weight_s_on_every_route(kind, monkeypatch):
+    """With gradients enabled (a plain forward pass outside no_grad: the embedding's weight requires them), each
+    route's output carries the gradient of x @ W^T for the weight as quantized. The native routes returned outputs
+    cut off from the graph, so a residual's gradient silently left the layer out; the unpacking routes saved the
+    per-thread scratch weight, which the next layer's unpacking overwrote before backward read it; torch's int4
+    and int8 weight-only kernels and oneDNN's route failed in backward."""
+    first, second = (make_layer(kind, gaussian(64, 64, seed=seed).to(torch.bfloat16)) for seed in (3, 4))
+    for route in first.routes(9):
+        for layer in (first, second):
+            layer._planned_dtypes.clear()
+        monkeypatch.setattr(quantization, "ROUTES", forcing(first, route, torch.float32))
+        x = torch.randn(9, 64, generator=torch.Generator().manual_seed(5), requires_grad=True)
+        h = first(x) + x  # a residual around each layer, as in a block
+        (second(h) + h).sum().backward()
+        w1, w2 = first.dequantized_weight(), second.dequantized_weight()
+        dh = 1 + w2.sum(0)  # d sum(second(h) + h) / dh, per input channel
+        expected = (dh + dh @ w1).expand(9, -1)
+        torch.testing.assert_close(x.grad, expected, rtol=1e-5, atol=1e-5, msg=route)
+
+
 @pytest.mark.parametrize("kind", ["bfloat16", "int8", "int4"])
 def test_layers_route_by_rows_and_keep_the_input_shape(kind):
     weight = gaussian(96, 64).to(torch.bfloat16)
