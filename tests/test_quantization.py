@@ -189,6 +189,21 @@ def test_the_input_gradient_through_quantized_layers_is_the_dequantized_weight_s
         torch.testing.assert_close(x.grad, expected, rtol=1e-5, atol=1e-5, msg=route)
 
 
+def test_int8_per_channel_products_of_float16_do_not_overflow(per_channel_int8):
+    """The unpacking routes multiplied float16 activations by the integer weights (up to 127) and scaled after:
+    activations of a few hundred overflowed float16 (to inf) where the result is about 100."""
+    weight = gaussian(48, 64).to(torch.bfloat16)
+    layer = Int8Linear(weight)
+    x = torch.randn(9, 64, generator=torch.Generator().manual_seed(6)) * 300
+    expected = x.double() @ layer.dequantized_weight().double().t()
+    assert expected.abs().max() < 1000  # far from float16's largest, 65504
+    for route in layer.routes(9):
+        out = layer.route_function(route)(x.half())
+        # float16's rounding of the activations and the output (2^-11 each), and for oneDNN's route its int8 ones
+        bound = ROUTE_BOUNDS["int8 onednn"] if route == "onednn" else 2e-3
+        assert out.isfinite().all() and relative_error(out, expected) < bound, route
+
+
 @pytest.mark.parametrize("kind", ["bfloat16", "int8", "int4"])
 def test_layers_route_by_rows_and_keep_the_input_shape(kind):
     weight = gaussian(96, 64).to(torch.bfloat16)
