@@ -122,13 +122,13 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Grid (query blocks, batch * heads). Writes Out and the log2-sum-exp Lse (batch, heads, q_len)."""
+    """Grid (query blocks, batch, heads). Writes Out and the log2-sum-exp Lse (batch, heads, q_len)."""
     # Launch the query blocks with the most keys (bottom of the causal triangle) first, so the
     # cheap ones fill the tail of the grid.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    bh = tl.program_id(1)
-    b = bh // num_heads
-    h = bh % num_heads
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    bh = b * num_heads + h
     Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
@@ -180,9 +180,9 @@ def _bwd_preprocess_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Delta (batch, heads, q_len) = rowsum(dO * O), the softmax-backward term shared by all keys."""
-    bh = tl.program_id(1)
-    b = bh // num_heads
-    h = bh % num_heads
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    bh = b * num_heads + h
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < q_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
@@ -242,11 +242,11 @@ def _bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Grid (key blocks, batch * heads): dK and dV of one key block, looping over query blocks."""
+    """Grid (key blocks, batch, heads): dK and dV of one key block, looping over query blocks."""
     start_n = tl.program_id(0) * BLOCK_N
-    bh = tl.program_id(1)
-    b = bh // num_heads
-    h = bh % num_heads
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    bh = b * num_heads + h
     Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
@@ -336,11 +336,11 @@ def _bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Grid (query blocks, batch * heads): dQ of one query block, looping over key blocks."""
+    """Grid (query blocks, batch, heads): dQ of one query block, looping over key blocks."""
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # heaviest blocks first
-    bh = tl.program_id(1)
-    b = bh // num_heads
-    h = bh % num_heads
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    bh = b * num_heads + h
     Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
@@ -407,6 +407,16 @@ def triton_available_for(tensor):
     raise RuntimeError(message)
 
 
+# CUDA's limit on the second and third axes of a launch grid (the first takes 2**31 - 1).
+MAX_GRID_AXIS = 65535
+
+
+def _grid(length, block, batch, heads):
+    """One program per block of `length`, per row and per head. Rows and heads have an axis each: batch * heads on
+    one axis passed CUDA's limit at 2048 rows of 32 heads, which packed training reaches (a row per sequence)."""
+    return (triton.cdiv(length, block), batch, heads)
+
+
 def _check_inputs(q, k, v, alibi_slopes):
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
         raise ValueError(
@@ -418,6 +428,11 @@ def _check_inputs(q, k, v, alibi_slopes):
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch, heads or head_dim")
     if q_len > k.shape[2]:
         raise ValueError(f"q_len ({q_len}) must not exceed kv_len ({k.shape[2]})")
+    if max(batch, heads) > MAX_GRID_AXIS:
+        raise ValueError(
+            f"at most {MAX_GRID_AXIS} rows and {MAX_GRID_AXIS} heads in one call (CUDA's limit on a launch grid); got "
+            f"{batch} rows of {heads} heads: split the batch"
+        )
     if not 1 <= head_dim <= MAX_HEAD_DIM:  # 0 would fail as a ZeroDivisionError in the default softmax_scale
         raise ValueError(f"head_dim up to {MAX_HEAD_DIM} is supported (and at least 1); got {head_dim}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not q.dtype == k.dtype == v.dtype:
@@ -475,8 +490,7 @@ def _forward(q, k, v, slopes_log2, kv_start, kv_end, softmax_scale):
     meta = _meta(q, "fwd")
     # Short query chunks (decoding, q_len == 1) would waste most of a tuned BLOCK_M-row block.
     meta["BLOCK_M"] = min(meta["BLOCK_M"], max(16, triton.next_power_of_2(q_len)))
-    grid = (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)
-    _fwd_kernel[grid](
+    _fwd_kernel[_grid(q_len, meta["BLOCK_M"], batch, heads)](
         q, k, v, out, lse, slopes_log2, kv_start, kv_end,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         heads, q_len, k.shape[2], softmax_scale * _LOG2E, **meta,
@@ -489,7 +503,7 @@ def _backward(do, q, k, v, out, lse, slopes_log2, kv_start, kv_end, softmax_scal
     kv_len = k.shape[2]
     delta = torch.empty_like(lse)
     meta = _meta(q, "bwd_dq")
-    _bwd_preprocess_kernel[(triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)](
+    _bwd_preprocess_kernel[_grid(q_len, meta["BLOCK_M"], batch, heads)](
         out, do, delta, *out.stride(), *do.stride(), heads, q_len,
         HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"], BLOCK_M=meta["BLOCK_M"],
     )
@@ -497,12 +511,12 @@ def _backward(do, q, k, v, out, lse, slopes_log2, kv_start, kv_end, softmax_scal
     qk_scale = softmax_scale * _LOG2E
 
     dkdv_meta = _meta(q, "bwd_dkdv")
-    _bwd_dkdv_kernel[(triton.cdiv(kv_len, dkdv_meta["BLOCK_N"]), batch * heads)](
+    _bwd_dkdv_kernel[_grid(kv_len, dkdv_meta["BLOCK_N"], batch, heads)](
         q, k, v, do, dk, dv, lse, delta, slopes_log2, kv_start, kv_end,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         heads, q_len, kv_len, softmax_scale, qk_scale, **dkdv_meta,
     )
-    _bwd_dq_kernel[(triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)](
+    _bwd_dq_kernel[_grid(q_len, meta["BLOCK_M"], batch, heads)](
         q, k, v, do, dq, lse, delta, slopes_log2, kv_start, kv_end,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         heads, q_len, kv_len, softmax_scale, qk_scale, **meta,

@@ -270,3 +270,26 @@ def test_zero_head_dim_is_rejected():
     q = torch.zeros(1, 2, 4, 0, device=DEVICE)
     with pytest.raises(ValueError, match="head_dim"):
         flash_attn_alibi(q, q, q, alibi_slopes(2))
+
+
+def test_rows_and_heads_have_launch_grid_axes_of_their_own():
+    # CUDA takes at most 65535 programs on a grid's second and third axes: 2048 packed sequences (a row each) of 32
+    # heads, as one axis, were past it. The interpreter has no such limit, so it checks the grid; a GPU runs it.
+    rows, heads = 4096, 32
+    blocks, *others = triton_flash_attn._grid(100, 16, rows, heads)
+    assert blocks == 7 and others == [rows, heads]
+    assert max(others) <= triton_flash_attn.MAX_GRID_AXIS
+    if not INTERPRETED:
+        q, k, v = (torch.randn(rows, heads, 2, 16, device=DEVICE) for _ in range(3))
+        slopes = alibi_slopes(heads)
+        out = flash_attn_alibi(q, k, v, slopes.to(DEVICE))
+        some = [0, rows // 2, rows - 1]  # the rows at both ends of the grid and one between
+        starts, ends = torch.zeros(len(some), dtype=torch.long), torch.full((len(some),), 2)
+        expected, _ = reference_attention(q[some].cpu(), k[some].cpu(), v[some].cpu(), slopes, starts, ends, 0.25)
+        torch.testing.assert_close(out[some].cpu(), expected, atol=2e-5, rtol=1e-4)
+
+
+def test_more_rows_than_a_launch_grid_takes_are_refused():
+    q = torch.zeros(triton_flash_attn.MAX_GRID_AXIS + 1, 1, 1, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="65535 rows .* split the batch"):
+        flash_attn_alibi(q, q, q, alibi_slopes(1))
