@@ -553,7 +553,7 @@ def flash_attn_alibi(q, k, v, alibi_slopes, kv_start=None, kv_end=None, softmax_
     Score = softmax_scale * q.k + slope_h * (j - query_position)   (softmax_scale default 1/sqrt(head_dim)).
     Returns (batch, heads, q_len, head_dim) in q's dtype. Query rows with no visible key return 0.
     """
-    if dropout_p > 0.0:
+    if dropout_p != 0.0:  # a negative or NaN probability too, which `> 0` let through as no dropout
         raise ValueError(
             f"the triton attention kernel has no attention dropout (got dropout_p={dropout_p}); "
             "the published model uses attn_pdrop=0 -- use attn_impl='torch' to train with dropout"

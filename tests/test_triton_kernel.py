@@ -175,10 +175,11 @@ def test_random_shapes_and_padding(data):
     check_against_reference(q, k, v, kv_start=torch.tensor(kv_start), kv_end=torch.tensor(kv_end))
 
 
-def test_dropout_is_rejected():
+@pytest.mark.parametrize("dropout_p", [0.1, -0.1, float("nan")])
+def test_dropout_is_rejected(dropout_p):
     q, k, v = random_qkv(1, 2, 4, 4, 16)
     with pytest.raises(ValueError, match="dropout"):
-        flash_attn_alibi(q, k, v, alibi_slopes(2), dropout_p=0.1)
+        flash_attn_alibi(q, k, v, alibi_slopes(2), dropout_p=dropout_p)
 
 
 @pytest.mark.parametrize("q_shape, kv_shape, match", [
