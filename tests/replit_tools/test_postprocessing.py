@@ -216,3 +216,17 @@ def test_stopping_criteria_agrees_with_post_processing(stops):
     finished = finish_completion(tokenizer, ids[len(prompt) : stopped_at], stops, prompt)
     assert finished.stop_reason == STOP_SEQUENCE
     assert finished.text == truncate(completion, stops, prompt)[0]
+
+
+def test_what_the_one_lexer_misreads_is_as_docs_completion_md_says():
+    """docs/completion.md lists where the lexer, one for all languages, takes code for strings and comments or
+    misses them; these are its examples, so that the list stays true."""
+    # A Rust string spanning lines ends, for the lexer, at its first line's end: a stop on the next line counts.
+    rust = '\n    let s = "usage:\n\nmore";\n}'
+    assert cut(rust, prompt="fn f() {", stops=["\n\n"]) == '\n    let s = "usage:'
+    # Python's floor division reads as a // comment: the docstring opened after it is not seen.
+    python = '\n    half = n // 2; doc = """\n# Note\n"""\n    return half'
+    assert cut(python, prompt="def f(n):") == '\n    half = n // 2; doc = """'
+    # A Shell glob opens a /* comment that never ends: no stop sequence counts after it.
+    shell = "\ncp build/* dist/\necho done\n\nrm -rf tmp"
+    assert truncate(shell, ["\n\n"], "#!/bin/sh") == (shell, None)
