@@ -143,6 +143,8 @@ def run(args: argparse.Namespace):
     finished = time.perf_counter()
     if args.json:
         generated = sum(completion.completion_tokens for completion in completions)
+        if not settings.do_sample:  # greedy copies of a completion are computed once: a speed counts them once
+            generated //= settings.num_completions
         timing = {
             "load_seconds": round(loaded - started, 3),
             "generate_seconds": round(finished - loaded, 3),

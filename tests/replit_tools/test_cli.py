@@ -62,6 +62,16 @@ def test_greedy_batch_equals_model_generate_and_json_parses(tiny, reference):
     assert set(output["timing"]) == {"load_seconds", "generate_seconds", "tokens_per_second"}
 
 
+def test_greedy_copies_count_once_in_the_speed(tiny):
+    # Greedy -n 3 computes one completion and prints it three times: a speed over the three would be 3x the real one.
+    args = ["--model", str(tiny), "--greedy", "--no-stop", "--max-new-tokens", NEW_TOKENS, "--json", "-n", "3"]
+    output = json.loads(completed(run_script("generate.py", *args, PROMPTS[0])))
+    tokens = [c["completion_tokens"] for c in output["completions"]]
+    assert len(tokens) == 3 and len(set(tokens)) == 1
+    timing = output["timing"]
+    assert timing["tokens_per_second"] == pytest.approx(tokens[0] / timing["generate_seconds"], rel=0.02, abs=0.2)
+
+
 def test_plain_output_of_a_prompt_read_from_stdin(tiny, reference):
     args = ["--model", str(tiny), "--greedy", "--no-stop", "--max-new-tokens", NEW_TOKENS, "--file", "-"]
     expected = generate_alone(*reference, PROMPTS[1], int(NEW_TOKENS))
