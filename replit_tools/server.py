@@ -197,6 +197,8 @@ def parse_request(body, limits: Limits) -> CompletionRequest:
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise RequestError('stream_options must be an object, e.g. {"include_usage": true}', param="stream_options")
+    if options is not None and not stream:  # as OpenAI and vLLM answer: no stream, nothing for them to change
+        raise RequestError("stream_options is only allowed when stream is true", param="stream_options")
     include_usage = (options or {}).get("include_usage")
     if include_usage is not None and not isinstance(include_usage, bool):
         raise RequestError("stream_options.include_usage must be true or false", param="stream_options")

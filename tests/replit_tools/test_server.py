@@ -528,7 +528,8 @@ def test_empty_prompt_is_a_clear_400(served, prompt, stream):
         ({"prompt": PROMPT, "max_tokens": 8, "n": 17}, "n"),
         ({"prompt": PROMPT, "max_tokens": 8, "stream": "yes"}, "stream"),
         ({"prompt": PROMPT, "max_tokens": 8, "stream": True, "stream_options": "x"}, "stream_options"),
-        ({"prompt": PROMPT, "max_tokens": 8, "stream_options": {"include_usage": 1}}, "stream_options"),
+        ({"prompt": PROMPT, "max_tokens": 8, "stream": True, "stream_options": {"include_usage": 1}}, "stream_options"),
+        ({"prompt": PROMPT, "max_tokens": 8, "stream_options": {"include_usage": True}}, "stream_options"),
         ({"prompt": PROMPT, "max_tokens": 8, "stop": [""]}, "stop"),
         ({"prompt": PROMPT, "max_tokens": 8, "stop": 3}, "stop"),
         ({"prompt": "\x01\x02", "max_tokens": 8}, "prompt"),  # no tokens: SentencePiece drops control characters
