@@ -47,7 +47,7 @@ class AttentionMask:
     """What every layer of one forward pass needs to mask and bias its attention, built once per pass.
 
     backend: the key of ATTENTION_BACKENDS that every layer of this pass calls.
-    kv_start, kv_end: (batch,) int64, the keys [kv_start, kv_end) are real tokens, or None where all are; built for
+    kv_start, kv_end: (batch,) int32, the keys [kv_start, kv_end) are real tokens, or None where all are; built for
         the triton backend only.
     additive: (batch or 1, heads, q_len or 1, kv_len) float, ALiBi bias plus a large negative number where a key
         is hidden; built for the sdpa and eager backends only (the triton kernel derives all of it from the slopes
@@ -133,7 +133,8 @@ def key_ranges(attention_mask: torch.Tensor) -> tuple[torch.Tensor | None, torch
     """
     mask = attention_mask.bool()
     kv_len = mask.shape[1]
-    positions = torch.arange(kv_len, device=mask.device)
+    # int32, the Triton kernels' own type: bounds of that type go to them as they are, with no cast per layer.
+    positions = torch.arange(kv_len, device=mask.device, dtype=torch.int32)
     start = torch.where(mask, positions, kv_len).amin(dim=1)
     end = torch.where(mask, positions + 1, 0).amax(dim=1)
     holes = ((end - start).clamp(min=0) != mask.sum(dim=1)).nonzero()

@@ -128,12 +128,12 @@ def _fwd_kernel(
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     b = tl.program_id(1)
     h = tl.program_id(2)
-    bh = b * num_heads + h
+    bh = b.to(tl.int64) * num_heads + h  # up to 65535 * 65535 rows of Lse / Delta: past int32
     Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     Out += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    Lse += bh.to(tl.int64) * q_len
+    Lse += bh * q_len
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -182,7 +182,7 @@ def _bwd_preprocess_kernel(
     """Delta (batch, heads, q_len) = rowsum(dO * O), the softmax-backward term shared by all keys."""
     b = tl.program_id(1)
     h = tl.program_id(2)
-    bh = b * num_heads + h
+    bh = b.to(tl.int64) * num_heads + h  # up to 65535 * 65535 rows of Lse / Delta: past int32
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < q_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
@@ -191,7 +191,7 @@ def _bwd_preprocess_kernel(
     do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
                  + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + bh.to(tl.int64) * q_len + offs_m, delta, mask=offs_m < q_len)
+    tl.store(Delta + bh * q_len + offs_m, delta, mask=offs_m < q_len)
 
 
 @triton.jit
@@ -246,15 +246,15 @@ def _bwd_dkdv_kernel(
     start_n = tl.program_id(0) * BLOCK_N
     b = tl.program_id(1)
     h = tl.program_id(2)
-    bh = b * num_heads + h
+    bh = b.to(tl.int64) * num_heads + h  # up to 65535 * 65535 rows of Lse / Delta: past int32
     Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     DO += b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
     DK += b.to(tl.int64) * stride_dkb + h.to(tl.int64) * stride_dkh
     DV += b.to(tl.int64) * stride_dvb + h.to(tl.int64) * stride_dvh
-    Lse += bh.to(tl.int64) * q_len
-    Delta += bh.to(tl.int64) * q_len
+    Lse += bh * q_len
+    Delta += bh * q_len
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -340,14 +340,14 @@ def _bwd_dq_kernel(
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # heaviest blocks first
     b = tl.program_id(1)
     h = tl.program_id(2)
-    bh = b * num_heads + h
+    bh = b.to(tl.int64) * num_heads + h  # up to 65535 * 65535 rows of Lse / Delta: past int32
     Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     DO += b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
     DQ += b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
-    Lse += bh.to(tl.int64) * q_len
-    Delta += bh.to(tl.int64) * q_len
+    Lse += bh * q_len
+    Delta += bh * q_len
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -458,9 +458,11 @@ def _kv_bound(bound, default, batch, kv_len, device):
         raise ValueError(f"kv_start / kv_end must have shape ({batch},); got {tuple(bound.shape)}")
     if bound.is_floating_point() or bound.is_complex() or bound.dtype == torch.bool:
         raise ValueError(f"kv_start / kv_end must be integer tensors; got {bound.dtype}")
-    # Clamped to [0, kv_len] (as the kernels clamp them) before the narrowing to int32, which would wrap a bound
-    # past 2**31 around to another key.
-    return bound.clamp(0, kv_len).to(device=device, dtype=torch.int32).contiguous()
+    if bound.dtype != torch.int32:
+        # Clamped to [0, kv_len] before the narrowing to the kernels' int32, which would wrap a bound past 2**31
+        # around to another key; the kernels clamp int32 bounds themselves, so those (the model's) pass as they are.
+        bound = bound.clamp(0, kv_len).to(torch.int32)
+    return bound.to(device=device).contiguous()
 
 
 def _meta(q, kernel):
