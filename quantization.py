@@ -840,7 +840,8 @@ class Int8Linear(QuantizedLinear):
             if x.dtype == torch.float16:
                 # In float32, rounded once: float16's range (65504) cannot hold the integer weights' product (up to
                 # 127 times the float one), which overflowed to inf for activations of a few hundred.
-                return (_product(x.float(), self._int8_matrix().float(), transposed) * self.scale[:, 0]).half()
+                product = _product(x.float(), self._int8_matrix().float(), transposed)
+                return (product * self._scales_as(torch.float32)).half()
             return _product(x, self._int8_matrix().to(x.dtype), transposed) * self._scales_as(x.dtype)
         if x.dtype == torch.bfloat16:
             weight = _scratch(self.native.shape[0] * NATIVE_ROWS, self.in_features)

@@ -274,8 +274,8 @@ class Completer:
                 raise CompletionError(f"{which} has no tokens: the tokenizer drops all of its characters")
             if length + max_new_tokens > self.context_length:
                 raise CompletionError(
-                    f"{which} is {length} token{'s' * (length != 1)}: with {max_new_tokens} new tokens it exceeds the model's "
-                    f"context of {self.context_length} tokens; shorten it or ask for fewer new tokens"
+                    f"{which} is {length} token{'s' * (length != 1)}: with {max_new_tokens} new tokens it exceeds "
+                    f"the model's context of {self.context_length} tokens; shorten it or ask for fewer new tokens"
                 )
 
     def _encode(self, prompts: list[str], settings: Settings) -> _Prompts:
