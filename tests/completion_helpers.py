@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MODEL_CODE_FILES, ROOT, SHARED
+from conftest import MODEL_CODE_FILES, ROOT, SHARED, VOCABULARY_SOURCES
 from safetensors.torch import save_file
 
 from replit_lm.configuration_replit_lm import ReplitLMConfig
@@ -45,9 +45,8 @@ def one_torch_thread():
 
 
 def train_vocabulary(folder: Path):
-    """`folder`/spiece.model: the real model's recipe, trained on this repository's Python files (a second)."""
-    sources = sorted(ROOT.glob("*.py")) + sorted((ROOT / "replit_tools").glob("*.py"))
-    lines = [line for path in sources for line in path.read_text().splitlines(keepends=True)]
+    """`folder`/spiece.model: the real model's recipe, trained on conftest's VOCABULARY_SOURCES (a second)."""
+    lines = [line for path in VOCABULARY_SOURCES for line in path.read_text().splitlines(keepends=True)]
     train_sentencepiece(iter(lines), folder / "spiece", TINY_SHAPE["vocab_size"], num_threads=1, minloglevel=2)
     (folder / "spiece.vocab").unlink()
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
-from conftest import ROOT, SHARED
+from conftest import ROOT, SHARED, VOCABULARY_SOURCES
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
@@ -106,9 +106,9 @@ def write_hub_folder(folder, spiece):
 
 @pytest.fixture(scope="session")
 def toy_folder(tmp_path_factory):
-    """A SentencePiece model trained with the real recipe on this repository's Python files (well under a second)."""
+    """A SentencePiece model trained with the real recipe on conftest's VOCABULARY_SOURCES (about a second)."""
     work = tmp_path_factory.mktemp("toy_spm")
-    lines = [line for path in sorted(ROOT.glob("*.py")) for line in path.read_text().splitlines()]
+    lines = [line for path in VOCABULARY_SOURCES for line in path.read_text().splitlines()]
     spiece = train_sentencepiece(iter(lines), work / "spiece", 1000, num_threads=1, minloglevel=2)
     return write_hub_folder(work / "hub", spiece)
 
