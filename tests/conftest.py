@@ -27,11 +27,8 @@ MODEL_CODE_FILES = replit_tools.CODE_FILES
 # What the tests' small SentencePiece vocabularies are trained on (about 10,000 lines): standard-library modules whose
 # text changes rarely between Python releases. Not this repository's files: then every commit moved the vocabulary,
 # and with it the tiny models' completions, and a test that needed one to write text failed after an unrelated change.
-VOCABULARY_SOURCES = tuple(
-    Path(sysconfig.get_paths()["stdlib"]) / f"{module}.py"
-    for module in ("argparse", "functools", "textwrap", "shlex", "heapq", "dataclasses", "pprint", "csv", "configparser",
-                   "tokenize")
-)
+VOCABULARY_MODULES = "argparse functools textwrap shlex heapq dataclasses pprint csv configparser tokenize".split()
+VOCABULARY_SOURCES = tuple(Path(sysconfig.get_paths()["stdlib"]) / f"{module}.py" for module in VOCABULARY_MODULES)
 
 
 def native_kernels_built_with(flags: str):

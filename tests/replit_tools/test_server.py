@@ -256,8 +256,8 @@ def test_completions_plain_and_streaming_equal_the_command_lines(tiny, served):
     assert "".join(choice.text for chunk in chunks for choice in chunk.choices) == expected
     assert chunks[-1].choices[0].finish_reason == plain.choices[0].finish_reason
     # One chunk per piece of text released, then the finishing one. How many pieces there are depends on the tiny
-    # random model (its vocabulary is trained on this repository's files, and some of its tokens decode to
-    # nothing); that they arrive while generating is what the mid-stream disconnect test relies on.
+    # random model (some of its tokens decode to nothing); that they arrive while generating is what the mid-stream
+    # disconnect test relies on.
     assert len(chunks) >= 2 and chunks[-1].choices[0].text == ""
 
 
