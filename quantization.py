@@ -138,8 +138,9 @@ class RouteChooser:
     every bucket is timed on that layer with random activations, each call with the layer's tensors dropped from
     the caches first (`evict_from_caches`): the baseline at the bucket's rows, then each other route at growing row
     counts, dropped as soon as it is slower than the baseline already (so that a route that is very slow on this
-    CPU costs one short call, not a long one), else timed at the bucket's rows. A route that
-    raises is dropped. The baseline wins ties, so nothing is ever slower than it by more than the timing noise.
+    CPU costs one short call, not a long one), else timed at the bucket's rows. A route that raises is dropped; a
+    bucket where the layer offers its baseline alone is not timed (0 seconds). The baseline wins ties, so nothing
+    is ever slower than it by more than the timing noise.
     """
 
     def __init__(self):
@@ -174,6 +175,8 @@ class RouteChooser:
         generator = torch.Generator().manual_seed(0)
         inputs = {rows: torch.randn(rows, layer.in_features, generator=generator).to(dtype) for rows in ROW_BUCKETS}
         baseline, *others = layer.routes(bucket)
+        if not others:  # nothing to choose between
+            return [[baseline, 0.0]]
         cold = functools.partial(evict_from_caches, layer)
         limit = self.timer(layer.route_function(baseline), inputs[bucket], TIMING_REPEATS, cold)
         timed = [(limit, 0, baseline)]  # the baseline first among equal times
@@ -284,11 +287,11 @@ def layout_to_keep(plan: dict[int, list], reads: dict[str, str], default: str) -
 
 def measure_routes(model: nn.Module) -> None:
     """Choose now, instead of in the first product, the routes of every layer of `model` that chooses by measurement
-    (a CPU model in bfloat16 or float16, or quantized), for activations of the model's dtype (its embedding's): a
-    server's first request, or a timed first completion, then does not pay for the measurement. Shapes already
-    measured, in this process or in the route cache, cost nothing."""
+    (a CPU model in bfloat16, float16 or float32, or quantized), for activations of the model's dtype (its
+    embedding's): a server's first request, or a timed first completion, then does not pay for the measurement.
+    Shapes already measured, in this process or in the route cache, cost nothing."""
     dtype = model.get_input_embeddings().weight.dtype
-    routed_dtype = dtype in (torch.bfloat16, torch.float16)
+    routed_dtype = dtype in (torch.bfloat16, torch.float16, torch.float32)
     for module in model.modules():
         # Quantized layers exist on the CPU only (quantize_linear_layers refuses other devices).
         routed = isinstance(module, RoutedLinear) and routed_dtype and module.weight.device.type == "cpu"
@@ -297,31 +300,34 @@ def measure_routes(model: nn.Module) -> None:
 
 
 class RoutedLinear(nn.Linear):
-    """nn.Linear (no bias) whose bfloat16 and float16 CPU inference takes the route measured fastest for its shape
-    (see RouteChooser): F.linear, torch.mv for one row, W @ x^T for a few rows, the product in float32 for more
-    than WIDEN_ROWS rows (`_widened_product`), or for one row of bfloat16 the native `bf16_matvec` (AVX512-BF16's
-    dot products, else AVX512 or AVX2 multiply-adds of the weights widened to float32), reading the weight as it
-    is, in either of its loop orders ("native": 4 output channels at a time with a software prefetch;
-    "native_one_stream": one at a time, the hardware prefetchers alone). float32 (F.linear already reads its
-    weights at the memory's speed there, and stays bit for bit what the reference computes), training, other
-    devices and layers with a bias use F.linear."""
+    """nn.Linear (no bias) whose CPU inference takes the route measured fastest for its shape (see RouteChooser).
+    bfloat16 and float16: F.linear, torch.mv for one row, W @ x^T for a few rows, the product in float32 for more
+    than WIDEN_ROWS rows (`_widened_product`), or for one row of bfloat16 the native `matvec` (AVX512-BF16's dot
+    products, else AVX512 or AVX2 multiply-adds of the weights widened to float32), reading the weight as it is, in
+    either of its loop orders ("native": 4 output channels at a time with a software prefetch; "native_one_stream":
+    one at a time, the hardware prefetchers alone). float32: one row (decoding) takes F.linear, torch.mv or the
+    native `matvec` in float32 (F.linear's sums in another order: within float32 rounding of it, not bit for bit);
+    more rows take F.linear. Training, other devices and layers with a bias use F.linear."""
 
-    NATIVE_ONE_STREAM = {"native": 0, "native_one_stream": 1}  # route: bf16_matvec's `one_stream` argument
+    NATIVE_ONE_STREAM = {"native": 0, "native_one_stream": 1}  # route: matvec's `one_stream` argument
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
             x.device.type != "cpu"
             or self.bias is not None
             or x.dtype != self.weight.dtype
-            or x.dtype == torch.float32
             or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
         ):
             return F.linear(x, self.weight, self.bias)
         return _routed(self, x)
 
     def routes(self, rows: int) -> list[str]:
-        native = self.weight.dtype == torch.bfloat16 and self.in_features % NATIVE_BLOCK == 0 and _has_bf16_matvec()
+        native = (
+            self.weight.dtype in NATIVE_DTYPES and self.in_features % NATIVE_BLOCK == 0 and _has_native_matvec()
+        )
         one_row = ["mv"] + (list(self.NATIVE_ONE_STREAM) if native else [])
+        if self.weight.dtype == torch.float32:
+            return ["linear"] + (one_row if rows == 1 else [])
         prompt = ["float32"] if rows > WIDEN_ROWS else []
         return ["linear"] + (one_row if rows == 1 else []) + (["matmul_t"] if rows <= SMALL_ROWS else []) + prompt
 
@@ -332,7 +338,7 @@ class RoutedLinear(nn.Linear):
             return lambda x: torch.mv(self.weight, x.view(-1)).view(1, -1)
         if route in self.NATIVE_ONE_STREAM:
             one_stream = self.NATIVE_ONE_STREAM[route]
-            return lambda x: _native_product("bf16_matvec", (self.weight,), self.out_features, x, one_stream)
+            return lambda x: _native_product("matvec", (self.weight,), self.out_features, x, one_stream)
         return functools.partial(_product, weight=self.weight, transposed=route == "matmul_t")
 
     def _widened_product(self, x: torch.Tensor) -> torch.Tensor:
@@ -504,8 +510,8 @@ def _bind_native(library: ctypes.CDLL) -> ctypes.CDLL:
         "int8_vectors_available": ([], integer),
         "amx_bf16_matmul": ([pointer, pointer, size, size, pointer, size, pointer, integer, integer, integer], integer),
         "amx_bf16_available": ([], integer),
-        "bf16_matvec": ([pointer, size, size, pointer, size, pointer, integer, integer, integer], integer),
-        "bf16_matvec_available": ([], integer),
+        "matvec": ([pointer, size, size, pointer, size, pointer, integer, integer, integer], integer),
+        "matvec_available": ([], integer),
         "decode_attention": ([pointer, strides, pointer, pointer, strides, pointer, strides, pointer, strides,
                               size, size, size, size, ctypes.c_float, integer, integer], integer),
         "decode_attention_available": ([], integer),
@@ -573,9 +579,9 @@ def _has_native_int8() -> bool:
 
 
 @functools.cache
-def _has_bf16_matvec() -> bool:
-    """Whether the native bfloat16 matrix-vector kernel runs here (built with AVX512-BF16, AVX512 or AVX2)."""
-    return native_kernels() is not None and bool(native_kernels().bf16_matvec_available())
+def _has_native_matvec() -> bool:
+    """Whether the native matrix-vector kernel runs here (built with AVX512 or AVX2)."""
+    return native_kernels() is not None and bool(native_kernels().matvec_available())
 
 
 @functools.cache
@@ -1941,7 +1947,7 @@ int int4_matmul(const uint8_t *w, const uint16_t *scales, int64_t n, int64_t k,
 }
 
 // ----- A vector of VECTOR_LANES floats: AVX512 (16) or AVX2 with FMA (8) -----
-// The kernels below written once over it: decode_attention, and bf16_matvec where the CPU has no AVX512-BF16.
+// The kernels below written once over it: decode_attention, and matvec (bfloat16 too where the CPU has no AVX512-BF16).
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define VECTOR_LANES 16
@@ -2027,8 +2033,8 @@ static inline __attribute__((always_inline)) void vload_pairs(const uint16_t *p,
 #endif
 
 
-// 1 where bf16_matvec runs: built with AVX512-BF16's dot products, or else with AVX512 or AVX2.
-int bf16_matvec_available(void) {
+// 1 where matvec runs: built with AVX512 or AVX2 (bfloat16 through AVX512-BF16's dot products where built with it).
+int matvec_available(void) {
 #if defined(BF16_512) || defined(VECTOR_LANES)
     return 1;
 #else
@@ -2036,18 +2042,64 @@ int bf16_matvec_available(void) {
 #endif
 }
 
-// y (1, n) = x (1, k) times w (n, k) transposed, all bfloat16, w row-major as nn.Linear holds it, k a multiple of 32:
-// one row of a bfloat16 model's decoding, 32 products per `vdpbf16ps`, float32 sums. Two loop orders, which the
+#ifdef VECTOR_LANES
+// matvec's float32 loops: the same two loop orders as bfloat16's below, float32 multiply-adds.
+static void f32_matvec(const float *w, int64_t n, int64_t k, const float *x, float *y, int one_stream, int threads) {
+    if (one_stream) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t o = 0; o < n; o++) {
+            const float *row = w + o * k;
+            vfloat acc[4] = {vzero(), vzero(), vzero(), vzero()};
+            int64_t i = 0;
+            for (; i + 4 * VECTOR_LANES <= k; i += 4 * VECTOR_LANES)
+                for (int a = 0; a < 4; a++)
+                    acc[a] = vfmadd(vloadu(row + i + a * VECTOR_LANES), vloadu(x + i + a * VECTOR_LANES), acc[a]);
+            for (int a = 0; i < k; i += VECTOR_LANES, a++)  // k % 32 == 0: at most two vectors left
+                acc[a] = vfmadd(vloadu(row + i), vloadu(x + i), acc[a]);
+            y[o] = vsum(vadd(vadd(acc[0], acc[1]), vadd(acc[2], acc[3])));
+        }
+        return;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t o0 = 0; o0 < n; o0 += 4) {
+        const int channels = n - o0 < 4 ? (int)(n - o0) : 4;
+        vfloat acc[4] = {vzero(), vzero(), vzero(), vzero()};
+        for (int64_t i = 0; i < k; i += VECTOR_LANES) {
+            const vfloat xv = vloadu(x + i);
+            for (int c = 0; c < channels; c++) {
+                const float *row = w + (o0 + c) * k + i;
+                _mm_prefetch((const char *)(row + PREFETCH_AHEAD / 4), _MM_HINT_T0);
+                acc[c] = vfmadd(vloadu(row), xv, acc[c]);
+            }
+        }
+        for (int c = 0; c < channels; c++) y[o0 + c] = vsum(acc[c]);
+    }
+}
+#endif
+
+// y (1, n) = x (1, k) times w (n, k) transposed, w row-major as nn.Linear holds it, k a multiple of 32: one row of
+// a model's decoding. `bf16` 1: w, x and y bfloat16, 32 products per `vdpbf16ps`, float32 sums; 0: all float32, float32
+// multiply-adds (F.linear's sums in another order, so not bit for bit its result). Two loop orders, which the
 // route chooser measures as two routes, since each CPU prefers another: `one_stream` 0 takes 4 output channels at a
 // time, 4 streams of weights each with a software prefetch ahead (as the int8/int4 kernels: fastest on the Xeon);
 // 1 takes one output channel at a time with 4 sums along k and no software prefetch, one contiguous stream per
 // thread that the hardware prefetchers follow (on an AMD EPYC, Zen 4: 78-81 GB/s over the 17 products of a 4-layer
-// decode step, against 57-66 GB/s for the 4 streams). Without AVX512-BF16, the same two loop orders over the vector
-// layer (AVX512 or AVX2); 0 where built with neither.
-int bf16_matvec(const uint16_t *w, int64_t n, int64_t k, const uint16_t *x, int64_t rows, uint16_t *y, int bf16,
-                int one_stream, int threads) {
+// decode step, against 57-66 GB/s for the 4 streams). Without AVX512-BF16, bfloat16 takes the same two loop orders
+// over the vector layer (AVX512 or AVX2); 0 where built with neither.
+int matvec(const void *weights, int64_t n, int64_t k, const void *input, int64_t rows, void *output, int bf16,
+           int one_stream, int threads) {
+    if (rows != 1 || k % 32) return 0;
+#ifdef VECTOR_LANES
+    if (!bf16) {
+        f32_matvec((const float *)weights, n, k, (const float *)input, (float *)output, one_stream, threads);
+        return 1;
+    }
+#else
+    if (!bf16) return 0;
+#endif
+    const uint16_t *w = weights, *x = input;
+    uint16_t *y = output;
 #ifdef BF16_512
-    if (rows != 1 || !bf16 || k % 32) return 0;
     if (one_stream) {
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t o = 0; o < n; o++) {
@@ -2086,7 +2138,6 @@ int bf16_matvec(const uint16_t *w, int64_t n, int64_t k, const uint16_t *x, int6
 #elif defined(VECTOR_LANES)
     // Without AVX512-BF16: the weights widened to float32 as they are read (vload_pairs), times x widened once into
     // the same order, per 2 * VECTOR_LANES inputs the even-indexed ones, then the odd-indexed ones.
-    if (rows != 1 || !bf16 || k % 32) return 0;
     const int64_t pair = 2 * VECTOR_LANES;
     float *xf = malloc(sizeof(float) * k);
     if (!xf) return 0;
@@ -2130,7 +2181,7 @@ int bf16_matvec(const uint16_t *w, int64_t n, int64_t k, const uint16_t *x, int6
     free(xf);
     return 1;
 #else
-    (void)w, (void)n, (void)k, (void)x, (void)rows, (void)y, (void)bf16, (void)one_stream, (void)threads;
+    (void)w, (void)n, (void)x, (void)y, (void)one_stream, (void)threads;
     return 0;
 #endif
 }

@@ -244,30 +244,37 @@ def test_the_amx_route_computes_what_the_vnni_route_does(layer_class, vnni_route
 has_amx_bf16 = quantization._has_amx_bf16()
 
 
-@pytest.mark.skipif(not quantization._has_bf16_matvec(), reason="needs AVX2 or AVX512 (and the native kernels)")
+@pytest.mark.skipif(not quantization._has_native_matvec(), reason="needs AVX2 or AVX512 (and the native kernels)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("build", ["this CPU's", "AVX2"])
-def test_the_native_bfloat16_matrix_vector_product_is_float_math_rounded_once(build, request, monkeypatch):
-    """One row of bfloat16 through `bf16_matvec`: float32 sums of the exact bfloat16 products, so the output is the
-    float product rounded to bfloat16 (within half a unit of bfloat16, at most 2^-8 relative, plus the sums'
-    order), in both loop orders, for output channels that are not a multiple of the 4 the first takes at a time
+def test_the_native_matrix_vector_product_is_float_math_rounded_once(build, dtype, request, monkeypatch):
+    """One row through `matvec`: float32 sums of the exact products, so the output is the float product rounded to
+    the dtype (bfloat16: within half a unit, at most 2^-8 relative, plus the sums' order; float32: the sums' order
+    alone), in both loop orders, for output channels that are not a multiple of the 4 the first takes at a time
     and input channels that are not a multiple of the 128 the second takes; with this CPU's instructions
     (AVX512-BF16's dot products where it has them) and with AVX2's multiply-adds. Not offered for more rows or
     float16."""
     if build == "AVX2":
         avx2 = request.getfixturevalue("avx2_native_kernels")
-        if not avx2.bf16_matvec_available():
+        if not avx2.matvec_available():
             pytest.skip("this CPU has no AVX2 with FMA")
         monkeypatch.setattr(quantization, "native_kernels", lambda: avx2)
     out_features, in_features = 4 * int(torch.randint(20, 60, ())) + 3, 32 * int(torch.randint(2, 40, ()))
     layer = make_layer("bfloat16", gaussian(out_features, in_features, seed=int(torch.randint(1000, ()))))
-    x = torch.randn(1, in_features, dtype=torch.bfloat16)
+    layer = layer.to(dtype) if dtype == torch.bfloat16 else layer.float().requires_grad_(False)
+    if dtype == torch.float32:  # weights that bfloat16 cannot hold
+        layer.weight.data.add_(torch.randn_like(layer.weight) * 1e-3)
+    x = torch.randn(1, in_features, dtype=dtype)
     exact = x.double() @ layer.weight.double().t()
+    # Rounding to the dtype, and float32 sums of in_features products in another order than exact's.
+    magnitude = x.double().abs() @ layer.weight.double().abs().t()
+    bound = exact.abs() * (2**-8 if dtype == torch.bfloat16 else 0) + 1e-6 * magnitude
     for route in ("native", "native_one_stream"):  # the two loop orders
         assert route in layer.routes(1) and route not in layer.routes(2)
         assert route not in RoutedLinear(in_features, 8, bias=False).to(torch.float16).routes(1)
         out = layer.route_function(route)(x)
-        assert out.shape == (1, out_features) and out.dtype == torch.bfloat16
-        assert ((out.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-5 * exact.abs().max()).all(), route
+        assert out.shape == (1, out_features) and out.dtype == dtype
+        assert ((out.double() - exact).abs() <= bound).all(), route
 
 
 @pytest.mark.skipif(not has_amx_bf16, reason="needs a CPU with AMX's bfloat16 products (and the native kernels)")
@@ -456,10 +463,15 @@ def test_the_native_integer_sums_do_not_saturate(build, request, monkeypatch):
         assert relative_error(got, expected) < 1e-5, (type(layer).__name__, route)
 
 
-def test_float32_and_training_keep_f_linear():
-    layer = RoutedLinear(64, 48, bias=False)
+def test_float32_prompts_and_training_keep_f_linear():
+    """float32 products of more than one row are F.linear's, bit for bit; one row (decoding) takes the route measured
+    fastest, within float32 rounding of F.linear. Training takes F.linear in every dtype (gradients flow)."""
+    layer = RoutedLinear(64, 48, bias=False).requires_grad_(False)
+    for rows in (2, 8, 70):
+        x = torch.randn(rows, 64)
+        assert torch.equal(layer(x), F.linear(x, layer.weight))
     x = torch.randn(1, 64)
-    assert torch.equal(layer(x), F.linear(x, layer.weight))
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight))
     bf16 = RoutedLinear(32, 16, bias=False).to(torch.bfloat16)
     for rows in (1, 4):
         x = torch.randn(rows, 32, dtype=torch.bfloat16, requires_grad=True)
@@ -534,6 +546,19 @@ def test_the_fastest_route_is_chosen_per_row_bucket():
     assert routes_of(plan) == {1: ["mv", "linear", "matmul_t"], 8: ["linear"], 64: ["matmul_t", "linear"],
                                512: ["matmul_t", "linear"]}  # fmt: skip
     assert plan[64] == [["matmul_t", 26.4], ["linear", 64.0]]  # with the times measured
+
+
+def test_float32_times_its_one_row_routes_only(monkeypatch):
+    """A float32 layer offers routes for one row (decoding) alone: its other buckets are F.linear's untimed, the
+    one-row bucket takes the fastest of what it timed."""
+    timer = FakeTimer({"linear": 1.0, "mv": 2.0, "native": 0.5, "native_one_stream": 0.25})
+    monkeypatch.setattr(quantization, "ROUTES", chooser_with(timer))
+    monkeypatch.setattr(quantization, "_has_native_matvec", lambda: True)
+    layer = tag_routes(monkeypatch, RoutedLinear(64, 48, bias=False).requires_grad_(False))
+    plan = quantization.ROUTES.plan(layer, torch.float32)
+    assert routes_of(plan) == {1: ["native_one_stream", "native", "linear", "mv"], 8: ["linear"], 64: ["linear"],
+                               512: ["linear"]}  # fmt: skip
+    assert {rows for _, rows in timer.calls} == {1}
 
 
 def test_the_baseline_wins_ties_and_a_route_slower_than_it_is_dropped_after_one_short_call():
